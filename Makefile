@@ -1,0 +1,41 @@
+# polytrain's vocabulary: `make demo`, `make test`, `make lint`, `make bench`.
+# Each target creates .venv on a fresh machine and installs what it needs into it.
+# torch is pinned to 2.13.0 (CPU wheel) for development and CI; users on GPU / NPU bring their own torch >= 2.9.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: demo test lint bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.torch: | $(PY)
+	$(PIP) install --quiet "$(TORCH_SPEC)"
+	touch $@
+
+$(VENV)/.test: pyproject.toml $(VENV)/.torch
+	$(PIP) install --quiet -e ".[test]"
+	touch $@
+
+$(VENV)/.dev: pyproject.toml $(VENV)/.torch
+	$(PIP) install --quiet -e ".[dev]"
+	touch $@
+
+demo: $(VENV)/.test
+	$(VENV)/bin/polytrain sft examples/sft_tiny.toml --overwrite
+	$(PY) scripts/demo_report.py runs/tiny
+	@echo "loss curves: runs/tiny/loss.png   metrics: runs/tiny/metrics.jsonl   summary: runs/tiny/summary.json"
+
+test: $(VENV)/.test
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m pytest -q
+
+lint: $(VENV)/.dev
+	$(VENV)/bin/ruff check src tests scripts
+	$(PY) scripts/check_device_code.py src/polytrain
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,3 @@
+from polytrain.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Training objectives: each a pure loss function of (model, batch) plus its config."""

@@ -1,0 +1,51 @@
+"""Device backends: the only package that names a device.
+
+`get_backend("auto" | "cpu" | "cuda" | "npu" | "privateuse1")` returns the `Backend` every other module uses.
+"""
+
+from __future__ import annotations
+
+from polytrain.backends.base import Backend, Capabilities, MemoryStats
+from polytrain.backends.cpu import CPUBackend
+from polytrain.backends.cuda import CUDABackend
+from polytrain.backends.npu import NPUBackend, import_torch_npu
+from polytrain.backends.privateuse1 import PrivateUse1Backend
+from polytrain.errors import BackendError, closest
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "npu", "privateuse1")
+
+__all__ = ["DEVICE_CHOICES", "Backend", "Capabilities", "MemoryStats", "detect", "get_backend"]
+
+
+def detect() -> Backend:
+    """The best backend on this machine: NPU, then CUDA, then another registered accelerator, then CPU."""
+    if NPUBackend.is_available():
+        return NPUBackend()
+    if CUDABackend.is_available():
+        return CUDABackend()
+    if PrivateUse1Backend.is_available():
+        return PrivateUse1Backend()
+    return CPUBackend()
+
+
+def get_backend(name: str = "auto") -> Backend:
+    """The backend called `name`; raises BackendError (one line, with the fix) when it cannot run here."""
+    if name == "auto":
+        return detect()
+    if name == "cpu":
+        return CPUBackend()
+    if name == "cuda":
+        if not CUDABackend.is_available():
+            raise BackendError("--device cuda: no CUDA device is visible (torch.cuda.is_available() is False)")
+        return CUDABackend()
+    if name == "npu":
+        import_torch_npu()
+        if not NPUBackend.is_available():
+            raise BackendError(
+                "--device npu: torch_npu imported but no NPU is visible (check ASCEND_RT_VISIBLE_DEVICES)"
+            )
+        return NPUBackend()
+    if name == "privateuse1":
+        return PrivateUse1Backend()
+    hint = closest(name, DEVICE_CHOICES)
+    raise BackendError(f"unknown device `{name}`{hint}; choose one of {', '.join(DEVICE_CHOICES)}")

@@ -1,0 +1,36 @@
+"""NVIDIA GPUs (and ROCm builds, which present themselves as CUDA): NCCL collectives."""
+
+from __future__ import annotations
+
+import torch
+
+from polytrain.backends.base import AcceleratorBackend, Capabilities
+
+
+class CUDABackend(AcceleratorBackend):
+    name = "cuda"
+    device_type = "cuda"
+    dist_backend = "nccl"
+
+    @classmethod
+    def is_available(cls) -> bool:
+        return torch.cuda.is_available()
+
+    @property
+    def amp_dtype(self) -> torch.dtype | None:
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+    @property
+    def capabilities(self) -> Capabilities:
+        major, minor = torch.cuda.get_device_capability()
+        return Capabilities(
+            bf16=torch.cuda.is_bf16_supported(),
+            fp16=True,
+            fp8=(major, minor) >= (8, 9),
+            grouped_mm=hasattr(torch, "_grouped_mm") and major >= 9,
+            device_memory_stats=True,
+            fused_attention=major >= 8,
+        )
+
+    def describe(self) -> str:
+        return f"cuda ({torch.cuda.device_count()} x {torch.cuda.get_device_name()}, nccl)"

@@ -1,0 +1,163 @@
+"""`polytrain` command line: argument parsing only; every command calls into the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import textwrap
+from collections.abc import Sequence
+
+from polytrain import __version__
+from polytrain.backends import DEVICE_CHOICES
+from polytrain.errors import PolytrainError
+
+SFT_EPILOG = """\
+examples:
+  polytrain sft examples/sft_tiny.toml
+  polytrain sft examples/sft_tiny.toml --set train.steps=50 --set run.output_dir=runs/short
+  polytrain sft examples/sft_tiny.toml --resume          # continue from the newest checkpoint
+  polytrain sft --help-config                            # every config key, its default and meaning
+
+--set takes TOML values: numbers, true/false, "strings", [lists]; a bare word is read as a string.
+A run directory that already holds a run is never overwritten silently: pass --resume or --overwrite.
+"""
+
+GENERATE_EPILOG = """\
+examples:
+  polytrain generate runs/tiny --prompt "What is 12 + 30?"
+  polytrain generate runs/tiny --prompt "Reverse: kqzt" --temperature 0.8 --top-p 0.9 --seed 1
+"""
+
+
+def _add_device(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", choices=DEVICE_CHOICES, default=None,
+                        help="device backend (overrides run.device; default: auto)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="polytrain",
+        description="Full-parameter post-training of DeepSeek-style MoE LLMs on NPU, GPU or CPU with one code path.",
+    )
+    parser.add_argument("--version", action="version", version=f"polytrain {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    sft = commands.add_parser("sft", help="supervised fine-tuning on chat conversations",
+                              description="Supervised fine-tuning: next-token loss on assistant turns.",
+                              epilog=SFT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sft.add_argument("config", nargs="?", help="job config (TOML)")
+    sft.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override one config value, e.g. --set train.lr=3e-4 (repeatable)")
+    sft.add_argument("--resume", action="store_true", help="continue the run in run.output_dir from its newest "
+                     "checkpoint (starts from step 0 if it has none)")
+    sft.add_argument("--overwrite", action="store_true", help="delete the run already in run.output_dir first")
+    sft.add_argument("--help-config", action="store_true", help="print every config key with its default and exit")
+    sft.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
+    _add_device(sft)
+
+    gen = commands.add_parser("generate", help="sample answers from a trained run",
+                              description="Answer prompts with the newest checkpoint of a run (KV-cache sampler).",
+                              epilog=GENERATE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    gen.add_argument("run_dir", help="run directory written by `polytrain sft`")
+    gen.add_argument("--prompt", action="append", required=True, help="a user message (repeatable: one batch)")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--checkpoint", help="a checkpoint directory (default: the run's newest)")
+    gen.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    _add_device(gen)
+
+    plot = commands.add_parser("plot", help="draw a run's loss curves to PNG",
+                               description="Plot train / eval loss, learning rate and gradient norm of a run.")
+    plot.add_argument("run_dir")
+    plot.add_argument("--out", help="PNG path (default: RUN_DIR/loss.png)")
+    return parser
+
+
+def _config_reference() -> str:
+    from polytrain.config import JobConfig
+    from polytrain.models.config import PRESETS
+    from polytrain.schema import describe
+
+    lines = ["Job config keys (TOML sections = the part before the first dot):", ""]
+    for key, type_name, default, help_text in describe(JobConfig):
+        if key.startswith("model."):
+            continue
+        lines.append(f"  {key}  ({type_name}, default {default})")
+        lines.extend(textwrap.wrap(help_text, 100, initial_indent="      ", subsequent_indent="      "))
+    lines += ["", f"[model]: `preset` = one of {', '.join(PRESETS)}; any field below overrides the preset.", ""]
+    for key, type_name, _default, help_text in describe(JobConfig):
+        if key.startswith("model."):
+            lines.append(f"  {key}  ({type_name})")
+            lines.extend(textwrap.wrap(help_text, 100, initial_indent="      ", subsequent_indent="      "))
+    return "\n".join(lines)
+
+
+def _cmd_sft(args: argparse.Namespace) -> int:
+    from polytrain.config import config_to_toml, load_config
+
+    if args.help_config:
+        print(_config_reference())
+        return 0
+    if not args.config:
+        raise PolytrainError("polytrain sft: give a job config (TOML), e.g. `polytrain sft examples/sft_tiny.toml`")
+    overrides = list(args.overrides) + ([f'run.device="{args.device}"'] if args.device else [])
+    config = load_config(args.config, overrides)
+    if args.print_config:
+        print(config_to_toml(config), end="")
+        return 0
+    from polytrain.train.trainer import SFTTrainer
+
+    summary = SFTTrainer(config, resume=args.resume, overwrite=args.overwrite).run()
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from polytrain.rollout.from_run import RunChat
+    from polytrain.rollout.generate import SamplingConfig
+
+    if args.max_new_tokens < 1:
+        raise PolytrainError("--max-new-tokens must be >= 1")
+    if not 0 < args.top_p <= 1:
+        raise PolytrainError("--top-p must be in (0, 1]")
+    if args.temperature < 0:
+        raise PolytrainError("--temperature must be >= 0")
+    chat = RunChat(args.run_dir, args.device or "auto", args.checkpoint)
+    sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+    for prompt, answer in zip(args.prompt, chat.answer(args.prompt, sampling)):
+        if args.json:
+            print(json.dumps({"prompt": prompt, "answer": answer, "step": chat.step}))
+        else:
+            print(f"> {prompt}\n{answer}")
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from polytrain.train.plot import plot_run
+
+    print(plot_run(args.run_dir, args.out))
+    return 0
+
+
+COMMANDS = {"sft": _cmd_sft, "generate": _cmd_generate, "plot": _cmd_plot}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    from polytrain.train.trainer import TrainingInterrupted
+
+    try:
+        return COMMANDS[args.command](args)
+    except PolytrainError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except TrainingInterrupted as err:
+        print(str(err), file=sys.stderr)
+        return 130

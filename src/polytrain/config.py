@@ -1,0 +1,162 @@
+"""The job config: one dataclass tree per job, loaded from TOML plus `--set key=value` overrides.
+
+Every field is documented here; `polytrain sft --help-config` prints the reference. Loading validates every key and
+value and raises ConfigError naming the dotted key (and the closest valid key for a typo).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+
+from polytrain.backends import DEVICE_CHOICES
+from polytrain.data.chat import TEMPLATES
+from polytrain.errors import ConfigError
+from polytrain.models.config import ModelConfig, model_config_from_table
+from polytrain.schema import from_dict, option, set_dotted, to_dict
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = option("runs/sft", "Run directory: resolved config, metrics, checkpoints, summary.json.")
+    seed: int = option(0, "Seed for initialisation, data order and sampling.", ge=0)
+    device: str = option("auto", "Device backend; auto picks NPU, then CUDA, then CPU.", choices=DEVICE_CHOICES)
+    precision: Literal["auto", "fp32", "bf16"] = option(
+        "auto", "Compute precision: bf16 autocast or fp32; auto takes the backend's preferred autocast dtype."
+    )
+
+
+@dataclass
+class DataConfig:
+    train_path: str = option(help="Training conversations: messages JSONL.")
+    tokenizer: str = option(help="Hugging Face tokenizer.json (or a directory holding one).")
+    eval_path: str = option("", "Held-out conversations for the eval loss (empty: no eval).")
+    chat_template: str = option("polytrain", "How conversations become tokens.", choices=tuple(TEMPLATES))
+    max_seq_len: int = option(512, "Longest sample in tokens; longer conversations are cut (and counted).", ge=2)
+    packing: bool = option(True, "Pack several conversations per row, with attention kept inside each.")
+    loss_on: Literal["assistant", "all"] = option("assistant", "Tokens the loss is taken on.")
+    shuffle: bool = option(True, "Visit the training set in a seeded random order each epoch.")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = option(200, "Optimizer steps.", ge=1)
+    global_batch_size: int = option(32, "Conversations per optimizer step (over all ranks and micro-batches).", ge=1)
+    micro_batch_size: int = option(8, "Conversations per forward pass on one rank.", ge=1)
+    lr: float = option(1e-3, "Peak learning rate.", gt=0)
+    min_lr_ratio: float = option(0.1, "Cosine decay floor, as a fraction of the peak.", ge=0, le=1)
+    warmup_steps: int = option(10, "Linear warm-up steps.", ge=0)
+    weight_decay: float = option(0.1, "AdamW decoupled weight decay (matrices only; not norms or biases).", ge=0)
+    adam_beta1: float = option(0.9, "AdamW beta1.", ge=0, le=1)
+    adam_beta2: float = option(0.95, "AdamW beta2.", ge=0, le=1)
+    adam_eps: float = option(1e-8, "AdamW epsilon.", gt=0)
+    grad_clip: float = option(1.0, "Clip the global gradient norm to this value (0 disables).", ge=0)
+    router_bias_update_rate: float = option(
+        1e-3, "Aux-loss-free balancing speed (gamma, DeepSeek-V3 report): bias step per optimizer step.", ge=0
+    )
+
+    def validate(self) -> None:
+        if self.global_batch_size % self.micro_batch_size:
+            raise ConfigError(
+                f"`train.global_batch_size` ({self.global_batch_size}) must be a multiple of "
+                f"`train.micro_batch_size` ({self.micro_batch_size})"
+            )
+
+
+@dataclass
+class EvalConfig:
+    every: int = option(50, "Evaluate every N steps (0: only at the end).", ge=0)
+    max_batches: int = option(0, "Cap on eval micro-batches per evaluation (0: the whole eval set).", ge=0)
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = option(100, "Save a checkpoint every N steps (0: only at the end).", ge=0)
+    keep_last: int = option(2, "Checkpoints kept on disk (older ones are deleted after a save).", ge=1)
+
+
+@dataclass
+class LogConfig:
+    every: int = option(1, "Log metrics every N steps.", ge=1)
+    tensorboard: bool = option(True, "Also write TensorBoard event files under run_dir/tensorboard.")
+    progress: bool = option(True, "Show a progress bar on the console.")
+
+
+@dataclass
+class JobConfig:
+    data: DataConfig
+    run: RunConfig = option(factory=RunConfig)
+    model: ModelConfig = option(factory=lambda: model_config_from_table({"preset": "tiny"}))
+    train: TrainConfig = option(factory=TrainConfig)
+    eval: EvalConfig = option(factory=EvalConfig)
+    checkpoint: CheckpointConfig = option(factory=CheckpointConfig)
+    log: LogConfig = option(factory=LogConfig)
+
+
+SECTIONS = ("run", "model", "data", "train", "eval", "checkpoint", "log")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`a.b=value` -> ("a.b", value); the value is read as a TOML literal, else taken as a plain string."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects key=value, got `{text}`")
+    key, raw = (part.strip() for part in text.split("=", 1))
+    if not key:
+        raise ConfigError(f"--set expects key=value, got `{text}`")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key, value
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: invalid TOML ({err})") from None
+
+
+def build_config(data: dict[str, Any], base_dir: Path | None = None) -> JobConfig:
+    """A validated JobConfig from a nested dict. Relative data / tokenizer paths are taken relative to base_dir
+    (the config file's directory) when they exist there."""
+    data = dict(data)
+    model_table = data.pop("model", {})
+    if not isinstance(model_table, dict):
+        raise ConfigError("`model` must be a table of settings")
+    model = model_config_from_table(model_table)
+    if "data" not in data:
+        raise ConfigError("missing [data] section: set at least `data.train_path` and `data.tokenizer`")
+    config = from_dict(JobConfig, {**data, "model": {}}, "")
+    config.model = model
+    if base_dir is not None:
+        for name in ("train_path", "eval_path", "tokenizer"):
+            value = getattr(config.data, name)
+            if value and not Path(value).is_absolute() and not Path(value).exists() and (base_dir / value).exists():
+                setattr(config.data, name, str(base_dir / value))
+    return config
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> JobConfig:
+    """Read a TOML job config (or start empty), apply `--set` overrides, validate."""
+    data = read_toml(path) if path else {}
+    for item in overrides:
+        key, value = parse_override(item)
+        set_dotted(data, key, value)
+    return build_config(data, Path(path).parent if path else None)
+
+
+def config_to_toml(config: JobConfig) -> str:
+    return tomli_w.dumps(to_dict(config))

@@ -1,0 +1,1 @@
+"""Data: conversation files, chat templates, tokenisation, packing and the resumable sample order."""

@@ -1,0 +1,73 @@
+"""Turning a list of samples into model inputs: packed rows with document boundaries, or padded rows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from polytrain.data.dataset import IGNORE, Sample
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [R, L]
+    labels: torch.Tensor  # [R, L], IGNORE where no loss
+    position_ids: torch.Tensor  # [R, L], restarting at 0 for each document
+    doc_ids: torch.Tensor  # [R, L], distinct per document in a row; padding gets its own id
+    num_samples: int
+
+    @property
+    def num_loss_tokens(self) -> int:
+        return int((self.labels != IGNORE).sum())
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens that are not padding."""
+        return int((self.doc_ids >= 0).sum())
+
+    def to(self, device: torch.device) -> Batch:
+        return Batch(
+            self.input_ids.to(device),
+            self.labels.to(device),
+            self.position_ids.to(device),
+            self.doc_ids.to(device),
+            self.num_samples,
+        )
+
+
+def pack_rows(samples: list[Sample], max_len: int, packing: bool) -> list[list[Sample]]:
+    """Group samples into rows. With packing, consecutive samples share a row while they fit in `max_len`
+    tokens (order kept, so the result is a pure function of the input); without, one sample per row."""
+    if not packing:
+        return [[s] for s in samples]
+    rows: list[list[Sample]] = []
+    used = max_len + 1
+    for sample in samples:
+        if used + len(sample) > max_len:
+            rows.append([])
+            used = 0
+        rows[-1].append(sample)
+        used += len(sample)
+    return rows
+
+
+def collate(samples: list[Sample], max_len: int, packing: bool, pad_id: int = 0) -> Batch:
+    """A padded [rows, longest row] batch; padding has labels IGNORE and doc id -1."""
+    rows = pack_rows(samples, max_len, packing)
+    width = max(sum(len(s) for s in row) for row in rows)
+    shape = (len(rows), width)
+    input_ids = torch.full(shape, pad_id, dtype=torch.long)
+    labels = torch.full(shape, IGNORE, dtype=torch.long)
+    position_ids = torch.zeros(shape, dtype=torch.long)
+    doc_ids = torch.full(shape, -1, dtype=torch.long)
+    for r, row in enumerate(rows):
+        start = 0
+        for d, sample in enumerate(row):
+            end = start + len(sample)
+            input_ids[r, start:end] = sample.input_ids
+            labels[r, start:end] = sample.labels
+            position_ids[r, start:end] = torch.arange(len(sample))
+            doc_ids[r, start:end] = d
+            start = end
+    return Batch(input_ids, labels, position_ids, doc_ids, len(samples))

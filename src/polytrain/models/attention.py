@@ -1,0 +1,103 @@
+"""Multi-head latent attention (MLA, DeepSeek-V2/V3) with decoupled rotary position embedding.
+
+Queries go through a low-rank bottleneck (q_a -> norm -> q_b). Keys and values are compressed into one
+`kv_lora_rank`-wide latent plus a single `qk_rope_head_dim`-wide rotary key shared by all heads; `kv_b_proj`
+expands the latent into per-head keys (no position part) and values. Only the latent and the rotary key are
+cached during generation.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from polytrain.models.config import ModelConfig
+from polytrain.models.kv_cache import KVCache
+from polytrain.models.layers import RMSNorm
+
+
+class RotaryEmbedding(nn.Module):
+    """cos / sin tables for the rotary part, computed from position ids (so packed documents restart at 0)."""
+
+    def __init__(self, dim: int, theta: float) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        angles = position_ids[..., None].float() * self.inv_freq
+        return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x0, x1), (x2, x3), ... of `x` [B, H, T, D] by the angles in cos / sin [B, T, D/2].
+
+    The output lists the rotated even elements, then the rotated odd ones: a fixed permutation of the pairwise
+    (complex) rotation that leaves q.k unchanged because queries and keys get the same one.
+    """
+    cos = cos.unsqueeze(1).to(x.dtype)
+    sin = sin.unsqueeze(1).to(x.dtype)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+class MLA(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.q_lora_rank = config.q_lora_rank
+        self.kv_lora_rank = config.kv_lora_rank
+        self.qk_nope_head_dim = config.qk_nope_head_dim
+        self.qk_rope_head_dim = config.qk_rope_head_dim
+        self.v_head_dim = config.v_head_dim
+        qk_head_dim = config.qk_head_dim
+        dim = config.hidden_size
+
+        if self.q_lora_rank:
+            self.q_a_proj = nn.Linear(dim, self.q_lora_rank, bias=config.attention_bias)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, config.rms_norm_eps)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, self.num_heads * qk_head_dim, bias=False)
+        else:
+            self.q_proj = nn.Linear(dim, self.num_heads * qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(dim, self.kv_lora_rank + self.qk_rope_head_dim, bias=config.attention_bias)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, config.rms_norm_eps)
+        kv_b_width = self.num_heads * (self.qk_nope_head_dim + self.v_head_dim)
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, kv_b_width, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.v_head_dim, dim, bias=config.attention_bias)
+        self.softmax_scale = qk_head_dim**-0.5
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor | None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """x [B, T, dim]; mask [B, 1, T, S] boolean (True = may attend) or None for plain causal attention."""
+        batch, seq, _ = x.shape
+        cos, sin = rope
+        if self.q_lora_rank:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        else:
+            q = self.q_proj(x)
+        q = q.view(batch, seq, self.num_heads, -1).transpose(1, 2)
+        q_nope, q_rot = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        q = torch.cat([q_nope, apply_rotary(q_rot, cos, sin)], dim=-1)
+
+        latent, k_rot = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        latent = self.kv_a_layernorm(latent)
+        k_rot = apply_rotary(k_rot.unsqueeze(1), cos, sin).squeeze(1)
+        if cache is not None:
+            latent, k_rot = cache.update(self.layer_idx, latent, k_rot)
+        keys_len = latent.shape[1]
+
+        kv = self.kv_b_proj(latent).view(batch, keys_len, self.num_heads, -1).transpose(1, 2)
+        k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        k = torch.cat([k_nope, k_rot.unsqueeze(1).expand(-1, self.num_heads, -1, -1)], dim=-1)
+
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and seq > 1, scale=self.softmax_scale
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))

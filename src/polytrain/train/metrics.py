@@ -1,0 +1,55 @@
+"""Metrics sinks: `metrics.jsonl` (one JSON object per logged step), TensorBoard, and the console."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    with path.open() as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def tensorboard_tag(key: str) -> str:
+    """eval_loss -> eval/loss; loss -> train/loss."""
+    return "eval/" + key[5:] if key.startswith("eval_") else "train/" + key
+
+
+class MetricsWriter:
+    """Appends records to metrics.jsonl and TensorBoard. On resume, records past the resumed step (written after
+    the checkpoint the run went back to) are dropped so the history has one record per step."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool, resume_step: int = 0) -> None:
+        self.path = run_dir / METRICS_FILE
+        kept = [r for r in read_metrics(run_dir) if r.get("step", 0) <= resume_step] if resume_step else []
+        with self.path.open("w") as handle:
+            handle.writelines(json.dumps(r) + "\n" for r in kept)
+        self._file = self.path.open("a")
+        self._tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+
+    def write(self, record: dict[str, Any]) -> None:
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        self._file.write(json.dumps(clean) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            step = record["step"]
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._tb.add_scalar(tensorboard_tag(key), value, step)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()

@@ -1,0 +1,77 @@
+"""The run directory: refuse to mix two different runs in one directory, resume only a matching run."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from polytrain.config import JobConfig, config_to_toml, read_toml
+from polytrain.errors import RunDirError
+from polytrain.schema import to_dict
+
+CONFIG_FILE = "config.toml"
+
+# Keys a resumed run may change: how long it trains and how it logs, not what it trains.
+RESUMABLE_CHANGES = (
+    "train.steps",
+    "eval.every",
+    "eval.max_batches",
+    "checkpoint.every",
+    "checkpoint.keep_last",
+    "log.",
+    "run.device",
+)
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Dotted keys whose values differ, excluding RESUMABLE_CHANGES."""
+    a, b = _flatten(old), _flatten(new)
+    changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    return [k for k in changed if not any(k == r or (r.endswith(".") and k.startswith(r)) for r in RESUMABLE_CHANGES)]
+
+
+def prepare_run_dir(config: JobConfig, resume: bool, overwrite: bool) -> Path:
+    """Create or validate run.output_dir and write the resolved config. Returns the directory."""
+    run_dir = Path(config.run.output_dir)
+    if resume and overwrite:
+        raise RunDirError("--resume and --overwrite contradict each other: choose one")
+    config_file = run_dir / CONFIG_FILE
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"run.output_dir {run_dir} exists and is not a directory")
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        if overwrite:
+            if not config_file.is_file():
+                raise RunDirError(
+                    f"{run_dir} is not empty and holds no polytrain run ({CONFIG_FILE} missing): refusing to delete it"
+                )
+            shutil.rmtree(run_dir)
+        elif not config_file.is_file():
+            raise RunDirError(f"{run_dir} is not empty and holds no polytrain run: choose another run.output_dir")
+        elif not resume:
+            raise RunDirError(
+                f"{run_dir} already holds a run: pass --resume to continue it, --overwrite to replace it, "
+                "or set run.output_dir to a new directory"
+            )
+        else:
+            changed = config_differences(read_toml(config_file), to_dict(config))
+            if changed:
+                raise RunDirError(
+                    f"--resume: the config differs from the run in {run_dir} in {', '.join(changed)}; "
+                    "resume with the same settings (only train.steps, eval/checkpoint/log cadence and the device may "
+                    "change) or start a new run"
+                )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_file.write_text(config_to_toml(config))
+    return run_dir

@@ -1,0 +1,83 @@
+"""Checkpoints: exact round trip, atomic commit, incomplete ones refused, keep-last pruning; run-dir safety."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from polytrain.config import build_config, config_to_toml
+from polytrain.errors import CheckpointError, RunDirError
+from polytrain.models import build_model, preset
+from polytrain.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from polytrain.train.optim import build_optimizer
+from polytrain.train.run_dir import prepare_run_dir
+
+
+def trained_model(seed: int = 0):
+    model = build_model(preset("tiny"), "cpu", seed=seed)
+    config = build_config({"data": {"train_path": "x", "tokenizer": "y"}})
+    optimizer = build_optimizer(model, config.train)
+    model(torch.randint(0, 100, (2, 8))).sum().backward()
+    optimizer.step()
+    return model, optimizer, config
+
+
+def test_round_trip_restores_model_optimizer_and_state(tmp_path):
+    model, optimizer, _config = trained_model()
+    rng = torch.get_rng_state()
+    path = save_checkpoint(tmp_path, 3, model, optimizer, {"loader": {"position": 96}}, {"cpu": rng}, keep_last=2)
+    other, other_opt, _ = trained_model(seed=1)
+    state = load_checkpoint(path, other, other_opt)
+    assert state["step"] == 3 and state["loader"]["position"] == 96
+    for (name, a), b in zip(model.state_dict().items(), other.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert torch.equal(optimizer.state_dict()["state"][0]["exp_avg"], other_opt.state_dict()["state"][0]["exp_avg"])
+    assert torch.equal(state["rng"]["cpu"], rng)
+
+
+def test_keep_last_prunes_old_checkpoints_and_tmp_dirs_are_invisible(tmp_path):
+    model, optimizer, _ = trained_model()
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, step, model, optimizer, {}, {}, keep_last=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000002", "step_00000003"]
+    (tmp_path / "checkpoints" / "step_00000009.tmp").mkdir()  # a save that crashed half way
+    assert latest_checkpoint(tmp_path).name == "step_00000003"
+
+
+def test_truncated_checkpoint_is_refused(tmp_path):
+    model, optimizer, _ = trained_model()
+    path = save_checkpoint(tmp_path, 1, model, optimizer, {}, {}, keep_last=2)
+    shard = next(p for p in path.iterdir() if p.suffix == ".distcp")
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="incomplete"):
+        load_checkpoint(path, model, optimizer)
+    (path / "manifest.json").unlink()
+    with pytest.raises(CheckpointError, match="not a complete polytrain checkpoint"):
+        load_checkpoint(path, model)
+
+
+def test_run_dir_refuses_to_mix_runs(tmp_path):
+    config = build_config({"data": {"train_path": "x", "tokenizer": "y"}, "run": {"output_dir": str(tmp_path / "r")}})
+    run_dir = prepare_run_dir(config, resume=False, overwrite=False)
+    assert (run_dir / "config.toml").read_text() == config_to_toml(config)
+    with pytest.raises(RunDirError, match="already holds a run: pass --resume"):
+        prepare_run_dir(config, resume=False, overwrite=False)
+    prepare_run_dir(config, resume=True, overwrite=False)  # same config: fine
+    config.train.steps = 999  # extending a run is allowed
+    prepare_run_dir(config, resume=True, overwrite=False)
+    config.train.lr = 0.5
+    with pytest.raises(RunDirError, match="differs from the run .* in train.lr"):
+        prepare_run_dir(config, resume=True, overwrite=False)
+    (run_dir / "marker").write_text("old")
+    prepare_run_dir(config, resume=False, overwrite=True)
+    assert not (run_dir / "marker").exists()
+
+
+def test_run_dir_never_deletes_a_foreign_directory(tmp_path):
+    (tmp_path / "precious.txt").write_text(json.dumps({"keep": True}))
+    config = build_config({"data": {"train_path": "x", "tokenizer": "y"}, "run": {"output_dir": str(tmp_path)}})
+    with pytest.raises(RunDirError, match="refusing to delete"):
+        prepare_run_dir(config, resume=False, overwrite=True)
+    assert (tmp_path / "precious.txt").exists()
