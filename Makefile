@@ -33,8 +33,11 @@ demo: $(VENV)/.test
 test: $(VENV)/.test
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m pytest -q
 
+bench: $(VENV)/.test
+	$(PY) benchmarks/convert_memory.py
+
 lint: $(VENV)/.dev
-	$(VENV)/bin/ruff check src tests scripts
+	$(VENV)/bin/ruff check src tests scripts benchmarks
 	$(PY) scripts/check_device_code.py src/polytrain
 
 clean:

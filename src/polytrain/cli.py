@@ -73,6 +73,39 @@ def build_parser() -> argparse.ArgumentParser:
                                description="Plot train / eval loss, learning rate and gradient norm of a run.")
     plot.add_argument("run_dir")
     plot.add_argument("--out", help="PNG path (default: RUN_DIR/loss.png)")
+
+    model = commands.add_parser("model", help="inspect model architectures",
+                                description="Inspect a preset, a config.json or a Hugging Face model directory.")
+    model_commands = model.add_subparsers(dest="model_command", metavar="SUBCOMMAND", required=True)
+    info = model_commands.add_parser(
+        "info", help="parameter counts by component, total and activated per token (no memory used)",
+        description="Parameter counts by component, total and activated per token, compared with the published "
+        "figures for the released sizes. Counting uses the meta device: nothing is allocated.",
+        epilog="examples:\n  polytrain model info deepseek-v4-pro\n  polytrain model info path/to/config.json",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    info.add_argument("model", help="preset name, config.json, or a directory holding one")
+    info.add_argument("--json", action="store_true", help="print JSON")
+
+    convert = commands.add_parser(
+        "convert", help="dequantise an FP8 / FP4 Hugging Face checkpoint to bf16 / fp32, shard by shard",
+        description="Dequantise a released DeepSeek checkpoint (FP8 E4M3 128x128 block scales; MXFP4 experts) into "
+        "plain bf16 or fp32 safetensors, one shard and one tensor at a time (peak memory about one tensor). The "
+        "output is written to OUT.partial/ and renamed to OUT only when complete.")
+    convert.add_argument("source", help="Hugging Face model directory (config.json + safetensors)")
+    convert.add_argument("out", help="output directory")
+    convert.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    convert.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+
+    export = commands.add_parser(
+        "export", help="write a run's checkpoint as a Hugging Face model directory",
+        description="Write a checkpoint of a run as Hugging Face safetensors shards + index + config.json "
+        "(release naming; transformers loads it).")
+    export.add_argument("run_dir")
+    export.add_argument("out", help="output directory")
+    export.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
+    export.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    export.add_argument("--max-shard-gb", type=float, default=5.0, help="largest shard size in GiB")
+    export.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     return parser
 
 
@@ -142,7 +175,45 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"sft": _cmd_sft, "generate": _cmd_generate, "plot": _cmd_plot}
+def _cmd_model(args: argparse.Namespace) -> int:
+    from polytrain.models.info import format_info, model_info
+
+    info = model_info(args.model)
+    print(json.dumps(info, indent=2) if args.json else format_info(info))
+    return 0
+
+
+DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    import torch
+
+    from polytrain.models.hf.checkpoint import convert_checkpoint
+
+    def progress(file: str, done: int, total: int) -> None:
+        print(f"[{done}/{total}] {file}", file=sys.stderr)
+
+    stats = convert_checkpoint(args.source, args.out, getattr(torch, DTYPES[args.dtype]), args.overwrite, progress)
+    print(json.dumps({"out": args.out, **stats}))
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from polytrain.models.hf.checkpoint import save_hf
+    from polytrain.train.run_model import load_run_model
+
+    _, model, step = load_run_model(args.run_dir, "cpu", step=args.step)
+    out = save_hf(model, args.out, getattr(torch, DTYPES[args.dtype]), int(args.max_shard_gb * 2**30),
+                  args.overwrite)
+    print(json.dumps({"out": str(out), "step": step}))
+    return 0
+
+
+COMMANDS = {"sft": _cmd_sft, "generate": _cmd_generate, "plot": _cmd_plot, "model": _cmd_model,
+            "convert": _cmd_convert, "export": _cmd_export}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -38,7 +38,9 @@ class RunConfig:
 @dataclass
 class DataConfig:
     train_path: str = option(help="Training conversations: messages JSONL.")
-    tokenizer: str = option(help="Hugging Face tokenizer.json (or a directory holding one).")
+    tokenizer: str = option(
+        "", "Hugging Face tokenizer.json (or a directory holding one); empty: the one in init.hf_path."
+    )
     eval_path: str = option("", "Held-out conversations for the eval loss (empty: no eval).")
     chat_template: str = option("polytrain", "How conversations become tokens.", choices=tuple(TEMPLATES))
     max_seq_len: int = option(512, "Longest sample in tokens; longer conversations are cut (and counted).", ge=2)
@@ -60,6 +62,10 @@ class TrainConfig:
     adam_beta2: float = option(0.95, "AdamW beta2.", ge=0, le=1)
     adam_eps: float = option(1e-8, "AdamW epsilon.", gt=0)
     grad_clip: float = option(1.0, "Clip the global gradient norm to this value (0 disables).", ge=0)
+    mtp_loss_weight: float = option(
+        0.1, "Weight of the multi-token-prediction loss when the model has MTP modules (DeepSeek-V3: 0.3, then 0.1).",
+        ge=0,
+    )
     router_bias_update_rate: float = option(
         1e-3, "Aux-loss-free balancing speed (gamma, DeepSeek-V3 report): bias step per optimizer step.", ge=0
     )
@@ -92,9 +98,19 @@ class LogConfig:
 
 
 @dataclass
+class InitConfig:
+    hf_path: str = option(
+        "",
+        "Start from a Hugging Face checkpoint directory (config.json + safetensors; FP8 / FP4 weights are "
+        "dequantised on load). Its config.json defines the architecture; [model] keys override it.",
+    )
+
+
+@dataclass
 class JobConfig:
     data: DataConfig
     run: RunConfig = option(factory=RunConfig)
+    init: InitConfig = option(factory=InitConfig)
     model: ModelConfig = option(factory=lambda: model_config_from_table({"preset": "tiny"}))
     train: TrainConfig = option(factory=TrainConfig)
     eval: EvalConfig = option(factory=EvalConfig)
@@ -102,7 +118,7 @@ class JobConfig:
     log: LogConfig = option(factory=LogConfig)
 
 
-SECTIONS = ("run", "model", "data", "train", "eval", "checkpoint", "log")
+SECTIONS = ("run", "init", "model", "data", "train", "eval", "checkpoint", "log")
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -129,23 +145,48 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: invalid TOML ({err})") from None
 
 
+def _resolve(value: str, base_dir: Path | None) -> str:
+    """A relative path as given when it exists from the working directory, else relative to base_dir."""
+    relative = value and base_dir is not None and not Path(value).is_absolute()
+    if relative and not Path(value).exists() and (base_dir / value).exists():
+        return str(base_dir / value)
+    return value
+
+
+def _model_config(model_table: dict[str, Any], hf_path: str) -> ModelConfig:
+    if not hf_path or str(model_table.get("preset", "")).startswith("hf:"):
+        return model_config_from_table(model_table)  # a preset, or a config resolved earlier from init.hf_path
+    if "preset" in model_table:
+        raise ConfigError("`model.preset` and `init.hf_path` both define the architecture: keep one")
+    from polytrain.models.hf.checkpoint import HFCheckpoint
+
+    base = to_dict(HFCheckpoint(hf_path).model_config)
+    return from_dict(ModelConfig, {**base, **model_table}, "model")
+
+
 def build_config(data: dict[str, Any], base_dir: Path | None = None) -> JobConfig:
-    """A validated JobConfig from a nested dict. Relative data / tokenizer paths are taken relative to base_dir
-    (the config file's directory) when they exist there."""
+    """A validated JobConfig from a nested dict. Relative paths are taken from the working directory, or from
+    base_dir (the config file's directory) when they exist only there."""
     data = dict(data)
     model_table = data.pop("model", {})
     if not isinstance(model_table, dict):
         raise ConfigError("`model` must be a table of settings")
-    model = model_config_from_table(model_table)
     if "data" not in data:
         raise ConfigError("missing [data] section: set at least `data.train_path` and `data.tokenizer`")
-    config = from_dict(JobConfig, {**data, "model": {}}, "")
-    config.model = model
-    if base_dir is not None:
-        for name in ("train_path", "eval_path", "tokenizer"):
-            value = getattr(config.data, name)
-            if value and not Path(value).is_absolute() and not Path(value).exists() and (base_dir / value).exists():
-                setattr(config.data, name, str(base_dir / value))
+    config = from_dict(JobConfig, {**data, "model": {"preset": "tiny"}}, "")
+    config.init.hf_path = _resolve(config.init.hf_path, base_dir)
+    config.model = _model_config(model_table, config.init.hf_path)
+    for name in ("train_path", "eval_path", "tokenizer"):
+        setattr(config.data, name, _resolve(getattr(config.data, name), base_dir))
+    if not config.data.tokenizer:
+        if not config.init.hf_path:
+            raise ConfigError("set `data.tokenizer` (a tokenizer.json), or `init.hf_path` to use the checkpoint's")
+        config.data.tokenizer = config.init.hf_path
+    if config.model.is_v4 and config.data.packing:
+        raise ConfigError(
+            "`data.packing = true` is not supported for DeepSeek-V4 models yet (compressed-attention windows would "
+            "span documents): set data.packing = false"
+        )
     return config
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from polytrain.models import build_model, preset
-from polytrain.models.attention import MLA, RotaryEmbedding
+from polytrain.models.attention import MLA
+from polytrain.models.rope import RotaryEmbedding
 from polytrain.models.transformer import attention_mask
 
 
@@ -14,7 +15,7 @@ def make_mla(**overrides) -> tuple[MLA, RotaryEmbedding]:
     mla = MLA(config, layer_idx=0)
     for p in mla.parameters():
         torch.nn.init.normal_(p, std=0.2) if p.ndim > 1 else None
-    return mla, RotaryEmbedding(config.qk_rope_head_dim, config.rope_theta)
+    return mla, RotaryEmbedding(config)
 
 
 def run(mla, rope, x, mask=None):
@@ -76,8 +77,8 @@ def test_document_mask_blocks_attention_across_documents():
 def test_rotary_depends_only_on_relative_position():
     """q.k after RoPE is unchanged when both positions shift by the same amount."""
     config = preset("tiny")
-    rope = RotaryEmbedding(config.qk_rope_head_dim, config.rope_theta)
-    from polytrain.models.attention import apply_rotary
+    rope = RotaryEmbedding(config)
+    from polytrain.models.rope import apply_rotary
 
     q = torch.randn(1, 1, 1, config.qk_rope_head_dim)
     k = torch.randn(1, 1, 1, config.qk_rope_head_dim)

@@ -56,8 +56,10 @@ def test_bad_values_name_the_key(sections, message):
 
 
 def test_missing_required_key_and_section():
-    with pytest.raises(ConfigError, match="missing required config key `data.tokenizer`"):
+    with pytest.raises(ConfigError, match="set `data.tokenizer` \\(a tokenizer.json\\), or `init.hf_path`"):
         build_config({"data": {"train_path": "x"}})
+    with pytest.raises(ConfigError, match="missing required config key `data.train_path`"):
+        build_config({"data": {"tokenizer": "x"}})
     with pytest.raises(ConfigError, match=r"missing \[data\] section"):
         build_config({})
 

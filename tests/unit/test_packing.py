@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from polytrain.algorithms.sft import sft_loss
+from polytrain.algorithms.sft import StepTokens, sft_loss
 from polytrain.data.dataset import IGNORE, Sample
 from polytrain.data.packing import collate, pack_rows
 from polytrain.models import build_model, preset
@@ -45,8 +45,8 @@ def test_packed_batch_gives_the_same_per_document_loss_as_documents_alone():
     for sample in samples:
         end = start + len(sample)
         alone = collate([sample], max_len=32, packing=True)
-        _, alone_sum = sft_loss(model, alone, 1.0)
-        torch.testing.assert_close(token_loss[0, start:end].sum(), alone_sum, rtol=1e-5, atol=1e-5)
+        _, parts = sft_loss(model, alone, StepTokens(1, []))
+        torch.testing.assert_close(token_loss[0, start:end].sum(), parts["loss_sum"], rtol=1e-5, atol=1e-5)
         start = end
 
 
@@ -65,7 +65,8 @@ def test_sft_loss_normalises_by_the_step_token_count():
     model = build_model(preset("tiny"), "cpu", seed=1)
     samples = [random_sample(n) for n in (6, 11, 4)]
     whole = collate(samples, 64, True)
-    total = whole.num_loss_tokens
+    total = StepTokens.of(samples, 0)
+    assert total.main == whole.num_loss_tokens
     loss_all, _ = sft_loss(model, whole, total)
     parts = [sft_loss(model, collate([s], 64, True), total)[0] for s in samples]
     torch.testing.assert_close(sum(parts), loss_all, rtol=1e-5, atol=1e-6)

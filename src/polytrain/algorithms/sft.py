@@ -1,13 +1,16 @@
-"""Supervised fine-tuning: next-token cross-entropy on the trained tokens."""
+"""Supervised fine-tuning: next-token cross-entropy on the trained tokens, plus the model's auxiliary objectives
+(multi-token prediction and the MoE sequence-wise balance loss) when it has them."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from polytrain.data.dataset import IGNORE
+from polytrain.data.dataset import IGNORE, Sample
 from polytrain.data.packing import Batch
+from polytrain.models.transformer import CausalLM, shift_left
 
 
 def needs_document_mask(batch: Batch) -> bool:
@@ -15,15 +18,55 @@ def needs_document_mask(batch: Batch) -> bool:
     return bool((batch.doc_ids.amax(dim=1) > 0).any())
 
 
-def sft_loss(model: nn.Module, batch: Batch, normalizer: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed token loss / normalizer, summed token loss detached).
+def mtp_labels(batch: Batch, depth: int) -> torch.Tensor:
+    """Targets of MTP depth k: position i predicts the label of position i+k, within the same document only."""
+    labels = shift_left(batch.labels, depth, IGNORE)
+    same_doc = shift_left(batch.doc_ids, depth, -2) == batch.doc_ids
+    return labels.masked_fill(~same_doc, IGNORE)
 
-    `normalizer` is the number of trained tokens in the whole optimizer step (over all micro-batches and ranks),
-    so accumulating the gradients of every micro-batch gives exactly the gradient of the step's mean token loss.
+
+@dataclass
+class StepTokens:
+    """Trained-token counts of a whole optimizer step: the exact normalisers of its mean losses."""
+
+    main: int
+    mtp: list[int]
+
+    @classmethod
+    def of(cls, samples: list[Sample], mtp_depth: int) -> StepTokens:
+        main = sum(s.num_loss_tokens for s in samples)
+        mtp = [sum(int((s.labels[k:] != IGNORE).sum()) for s in samples) for k in range(1, mtp_depth + 1)]
+        return cls(main, mtp)
+
+
+def token_loss_sum(model: CausalLM, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    logits = model.lm_head(hidden)
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
+
+
+def sft_loss(
+    model: CausalLM, batch: Batch, step_tokens: StepTokens, mtp_weight: float = 0.0
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(loss to backpropagate, detached summed parts for logging).
+
+    Each part is normalised by its trained-token count over the whole optimizer step (all micro-batches and
+    ranks), so accumulating the micro-batch gradients gives exactly the gradient of the step's mean losses:
+    main CE + mtp_weight * mean over depths of the MTP CE + the balance loss (token-weighted over micro-batches).
     """
     doc_ids = batch.doc_ids if needs_document_mask(batch) else None
-    logits = model(batch.input_ids, position_ids=batch.position_ids, doc_ids=doc_ids)
-    loss_sum = F.cross_entropy(
-        logits.float().flatten(0, 1), batch.labels.flatten(), ignore_index=IGNORE, reduction="sum"
-    )
-    return loss_sum / normalizer, loss_sum.detach()
+    out = model.forward_train(batch.input_ids, position_ids=batch.position_ids, doc_ids=doc_ids)
+    main_sum = token_loss_sum(model, out.hidden, batch.labels)
+    loss = main_sum / max(step_tokens.main, 1)
+    parts = {"loss_sum": main_sum.detach()}
+    if out.mtp_hidden:
+        mtp_sum = torch.zeros((), device=main_sum.device)
+        for depth, (hidden, count) in enumerate(zip(out.mtp_hidden, step_tokens.mtp), start=1):
+            depth_sum = token_loss_sum(model, hidden, mtp_labels(batch, depth))
+            loss = loss + mtp_weight / len(out.mtp_hidden) * depth_sum / max(count, 1)
+            mtp_sum = mtp_sum + depth_sum.detach()
+        parts["mtp_loss_sum"] = mtp_sum
+    if out.aux_loss is not None:
+        share = batch.num_loss_tokens / max(step_tokens.main, 1)
+        loss = loss + out.aux_loss * share
+        parts["aux_loss_weighted"] = out.aux_loss.detach() * share
+    return loss, parts

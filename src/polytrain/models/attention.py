@@ -15,31 +15,7 @@ from torch import nn
 from polytrain.models.config import ModelConfig
 from polytrain.models.kv_cache import KVCache
 from polytrain.models.layers import RMSNorm
-
-
-class RotaryEmbedding(nn.Module):
-    """cos / sin tables for the rotary part, computed from position ids (so packed documents restart at 0)."""
-
-    def __init__(self, dim: int, theta: float) -> None:
-        super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-
-    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        angles = position_ids[..., None].float() * self.inv_freq
-        return angles.cos(), angles.sin()
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x0, x1), (x2, x3), ... of `x` [B, H, T, D] by the angles in cos / sin [B, T, D/2].
-
-    The output lists the rotated even elements, then the rotated odd ones: a fixed permutation of the pairwise
-    (complex) rotation that leaves q.k unchanged because queries and keys get the same one.
-    """
-    cos = cos.unsqueeze(1).to(x.dtype)
-    sin = sin.unsqueeze(1).to(x.dtype)
-    x1, x2 = x[..., 0::2], x[..., 1::2]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+from polytrain.models.rope import apply_rotary, rope_parameters
 
 
 class MLA(nn.Module):
@@ -52,6 +28,7 @@ class MLA(nn.Module):
         self.qk_nope_head_dim = config.qk_nope_head_dim
         self.qk_rope_head_dim = config.qk_rope_head_dim
         self.v_head_dim = config.v_head_dim
+        self.rope_interleave = config.rope_interleave
         qk_head_dim = config.qk_head_dim
         dim = config.hidden_size
 
@@ -66,7 +43,8 @@ class MLA(nn.Module):
         kv_b_width = self.num_heads * (self.qk_nope_head_dim + self.v_head_dim)
         self.kv_b_proj = nn.Linear(self.kv_lora_rank, kv_b_width, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.v_head_dim, dim, bias=config.attention_bias)
-        self.softmax_scale = qk_head_dim**-0.5
+        # YaRN sharpens attention for long contexts: softmax scale x mscale(all_dim)^2
+        self.softmax_scale = qk_head_dim**-0.5 * rope_parameters(config, config.qk_rope_head_dim, config.rope_theta)[2]
 
     def forward(
         self,
@@ -84,11 +62,11 @@ class MLA(nn.Module):
             q = self.q_proj(x)
         q = q.view(batch, seq, self.num_heads, -1).transpose(1, 2)
         q_nope, q_rot = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
-        q = torch.cat([q_nope, apply_rotary(q_rot, cos, sin)], dim=-1)
+        q = torch.cat([q_nope, apply_rotary(q_rot, cos, sin, self.rope_interleave)], dim=-1)
 
         latent, k_rot = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         latent = self.kv_a_layernorm(latent)
-        k_rot = apply_rotary(k_rot.unsqueeze(1), cos, sin).squeeze(1)
+        k_rot = apply_rotary(k_rot.unsqueeze(1), cos, sin, self.rope_interleave).squeeze(1)
         if cache is not None:
             latent, k_rot = cache.update(self.layer_idx, latent, k_rot)
         keys_len = latent.shape[1]

@@ -22,14 +22,23 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-class SwiGLU(nn.Module):
-    """down(silu(gate(x)) * up(x)): the dense MLP, the shared experts, and the reference for one routed expert."""
+def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float = 0.0) -> torch.Tensor:
+    """silu(gate) * up; with `limit` > 0 (DeepSeek-V4's clamped SwiGLU) gate <= limit and |up| <= limit first."""
+    if limit > 0:
+        gate = gate.clamp(max=limit)
+        up = up.clamp(min=-limit, max=limit)
+    return F.silu(gate) * up
 
-    def __init__(self, dim: int, hidden: int) -> None:
+
+class SwiGLU(nn.Module):
+    """down(swiglu(gate(x), up(x))): the dense MLP, the shared experts, and the reference for one routed expert."""
+
+    def __init__(self, dim: int, hidden: int, limit: float = 0.0) -> None:
         super().__init__()
+        self.limit = limit
         self.gate_proj = nn.Linear(dim, hidden, bias=False)
         self.up_proj = nn.Linear(dim, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), self.limit))

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from polytrain.models.config import ModelConfig
-from polytrain.models.layers import SwiGLU
+from polytrain.models.layers import SwiGLU, swiglu
 
 
 def route(
@@ -47,11 +47,35 @@ def route(
     return weights * scaling_factor, indices
 
 
+def affinity(logits: torch.Tensor, scoring_func: str) -> torch.Tensor:
+    """Router scores from logits: sigmoid (V3), softmax (V2), or sqrt(softplus) (V4)."""
+    if scoring_func == "sigmoid":
+        return logits.sigmoid()
+    if scoring_func == "softmax":
+        return logits.softmax(dim=-1)
+    return F.softplus(logits).sqrt()
+
+
+def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, rows: int, alpha: float) -> torch.Tensor:
+    """DeepSeek-V3 sequence-wise balance loss: alpha * mean over sequences of sum_i f_i * P_i, where f_i is expert
+    i's share of the sequence's routed slots times E/K and P_i its mean normalised score over the sequence.
+    A row of a packed batch counts as one sequence."""
+    num_experts, top_k = scores.shape[1], indices.shape[1]
+    scores = scores.view(rows, -1, num_experts)
+    tokens = scores.shape[1]
+    normalised = scores / (scores.sum(dim=-1, keepdim=True) + 1e-20)
+    counts = torch.zeros(rows, num_experts, device=scores.device, dtype=scores.dtype)
+    counts.scatter_add_(1, indices.view(rows, -1), torch.ones(rows, tokens * top_k, device=scores.device))
+    f = counts * num_experts / (top_k * tokens)
+    return alpha * (f * normalised.mean(dim=1)).sum(dim=1).mean()
+
+
 class Router(nn.Module):
     """Affinity scores in fp32 and group-limited top-k choice, with an aux-loss-free correction bias.
 
     While training, it counts how many tokens each expert received (`expert_load`); `update_router_biases`
-    turns the counts into the bias update after each optimizer step.
+    turns the counts into the bias update after each optimizer step. With `aux_loss_alpha` > 0 it also leaves
+    the sequence-wise balance loss of its last training forward in `aux_loss`.
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -60,12 +84,14 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size))
         self.register_buffer("e_score_correction_bias", torch.zeros(config.n_routed_experts, dtype=torch.float32))
         self.register_buffer("expert_load", torch.zeros(config.n_routed_experts, dtype=torch.float32), persistent=False)
+        self.aux_loss: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, rows: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, H] (N = rows x tokens per row) -> (weights [N, k], expert indices [N, k])."""
         cfg = self.config
         with torch.autocast(device_type=x.device.type, enabled=False):
             logits = F.linear(x.float(), self.weight.float())
-        scores = logits.sigmoid() if cfg.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+        scores = affinity(logits, cfg.scoring_func)
         weights, indices = route(
             scores,
             self.e_score_correction_bias,
@@ -78,11 +104,14 @@ class Router(nn.Module):
         if self.training:
             with torch.no_grad():
                 self.expert_load += torch.bincount(indices.flatten(), minlength=cfg.n_routed_experts).float()
+        self.aux_loss = None
+        if self.training and cfg.aux_loss_alpha > 0:
+            self.aux_loss = sequence_balance_loss(scores, indices, rows, cfg.aux_loss_alpha)
         return weights, indices
 
 
 def grouped_swiglu_reference(
-    x: torch.Tensor, counts: list[int], gate_up: torch.Tensor, down: torch.Tensor
+    x: torch.Tensor, counts: list[int], gate_up: torch.Tensor, down: torch.Tensor, limit: float = 0.0
 ) -> torch.Tensor:
     """Per-expert SwiGLU over contiguous token segments: the fallback where no grouped GEMM exists, and the
     reference the grouped path is tested against. Only experts that received tokens do any work."""
@@ -91,23 +120,25 @@ def grouped_swiglu_reference(
         if segment.shape[0] == 0:
             continue
         gate, up = F.linear(segment, gate_up[expert]).chunk(2, dim=-1)
-        outputs.append(F.linear(F.silu(gate) * up, down[expert]))
+        outputs.append(F.linear(swiglu(gate, up, limit), down[expert]))
     return torch.cat(outputs) if outputs else x.new_zeros(0, down.shape[1])
 
 
-def grouped_swiglu(x: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+def grouped_swiglu(
+    x: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, limit: float = 0.0
+) -> torch.Tensor:
     """SwiGLU of expert-sorted tokens `x` [M, H]; expert e owns the next `counts[e]` rows.
 
     gate_up [E, 2I, H] and down [E, H, I] hold every expert's weights. Uses `torch._grouped_mm` (one kernel for all
     experts) where torch has it, otherwise `grouped_swiglu_reference`.
     """
     if not hasattr(torch, "_grouped_mm") or x.dtype not in (torch.float32, torch.bfloat16):
-        return grouped_swiglu_reference(x, counts.tolist(), gate_up, down)
+        return grouped_swiglu_reference(x, counts.tolist(), gate_up, down, limit)
     offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
     dtype = x.dtype
     hidden = _ContiguousGrad.apply(torch._grouped_mm(x, gate_up.to(dtype).transpose(-2, -1), offs=offsets))
     gate, up = hidden.chunk(2, dim=-1)
-    out = torch._grouped_mm(F.silu(gate) * up, down.to(dtype).transpose(-2, -1), offs=offsets)
+    out = torch._grouped_mm(swiglu(gate, up, limit), down.to(dtype).transpose(-2, -1), offs=offsets)
     return _ContiguousGrad.apply(out)
 
 
@@ -131,6 +162,7 @@ class GroupedExperts(nn.Module):
         super().__init__()
         experts, dim, hidden = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
         self.num_experts = experts
+        self.limit = config.swiglu_limit
         self.gate_up_proj = nn.Parameter(torch.empty(experts, 2 * hidden, dim))
         self.down_proj = nn.Parameter(torch.empty(experts, dim, hidden))
 
@@ -141,26 +173,49 @@ class GroupedExperts(nn.Module):
         order = torch.argsort(flat, stable=True)
         token_of = order // top_k
         counts = torch.bincount(flat, minlength=self.num_experts)
-        expert_out = grouped_swiglu(x[token_of], counts, self.gate_up_proj, self.down_proj)
+        expert_out = grouped_swiglu(x[token_of], counts, self.gate_up_proj, self.down_proj, self.limit)
         expert_out = expert_out * weights.flatten()[order].unsqueeze(-1).to(expert_out.dtype)
         return torch.zeros_like(x, dtype=expert_out.dtype).index_add_(0, token_of, expert_out).to(x.dtype)
 
 
-class MoE(nn.Module):
+class HashRouter(nn.Module):
+    """DeepSeek-V4's first layers: experts come from a fixed token-id table `tid2eid` [vocab, k]; the learned gate
+    only weights them (normalised scores of the table's experts, times routed_scaling_factor)."""
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.gate = Router(config)
+        self.config = config
+        self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size))
+        self.register_buffer("tid2eid", torch.zeros(config.vocab_size, config.num_experts_per_tok, dtype=torch.long))
+
+    def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.config
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            scores = affinity(F.linear(x.float(), self.weight.float()), cfg.scoring_func)
+        indices = self.tid2eid[input_ids.reshape(-1)]
+        weights = scores.gather(1, indices)
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * cfg.routed_scaling_factor, indices
+
+
+class MoE(nn.Module):
+    def __init__(self, config: ModelConfig, hash_routed: bool = False) -> None:
+        super().__init__()
+        self.gate: nn.Module = HashRouter(config) if hash_routed else Router(config)
         self.experts = GroupedExperts(config)
         self.shared_experts = (
-            SwiGLU(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
+            SwiGLU(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts, config.swiglu_limit)
             if config.n_shared_experts
             else None
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, input_ids: torch.Tensor | None = None) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        weights, indices = self.gate(flat)
+        if isinstance(self.gate, HashRouter):
+            weights, indices = self.gate(flat, input_ids)
+        else:
+            weights, indices = self.gate(flat, rows=shape[0] if x.dim() == 3 else 1)
         out = self.experts(flat, weights, indices)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)

@@ -1,18 +1,22 @@
-"""The DeepSeek-V3-style causal LM: embedding, decoder blocks (MLA + dense MLP or MoE), final norm, output head.
+"""The DeepSeek-V3-style causal LM: embedding, decoder blocks (MLA + dense MLP or MoE), final norm, output head,
+and optional multi-token-prediction (MTP) modules.
 
 Plain PyTorch with no distribution inside; polytrain.parallel applies sharding from outside.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from polytrain.models.attention import MLA, RotaryEmbedding
+from polytrain.models.attention import MLA
 from polytrain.models.config import ModelConfig
 from polytrain.models.kv_cache import KVCache
 from polytrain.models.layers import RMSNorm, SwiGLU
 from polytrain.models.moe import GroupedExperts, MoE, Router
+from polytrain.models.rope import RotaryEmbedding
 
 
 class Block(nn.Module):
@@ -36,6 +40,45 @@ class Block(nn.Module):
     ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class MTPModule(nn.Module):
+    """One multi-token-prediction depth (DeepSeek-V3 report, section 2.2).
+
+    At position i it combines the previous depth's hidden state with the embedding of token i+k:
+    h = eh_proj([enorm(emb(t[i+k])); hnorm(h_prev[i])]), runs one decoder block, and normalises; the shared output
+    head then predicts token i+k+1. HF checkpoints store it as layer `num_hidden_layers + k - 1`.
+    """
+
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.enorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.hnorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
+        self.block = Block(config, layer_idx)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self,
+        previous: torch.Tensor,
+        next_embeddings: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden state for the next depth, normalised hidden state for the output head)."""
+        x = self.eh_proj(torch.cat([self.enorm(next_embeddings), self.hnorm(previous)], dim=-1))
+        x = self.block(x, rope, mask)
+        return x, self.norm(x)
+
+
+@dataclass
+class TrainOutput:
+    hidden: torch.Tensor
+    """Final-norm hidden states [B, T, hidden] of the main model."""
+    mtp_hidden: list[torch.Tensor]
+    """Per MTP depth k (1-based position k-1): normalised hidden states [B, T, hidden] predicting token i+k+1."""
+    aux_loss: torch.Tensor | None
+    """Sum of the MoE layers' sequence-wise balance losses (None when disabled)."""
 
 
 def attention_mask(
@@ -66,43 +109,39 @@ def attention_mask(
     return mask | (k_pos == q_pos)[None, None]
 
 
+def shift_left(x: torch.Tensor, k: int, fill: int) -> torch.Tensor:
+    """x[:, i] <- x[:, i + k], with `fill` in the last k columns."""
+    out = torch.full_like(x, fill)
+    out[:, :-k] = x[:, k:]
+    return out
+
+
 class CausalLM(nn.Module):
+    supports_kv_cache = True
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.rotary = RotaryEmbedding(config.qk_rope_head_dim, config.rope_theta)
+        self.rotary = RotaryEmbedding(config)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.mtp = nn.ModuleList(
+            MTPModule(config, config.num_hidden_layers + k) for k in range(config.num_nextn_predict_layers)
+        )
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
-    def forward(
+    def _trunk(
         self,
         input_ids: torch.Tensor,
-        position_ids: torch.Tensor | None = None,
-        doc_ids: torch.Tensor | None = None,
-        cache: KVCache | None = None,
-        valid: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Logits [B, T, V] for `input_ids` [B, T].
-
-        position_ids [B, T]: rotary positions (restart at 0 per packed document); defaults to 0..T-1 after the cache.
-        doc_ids [B, T]: document of each token when several are packed in one row (training).
-        cache / valid [B, T]: incremental decoding; `valid` marks real tokens (False = left padding).
-        """
-        return self.lm_head(self.hidden_states(input_ids, position_ids, doc_ids, cache, valid))
-
-    def hidden_states(
-        self,
-        input_ids: torch.Tensor,
-        position_ids: torch.Tensor | None = None,
-        doc_ids: torch.Tensor | None = None,
-        cache: KVCache | None = None,
-        valid: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """The final-norm hidden states [B, T, hidden] (what the output head multiplies)."""
+        position_ids: torch.Tensor | None,
+        doc_ids: torch.Tensor | None,
+        cache: KVCache | None,
+        valid: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]:
+        """(last layer's residual stream before the final norm, rope tables, attention mask)."""
         batch, seq = input_ids.shape
         past = cache.length if cache is not None else 0
         if position_ids is None:
@@ -119,7 +158,48 @@ class CausalLM(nn.Module):
             x = layer(x, rope, mask, cache)
         if cache is not None:
             cache.advance(valid)
-        return self.norm(x)
+        return x, rope, mask
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        valid: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits [B, T, V] of the main model for `input_ids` [B, T].
+
+        position_ids [B, T]: rotary positions (restart at 0 per packed document); defaults to 0..T-1 after the cache.
+        doc_ids [B, T]: document of each token when several are packed in one row (training).
+        cache / valid [B, T]: incremental decoding; `valid` marks real tokens (False = left padding).
+        """
+        return self.lm_head(self.hidden_states(input_ids, position_ids, doc_ids, cache, valid))
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        valid: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The final-norm hidden states [B, T, hidden] (what the output head multiplies)."""
+        return self.norm(self._trunk(input_ids, position_ids, doc_ids, cache, valid)[0])
+
+    def forward_train(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None
+    ) -> TrainOutput:
+        """Everything a training loss needs: main hidden states, MTP hidden states and the balance loss."""
+        x, rope, mask = self._trunk(input_ids, position_ids, doc_ids, None, None)
+        mtp_hidden = []
+        previous = x
+        for k, module in enumerate(self.mtp, start=1):
+            next_embeddings = self.embed_tokens(shift_left(input_ids, k, 0))
+            previous, normed = module(previous, next_embeddings, rope, mask)
+            mtp_hidden.append(normed)
+        losses = [m.aux_loss for m in self.modules() if isinstance(m, Router) and m.aux_loss is not None]
+        return TrainOutput(self.norm(x), mtp_hidden, torch.stack(losses).sum() if losses else None)
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         param = self.embed_tokens.weight
@@ -151,9 +231,12 @@ class CausalLM(nn.Module):
 
 
 def build_model(config: ModelConfig, device: torch.device | str = "meta", seed: int | None = 0) -> CausalLM:
-    """Allocate the model on `device` and initialise it (meta-device models are left uninitialised)."""
+    """Allocate the model of `config.architecture` on `device` and initialise it (meta-device models are left
+    uninitialised). DeepSeek-V4 models (`V4CausalLM`) have the same methods."""
+    from polytrain.models.v4 import V4CausalLM
+
     with torch.device(device):
-        model = CausalLM(config)
+        model = V4CausalLM(config) if config.is_v4 else CausalLM(config)
     if torch.device(device).type != "meta":
         model.init_weights(seed)
     return model

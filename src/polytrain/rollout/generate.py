@@ -37,6 +37,8 @@ def generate(
     model: CausalLM, prompts: list[list[int]], cfg: SamplingConfig, stop_ids: set[int], pad_id: int = 0
 ) -> list[list[int]]:
     """New tokens for each prompt (stop token excluded). Prompts are left-padded into one batch."""
+    if not model.supports_kv_cache:
+        return _generate_without_cache(model, prompts, cfg, stop_ids, pad_id)
     device = model.embed_tokens.weight.device
     batch, longest = len(prompts), max(len(p) for p in prompts)
     input_ids = torch.full((batch, longest), pad_id, dtype=torch.long, device=device)
@@ -66,5 +68,41 @@ def generate(
             break
         logits = model(token[:, None], position_ids=next_pos[:, None], cache=cache, valid=~done[:, None])[:, -1]
         next_pos = next_pos + 1
+    model.train(was_training)
+    return outputs
+
+
+@torch.no_grad()
+def _generate_without_cache(
+    model: CausalLM, prompts: list[list[int]], cfg: SamplingConfig, stop_ids: set[int], pad_id: int
+) -> list[list[int]]:
+    """Recompute the whole sequence for every new token (models without a KV cache, e.g. DeepSeek-V4 here).
+    Rows are right-padded, so padding never precedes a real token and causal attention ignores it."""
+    device = model.embed_tokens.weight.device
+    generator = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.temperature > 0 else None
+    sequences = [list(p) for p in prompts]
+    outputs: list[list[int]] = [[] for _ in prompts]
+    done = [False] * len(prompts)
+    was_training = model.training
+    model.eval()
+    for _ in range(cfg.max_new_tokens):
+        width = max(len(s) for s in sequences)
+        batch = torch.full((len(sequences), width), pad_id, dtype=torch.long, device=device)
+        for i, seq in enumerate(sequences):
+            batch[i, : len(seq)] = torch.tensor(seq, device=device)
+        last = torch.tensor([len(s) - 1 for s in sequences], device=device)
+        logits = model(batch)[torch.arange(len(sequences), device=device), last]
+        token = sample_next(logits, cfg, generator)
+        for i in range(len(sequences)):
+            if done[i]:
+                continue
+            value = int(token[i])
+            if value in stop_ids:
+                done[i] = True
+            else:
+                outputs[i].append(value)
+                sequences[i].append(value)
+        if all(done):
+            break
     model.train(was_training)
     return outputs

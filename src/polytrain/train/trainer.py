@@ -16,7 +16,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from polytrain.algorithms.sft import sft_loss
+from polytrain.algorithms.sft import StepTokens, needs_document_mask, sft_loss, token_loss_sum
 from polytrain.backends import Backend, get_backend
 from polytrain.config import JobConfig
 from polytrain.data.chat import get_template
@@ -124,12 +124,25 @@ class SFTTrainer:
         return save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self._trainer_state(),
                                self.backend.get_rng_state(), self.config.checkpoint.keep_last)
 
+    def _load_initial_weights(self) -> None:
+        """Weights of init.hf_path, for a run that starts at step 0."""
+        from polytrain.models.hf.checkpoint import HFCheckpoint, load_hf_weights
+
+        path = self.config.init.hf_path
+        if path:
+            started = time.perf_counter()
+            stats = load_hf_weights(self.model, HFCheckpoint(path))
+            seconds = time.perf_counter() - started
+            self.console.print(f"loaded {stats['tensors']} tensors from {path} in {seconds:.1f} s")
+
     def _maybe_resume(self) -> None:
         if not self.resume:
+            self._load_initial_weights()
             return
         path = latest_checkpoint(self.run_dir)
         if path is None:
             self.console.print(f"[yellow]--resume: no checkpoint in {self.run_dir}; starting from step 0[/]")
+            self._load_initial_weights()
             return
         state = load_checkpoint(path, self.model, self.optimizer)
         if state["loader"]["num_samples"] != len(self.train_set):
@@ -149,15 +162,16 @@ class SFTTrainer:
     def train_step(self) -> dict[str, float]:
         cfg = self.config.train
         samples = [self.train_set.samples[i] for i in self.loader.next_step()]
-        normalizer = sum(s.num_loss_tokens for s in samples)
-        loss_sum = torch.zeros((), device=self.device)
+        step_tokens = StepTokens.of(samples, self.config.model.num_nextn_predict_layers)
+        sums: dict[str, torch.Tensor] = {}
         tokens = 0
         for micro in chunks(samples, cfg.micro_batch_size):
             batch = collate(micro, self.config.data.max_seq_len, self.config.data.packing).to(self.device)
             with self.backend.autocast(self.amp_dtype):
-                loss, micro_sum = sft_loss(self.model, batch, normalizer)
+                loss, parts = sft_loss(self.model, batch, step_tokens, cfg.mtp_loss_weight)
             loss.backward()
-            loss_sum += micro_sum
+            for key, value in parts.items():
+                sums[key] = sums.get(key, 0.0) + value
             tokens += batch.num_tokens
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
@@ -168,8 +182,13 @@ class SFTTrainer:
         balance = update_router_biases(self.model, cfg.router_bias_update_rate)
         self.step += 1
         self.tokens_seen += tokens
-        return {"loss": float(loss_sum) / normalizer, "lr": lr, "grad_norm": float(grad_norm), "tokens": tokens,
-                "trained_tokens": normalizer, **balance}
+        stats = {"loss": float(sums["loss_sum"]) / step_tokens.main, "lr": lr, "grad_norm": float(grad_norm),
+                 "tokens": tokens, "trained_tokens": step_tokens.main, **balance}
+        if "mtp_loss_sum" in sums:
+            stats["mtp_loss"] = float(sums["mtp_loss_sum"]) / max(sum(step_tokens.mtp), 1)
+        if "aux_loss_weighted" in sums:
+            stats["aux_loss"] = float(sums["aux_loss_weighted"])
+        return stats
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -183,9 +202,10 @@ class SFTTrainer:
         total, count = 0.0, 0
         for micro in batches:
             batch = collate(micro, self.config.data.max_seq_len, self.config.data.packing).to(self.device)
+            doc_ids = batch.doc_ids if needs_document_mask(batch) else None
             with self.backend.autocast(self.amp_dtype):
-                _, loss_sum = sft_loss(self.model, batch, 1.0)
-            total += float(loss_sum)
+                hidden = self.model.hidden_states(batch.input_ids, batch.position_ids, doc_ids)
+                total += float(token_loss_sum(self.model, hidden, batch.labels))
             count += batch.num_loss_tokens
         self.model.train()
         return total / count

@@ -1,0 +1,91 @@
+"""Model commands as a user runs them: `model info`, `convert`, `export`, and `sft` starting from a Hugging Face
+checkpoint or on the tiny DeepSeek-V4 preset."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.conftest import EXAMPLES, TOKENIZER
+from tests.e2e.test_cli import polytrain
+
+
+def test_model_info_for_presets_and_config_json(tmp_path):
+    out = polytrain("model", "info", "deepseek-v4-pro").stdout
+    assert "published: 1,600.00B total, 49.00B activated" in out and "hyper_connections" in out
+    info = json.loads(polytrain("model", "info", "deepseek-v3-671b", "--json").stdout)
+    assert abs(info["published"]["total_deviation"]) < 0.02
+    from polytrain.models import preset
+    from polytrain.models.hf.config import hf_config_from_model
+
+    (tmp_path / "config.json").write_text(json.dumps(hf_config_from_model(preset("deepseek-v4-flash"))))
+    from_file = json.loads(polytrain("model", "info", str(tmp_path / "config.json"), "--json").stdout)
+    assert from_file["main_total"] == json.loads(polytrain("model", "info", "deepseek-v4-flash", "--json").stdout)[
+        "main_total"]
+    bad = polytrain("model", "info", "deepseek-v9", check=False)
+    assert bad.returncode == 2 and "neither a preset" in bad.stderr
+
+
+def job_on(tmp_path, model_lines: str, extra: str = "") -> str:
+    lines = (EXAMPLES / "data" / "train.jsonl").read_text().splitlines()[:32]
+    (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
+    config = tmp_path / "job.toml"
+    config.write_text(f"""
+[run]
+output_dir = "{tmp_path / 'run'}"
+{model_lines}
+[data]
+train_path = "train.jsonl"
+tokenizer = "{TOKENIZER}"
+max_seq_len = 64
+{extra}
+[train]
+steps = 3
+global_batch_size = 4
+micro_batch_size = 2
+[checkpoint]
+every = 0
+""")
+    return str(config)
+
+
+def test_sft_starts_from_a_hugging_face_checkpoint_then_exports_and_converts(tmp_path):
+    pytest.importorskip("transformers")
+    from tests.integration.hf_fixtures import make_hf_v3
+
+    make_hf_v3(tmp_path / "hf", yarn=True)
+    config = job_on(tmp_path, f'[init]\nhf_path = "{tmp_path / "hf"}"\n[model]\nnum_nextn_predict_layers = 0')
+    result = polytrain("sft", config)
+    assert "loaded" in result.stderr and "tensors from" in result.stderr
+    resolved = (tmp_path / "run" / "config.toml").read_text()
+    assert 'preset = "hf:deepseek_v3"' in resolved and 'rope_scaling = "yarn"' in resolved
+
+    exported = polytrain("export", str(tmp_path / "run"), str(tmp_path / "export"), "--dtype", "fp32")
+    assert json.loads(exported.stdout)["step"] == 3
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tmp_path / "export")
+    again = polytrain("export", str(tmp_path / "run"), str(tmp_path / "export"), check=False)
+    assert again.returncode == 2 and "already exists" in again.stderr
+
+    converted = polytrain("convert", str(tmp_path / "export"), str(tmp_path / "bf16"))
+    assert json.loads(converted.stdout)["shards"] == 1
+    from safetensors import safe_open
+
+    shard = next((tmp_path / "bf16").glob("*.safetensors"))
+    handle = safe_open(str(shard), "pt")
+    dtypes = {handle.get_tensor(k).dtype for k in handle}
+    assert torch.bfloat16 in dtypes
+
+
+def test_tiny_v4_trains_and_generates_without_a_kv_cache(tmp_path):
+    config = job_on(tmp_path, '[model]\npreset = "tiny-v4"', extra="packing = false")
+    summary = json.loads(polytrain("sft", config).stdout)
+    assert summary["steps"] == 3
+    out = polytrain("generate", str(tmp_path / "run"), "--prompt", "Say twice: abc", "--max-new-tokens", "5",
+                    "--json")
+    assert json.loads(out.stdout)["step"] == 3
+    packed = polytrain("sft", job_on(tmp_path, '[model]\npreset = "tiny-v4"'), "--overwrite", check=False)
+    assert packed.returncode == 2 and "data.packing" in packed.stderr
