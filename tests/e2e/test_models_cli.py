@@ -76,7 +76,7 @@ def test_sft_starts_from_a_hugging_face_checkpoint_then_exports_and_converts(tmp
 
     shard = next((tmp_path / "bf16").glob("*.safetensors"))
     handle = safe_open(str(shard), "pt")
-    dtypes = {handle.get_tensor(k).dtype for k in handle}
+    dtypes = {handle.get_tensor(k).dtype for k in handle.keys()}  # noqa: SIM118 - safe_open is not iterable
     assert torch.bfloat16 in dtypes
 
 

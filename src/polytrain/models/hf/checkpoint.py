@@ -66,7 +66,7 @@ class HFCheckpoint:
                 raise CheckpointError(f"{index} names shard(s) that are absent: {', '.join(missing)}")
             return weight_map
         if (self.path / SINGLE).is_file():
-            return {name: SINGLE for name in self._open(SINGLE)}
+            return {name: SINGLE for name in self._open(SINGLE).keys()}  # noqa: SIM118 - safe_open is not iterable
         raise CheckpointError(f"{self.path}: neither {INDEX} nor {SINGLE} found")
 
     def _open(self, file: str) -> Any:
