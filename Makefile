@@ -35,6 +35,7 @@ test: $(VENV)/.test
 
 bench: $(VENV)/.test
 	$(PY) benchmarks/convert_memory.py
+	$(PY) benchmarks/parallel_memory.py
 
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check src tests scripts benchmarks

@@ -222,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    from polytrain.train.trainer import TrainingInterrupted
+    from polytrain.train.signals import TrainingInterrupted
 
     try:
         return COMMANDS[args.command](args)

@@ -17,6 +17,7 @@ from polytrain.backends import DEVICE_CHOICES
 from polytrain.data.chat import TEMPLATES
 from polytrain.errors import ConfigError
 from polytrain.models.config import ModelConfig, model_config_from_table
+from polytrain.parallel.config import ParallelConfig
 from polytrain.schema import from_dict, option, set_dotted, to_dict
 
 if sys.version_info >= (3, 11):
@@ -116,9 +117,10 @@ class JobConfig:
     eval: EvalConfig = option(factory=EvalConfig)
     checkpoint: CheckpointConfig = option(factory=CheckpointConfig)
     log: LogConfig = option(factory=LogConfig)
+    parallel: ParallelConfig = option(factory=ParallelConfig)
 
 
-SECTIONS = ("run", "init", "model", "data", "train", "eval", "checkpoint", "log")
+SECTIONS = ("run", "init", "model", "data", "train", "eval", "checkpoint", "log", "parallel")
 
 
 def parse_override(text: str) -> tuple[str, Any]:

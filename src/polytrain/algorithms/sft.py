@@ -54,7 +54,8 @@ def sft_loss(
     main CE + mtp_weight * mean over depths of the MTP CE + the balance loss (token-weighted over micro-batches).
     """
     doc_ids = batch.doc_ids if needs_document_mask(batch) else None
-    out = model.forward_train(batch.input_ids, position_ids=batch.position_ids, doc_ids=doc_ids)
+    out = model.forward_train(batch.input_ids, position_ids=batch.position_ids, doc_ids=doc_ids,
+                              token_mask=batch.doc_ids >= 0)
     main_sum = token_loss_sum(model, out.hidden, batch.labels)
     loss = main_sum / max(step_tokens.main, 1)
     parts = {"loss_sum": main_sum.detach()}

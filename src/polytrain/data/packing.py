@@ -52,11 +52,22 @@ def pack_rows(samples: list[Sample], max_len: int, packing: bool) -> list[list[S
     return rows
 
 
-def collate(samples: list[Sample], max_len: int, packing: bool, pad_id: int = 0) -> Batch:
-    """A padded [rows, longest row] batch; padding has labels IGNORE and doc id -1."""
+def collate(
+    samples: list[Sample], max_len: int, packing: bool, pad_id: int = 0, fixed_rows: int | None = None
+) -> Batch:
+    """A padded [rows, longest row] batch; padding has labels IGNORE and doc id -1.
+
+    fixed_rows: pad to exactly [fixed_rows, max_len] (pipeline parallelism needs every micro-batch the same shape).
+    """
     rows = pack_rows(samples, max_len, packing)
     width = max(sum(len(s) for s in row) for row in rows)
-    shape = (len(rows), width)
+    if fixed_rows is not None:
+        if len(rows) > fixed_rows:
+            raise ValueError(f"{len(rows)} rows do not fit in {fixed_rows}")
+        width = max_len
+        shape = (fixed_rows, width)
+    else:
+        shape = (len(rows), width)
     input_ids = torch.full(shape, pad_id, dtype=torch.long)
     labels = torch.full(shape, IGNORE, dtype=torch.long)
     position_ids = torch.zeros(shape, dtype=torch.long)
@@ -71,3 +82,14 @@ def collate(samples: list[Sample], max_len: int, packing: bool, pad_id: int = 0)
             doc_ids[r, start:end] = d
             start = end
     return Batch(input_ids, labels, position_ids, doc_ids, len(samples))
+
+
+def concat(batches: list[Batch]) -> Batch:
+    """Stack same-width batches row-wise (a pipeline splits them back into micro-batches)."""
+    return Batch(
+        torch.cat([b.input_ids for b in batches]),
+        torch.cat([b.labels for b in batches]),
+        torch.cat([b.position_ids for b in batches]),
+        torch.cat([b.doc_ids for b in batches]),
+        sum(b.num_samples for b in batches),
+    )

@@ -8,6 +8,8 @@ cached during generation.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,6 +21,10 @@ from polytrain.models.rope import apply_rotary, rope_parameters
 
 
 class MLA(nn.Module):
+    shared_key_hook: Callable[[torch.Tensor], torch.Tensor] | None = None
+    """Applied to the rotary key that every head shares. Identity unless heads are split across ranks (tensor
+    parallelism), where its gradient, summed over local heads only, must be summed over the ranks too."""
+
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
@@ -60,20 +66,23 @@ class MLA(nn.Module):
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         else:
             q = self.q_proj(x)
-        q = q.view(batch, seq, self.num_heads, -1).transpose(1, 2)
+        # head count from the tensor, not the config: under tensor parallelism each rank holds some of the heads
+        q = q.view(batch, seq, -1, self.qk_nope_head_dim + self.qk_rope_head_dim).transpose(1, 2)
         q_nope, q_rot = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         q = torch.cat([q_nope, apply_rotary(q_rot, cos, sin, self.rope_interleave)], dim=-1)
 
         latent, k_rot = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         latent = self.kv_a_layernorm(latent)
         k_rot = apply_rotary(k_rot.unsqueeze(1), cos, sin, self.rope_interleave).squeeze(1)
+        if self.shared_key_hook is not None:
+            k_rot = self.shared_key_hook(k_rot)
         if cache is not None:
             latent, k_rot = cache.update(self.layer_idx, latent, k_rot)
         keys_len = latent.shape[1]
 
-        kv = self.kv_b_proj(latent).view(batch, keys_len, self.num_heads, -1).transpose(1, 2)
+        kv = self.kv_b_proj(latent).view(batch, keys_len, -1, self.qk_nope_head_dim + self.v_head_dim).transpose(1, 2)
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
-        k = torch.cat([k_nope, k_rot.unsqueeze(1).expand(-1, self.num_heads, -1, -1)], dim=-1)
+        k = torch.cat([k_nope, k_rot.unsqueeze(1).expand(-1, q.shape[1], -1, -1)], dim=-1)
 
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None and seq > 1, scale=self.softmax_scale

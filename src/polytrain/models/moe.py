@@ -47,6 +47,11 @@ def route(
     return weights * scaling_factor, indices
 
 
+def in_backward() -> bool:
+    """True while autograd runs a backward pass (e.g. while recomputing a checkpointed forward)."""
+    return torch._C._current_graph_task_id() != -1
+
+
 def affinity(logits: torch.Tensor, scoring_func: str) -> torch.Tensor:
     """Router scores from logits: sigmoid (V3), softmax (V2), or sqrt(softplus) (V4)."""
     if scoring_func == "sigmoid":
@@ -56,18 +61,24 @@ def affinity(logits: torch.Tensor, scoring_func: str) -> torch.Tensor:
     return F.softplus(logits).sqrt()
 
 
-def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, rows: int, alpha: float) -> torch.Tensor:
+def sequence_balance_loss(
+    scores: torch.Tensor, indices: torch.Tensor, rows: int, alpha: float, token_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """DeepSeek-V3 sequence-wise balance loss: alpha * mean over sequences of sum_i f_i * P_i, where f_i is expert
     i's share of the sequence's routed slots times E/K and P_i its mean normalised score over the sequence.
-    A row of a packed batch counts as one sequence."""
+    A row of a packed batch counts as one sequence; padding (token_mask False) is left out."""
     num_experts, top_k = scores.shape[1], indices.shape[1]
     scores = scores.view(rows, -1, num_experts)
-    tokens = scores.shape[1]
+    weight = (torch.ones(scores.shape[:2], device=scores.device) if token_mask is None
+              else token_mask.view(rows, -1).to(scores.dtype))
+    tokens = weight.sum(dim=1).clamp(min=1)  # [rows]
     normalised = scores / (scores.sum(dim=-1, keepdim=True) + 1e-20)
     counts = torch.zeros(rows, num_experts, device=scores.device, dtype=scores.dtype)
-    counts.scatter_add_(1, indices.view(rows, -1), torch.ones(rows, tokens * top_k, device=scores.device))
-    f = counts * num_experts / (top_k * tokens)
-    return alpha * (f * normalised.mean(dim=1)).sum(dim=1).mean()
+    slot_weight = weight.unsqueeze(-1).expand(-1, -1, top_k).reshape(rows, -1)
+    counts.scatter_add_(1, indices.view(rows, -1), slot_weight)
+    f = counts * num_experts / (top_k * tokens.unsqueeze(-1))
+    p = (normalised * weight.unsqueeze(-1)).sum(dim=1) / tokens.unsqueeze(-1)
+    return alpha * (f * p).sum(dim=1).mean()
 
 
 class Router(nn.Module):
@@ -86,8 +97,12 @@ class Router(nn.Module):
         self.register_buffer("expert_load", torch.zeros(config.n_routed_experts, dtype=torch.float32), persistent=False)
         self.aux_loss: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor, rows: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [N, H] (N = rows x tokens per row) -> (weights [N, k], expert indices [N, k])."""
+    def forward(
+        self, x: torch.Tensor, rows: int = 1, token_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, H] (N = rows x tokens per row) -> (weights [N, k], expert indices [N, k]). Tokens where
+        `token_mask` [N] is False (padding) are routed but neither counted in the expert load nor in the
+        balance loss."""
         cfg = self.config
         with torch.autocast(device_type=x.device.type, enabled=False):
             logits = F.linear(x.float(), self.weight.float())
@@ -101,12 +116,13 @@ class Router(nn.Module):
             cfg.norm_topk_prob,
             cfg.routed_scaling_factor,
         )
-        if self.training:
+        if self.training and not in_backward():  # activation recomputation must not count tokens twice
             with torch.no_grad():
-                self.expert_load += torch.bincount(indices.flatten(), minlength=cfg.n_routed_experts).float()
+                counted = indices if token_mask is None else indices[token_mask.flatten()]
+                self.expert_load += torch.bincount(counted.flatten(), minlength=cfg.n_routed_experts).float()
         self.aux_loss = None
         if self.training and cfg.aux_loss_alpha > 0:
-            self.aux_loss = sequence_balance_loss(scores, indices, rows, cfg.aux_loss_alpha)
+            self.aux_loss = sequence_balance_loss(scores, indices, rows, cfg.aux_loss_alpha, token_mask)
         return weights, indices
 
 
@@ -156,7 +172,13 @@ class _ContiguousGrad(torch.autograd.Function):
 
 
 class GroupedExperts(nn.Module):
-    """All routed experts of a layer as two stacked weights (the layout expert parallelism shards by expert)."""
+    """All routed experts of a layer as two stacked weights (the layout expert parallelism shards by expert).
+
+    `dispatcher`, when set (by polytrain.parallel's expert parallelism), replaces the local computation: it is
+    called as dispatcher(self, x, weights, indices) and must return the same [N, H] result.
+    """
+
+    dispatcher: Callable[..., torch.Tensor] | None = None
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -168,6 +190,8 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """x [N, H]; weights / indices [N, k] from the router. Returns the weighted sum of each token's experts."""
+        if self.dispatcher is not None:
+            return self.dispatcher(self, x, weights, indices)
         top_k = indices.shape[1]
         flat = indices.flatten()
         order = torch.argsort(flat, stable=True)
@@ -209,13 +233,16 @@ class MoE(nn.Module):
             else None
         )
 
-    def forward(self, x: torch.Tensor, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, input_ids: torch.Tensor | None = None, token_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x [B, T, H]; input_ids [B, T] for hash routing; token_mask [B, T] False on padding."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         if isinstance(self.gate, HashRouter):
             weights, indices = self.gate(flat, input_ids)
         else:
-            weights, indices = self.gate(flat, rows=shape[0] if x.dim() == 3 else 1)
+            weights, indices = self.gate(flat, rows=shape[0] if x.dim() == 3 else 1, token_mask=token_mask)
         out = self.experts(flat, weights, indices)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
@@ -228,8 +255,8 @@ def update_router_biases(
     """Aux-loss-free balancing: after an optimizer step, move each expert's correction bias by `rate` towards
     balance (up if it got fewer tokens than the mean, down if more), then clear the counts.
 
-    `all_reduce` sums the counts over data-parallel ranks so every rank applies the same update. Returns the mean
-    max/mean load ratio across layers (1.0 is perfectly balanced) for logging.
+    `all_reduce` sums the counts over data-parallel ranks so every rank applies the same update. Returns the sum
+    and the number of the layers' max/mean load ratios (1.0 is perfectly balanced), for logging.
     """
     imbalance = []
     for module in model.modules():
@@ -243,4 +270,4 @@ def update_router_biases(
             if rate > 0:
                 module.e_score_correction_bias += rate * torch.sign(load.mean() - load)
         load.zero_()
-    return {"moe_load_max_over_mean": sum(imbalance) / len(imbalance)} if imbalance else {}
+    return {"load_ratio_sum": sum(imbalance), "layers": len(imbalance)}

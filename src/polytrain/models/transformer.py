@@ -37,9 +37,11 @@ class Block(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         mask: torch.Tensor | None,
         cache: KVCache | None = None,
+        token_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        normed = self.post_attention_layernorm(x)
+        return x + (self.mlp(normed, token_mask=token_mask) if isinstance(self.mlp, MoE) else self.mlp(normed))
 
 
 class MTPModule(nn.Module):
@@ -64,10 +66,11 @@ class MTPModule(nn.Module):
         next_embeddings: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         mask: torch.Tensor | None,
+        token_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(hidden state for the next depth, normalised hidden state for the output head)."""
         x = self.eh_proj(torch.cat([self.enorm(next_embeddings), self.hnorm(previous)], dim=-1))
-        x = self.block(x, rope, mask)
+        x = self.block(x, rope, mask, token_mask=token_mask)
         return x, self.norm(x)
 
 
@@ -140,6 +143,7 @@ class CausalLM(nn.Module):
         doc_ids: torch.Tensor | None,
         cache: KVCache | None,
         valid: torch.Tensor | None,
+        token_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]:
         """(last layer's residual stream before the final norm, rope tables, attention mask)."""
         batch, seq = input_ids.shape
@@ -155,7 +159,7 @@ class CausalLM(nn.Module):
         rope = self.rotary(position_ids)
         x = self.embed_tokens(input_ids)
         for layer in self.layers:
-            x = layer(x, rope, mask, cache)
+            x = layer(x, rope, mask, cache, token_mask=token_mask)
         if cache is not None:
             cache.advance(valid)
         return x, rope, mask
@@ -188,15 +192,20 @@ class CausalLM(nn.Module):
         return self.norm(self._trunk(input_ids, position_ids, doc_ids, cache, valid)[0])
 
     def forward_train(
-        self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        token_mask: torch.Tensor | None = None,
     ) -> TrainOutput:
-        """Everything a training loss needs: main hidden states, MTP hidden states and the balance loss."""
-        x, rope, mask = self._trunk(input_ids, position_ids, doc_ids, None, None)
+        """Everything a training loss needs: main hidden states, MTP hidden states and the balance loss.
+        token_mask [B, T] (False on padding) keeps padding out of the expert load and the balance loss."""
+        x, rope, mask = self._trunk(input_ids, position_ids, doc_ids, None, None, token_mask)
         mtp_hidden = []
         previous = x
         for k, module in enumerate(self.mtp, start=1):
             next_embeddings = self.embed_tokens(shift_left(input_ids, k, 0))
-            previous, normed = module(previous, next_embeddings, rope, mask)
+            previous, normed = module(previous, next_embeddings, rope, mask, token_mask)
             mtp_hidden.append(normed)
         losses = [m.aux_loss for m in self.modules() if isinstance(m, Router) and m.aux_loss is not None]
         return TrainOutput(self.norm(x), mtp_hidden, torch.stack(losses).sum() if losses else None)

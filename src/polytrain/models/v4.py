@@ -33,12 +33,14 @@ class V4Block(nn.Module):
         tables: dict[str, tuple[torch.Tensor, torch.Tensor]],
         position_ids: torch.Tensor,
         input_ids: torch.Tensor,
+        token_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         post, comb, collapsed = self.attn_hc(streams)
         attn = self.self_attn(self.input_layernorm(collapsed), ropes, tables, position_ids)
         streams = merge(streams, attn, post, comb)
         post, comb, collapsed = self.ffn_hc(streams)
-        return merge(streams, self.mlp(self.post_attention_layernorm(collapsed), input_ids), post, comb)
+        mlp = self.mlp(self.post_attention_layernorm(collapsed), input_ids, token_mask)
+        return merge(streams, mlp, post, comb)
 
 
 class V4MTPModule(nn.Module):
@@ -78,7 +80,11 @@ class V4CausalLM(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
 
     def _streams(
-        self, input_ids: torch.Tensor, position_ids: torch.Tensor | None, doc_ids: torch.Tensor | None
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None,
+        doc_ids: torch.Tensor | None,
+        token_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict, torch.Tensor]:
         if doc_ids is not None and bool((doc_ids.amax(dim=1) > 0).any()):
             raise ValueError("DeepSeek-V4 compressed attention does not support packed documents (data.packing)")
@@ -88,7 +94,7 @@ class V4CausalLM(nn.Module):
         tables = {name: rope(position_ids) for name, rope in self.ropes.items()}
         streams = self.embed_tokens(input_ids).unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1).contiguous()
         for layer in self.layers:
-            streams = layer(streams, self.ropes, tables, position_ids, input_ids)
+            streams = layer(streams, self.ropes, tables, position_ids, input_ids, token_mask)
         return streams, tables, position_ids
 
     def forward(
@@ -115,16 +121,20 @@ class V4CausalLM(nn.Module):
         return self.norm(self.hc_head(streams))
 
     def forward_train(
-        self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        token_mask: torch.Tensor | None = None,
     ) -> TrainOutput:
-        streams, tables, position_ids = self._streams(input_ids, position_ids, doc_ids)
+        streams, tables, position_ids = self._streams(input_ids, position_ids, doc_ids, token_mask)
         mtp_hidden = []
         previous = streams
         for k, module in enumerate(self.mtp, start=1):
             shifted = shift_left(input_ids, k, 0)
             embedded = module.e_proj(module.enorm(self.embed_tokens(shifted)))
             previous = module.h_proj(module.hnorm(previous)) + embedded.unsqueeze(2)
-            previous = module.block(previous, self.ropes, tables, position_ids, shifted)
+            previous = module.block(previous, self.ropes, tables, position_ids, shifted, token_mask)
             mtp_hidden.append(module.norm(module.hc_head(previous)))
         losses = [m.aux_loss for m in self.modules() if isinstance(m, Router) and m.aux_loss is not None]
         aux = torch.stack(losses).sum() if losses else None

@@ -21,6 +21,7 @@ RESUMABLE_CHANGES = (
     "checkpoint.keep_last",
     "log.",
     "run.device",
+    "parallel.",  # the layout may change on resume: checkpoints reshard
 )
 
 
@@ -43,7 +44,24 @@ def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 
 def prepare_run_dir(config: JobConfig, resume: bool, overwrite: bool) -> Path:
-    """Create or validate run.output_dir and write the resolved config. Returns the directory."""
+    """Create or validate run.output_dir and write the resolved config (one process). Returns the directory."""
+    check_run_dir(config, resume, overwrite)
+    return write_run_dir(config, overwrite)
+
+
+def write_run_dir(config: JobConfig, overwrite: bool) -> Path:
+    """After `check_run_dir` passed: clear the old run when overwriting, write the resolved config."""
+    run_dir = Path(config.run.output_dir)
+    config_file = run_dir / CONFIG_FILE
+    if overwrite and config_file.is_file():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_file.write_text(config_to_toml(config))
+    return run_dir
+
+
+def check_run_dir(config: JobConfig, resume: bool, overwrite: bool) -> None:
+    """Refuse a run directory whose use would lose or mix work (read-only; safe on every rank)."""
     run_dir = Path(config.run.output_dir)
     if resume and overwrite:
         raise RunDirError("--resume and --overwrite contradict each other: choose one")
@@ -56,7 +74,6 @@ def prepare_run_dir(config: JobConfig, resume: bool, overwrite: bool) -> Path:
                 raise RunDirError(
                     f"{run_dir} is not empty and holds no polytrain run ({CONFIG_FILE} missing): refusing to delete it"
                 )
-            shutil.rmtree(run_dir)
         elif not config_file.is_file():
             raise RunDirError(f"{run_dir} is not empty and holds no polytrain run: choose another run.output_dir")
         elif not resume:
@@ -72,6 +89,3 @@ def prepare_run_dir(config: JobConfig, resume: bool, overwrite: bool) -> Path:
                     "resume with the same settings (only train.steps, eval/checkpoint/log cadence and the device may "
                     "change) or start a new run"
                 )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config_file.write_text(config_to_toml(config))
-    return run_dir

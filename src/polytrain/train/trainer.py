@@ -1,13 +1,12 @@
 """The SFT training loop: data, optimizer steps with gradient accumulation and clipping, eval, metrics,
-checkpoints, resume."""
+checkpoints, resume; single process or one rank of a torchrun job (the layout is `[parallel]`)."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -20,48 +19,24 @@ from polytrain.algorithms.sft import StepTokens, needs_document_mask, sft_loss, 
 from polytrain.backends import Backend, get_backend
 from polytrain.config import JobConfig
 from polytrain.data.chat import get_template
-from polytrain.data.dataset import SFTDataset, load_sft_dataset
+from polytrain.data.dataset import Sample, SFTDataset, load_sft_dataset
 from polytrain.data.loader import StepLoader
-from polytrain.data.packing import collate
+from polytrain.data.packing import Batch, collate, concat
 from polytrain.data.tokenizer import Tokenizer
-from polytrain.errors import BackendError, CheckpointError
+from polytrain.errors import BackendError, CheckpointError, ConfigError
 from polytrain.models.moe import update_router_biases
 from polytrain.models.transformer import CausalLM, build_model
+from polytrain.parallel.runtime import ParallelRuntime
 from polytrain.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from polytrain.train.metrics import MetricsWriter
 from polytrain.train.optim import build_optimizer, lr_at, set_lr
 from polytrain.train.plot import plot_run
-from polytrain.train.run_dir import prepare_run_dir
+from polytrain.train.run_dir import check_run_dir, write_run_dir
+from polytrain.train.signals import StopRequest, TrainingInterrupted
 
 SUMMARY_FILE = "summary.json"
 
-
-class TrainingInterrupted(Exception):
-    """Ctrl-C / SIGTERM during training; the last completed step was checkpointed."""
-
-
-class StopRequest:
-    """SIGINT / SIGTERM handler that asks the loop to stop at the next step boundary (where the model, optimizer
-    and data position agree, so the checkpoint is exact). A second SIGINT interrupts at once, without saving."""
-
-    def __init__(self) -> None:
-        self.signal_name: str | None = None
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum: int, _frame: Any) -> None:
-        if self.signal_name is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signal_name = signal.Signals(signum).name
-
-    def __enter__(self) -> StopRequest:
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
+__all__ = ["SFTTrainer", "TrainingInterrupted"]
 
 
 def resolve_precision(precision: str, backend: Backend) -> torch.dtype | None:
@@ -83,10 +58,20 @@ class SFTTrainer:
     def __init__(self, config: JobConfig, resume: bool = False, overwrite: bool = False,
                  console: Console | None = None) -> None:
         self.config = config
-        self.console = console or Console(stderr=True)
         self.backend = get_backend(config.run.device)
+        self.runtime = ParallelRuntime(config.parallel, config.model, self.backend)
+        main = self.runtime.is_main
+        self.console = (console or Console(stderr=True)) if main else Console(file=io.StringIO(), quiet=True)
         self.device = self.backend.device()
         self.amp_dtype = resolve_precision(config.run.precision, self.backend)
+        train = config.train
+        per_rank = train.global_batch_size // self.runtime.dp_size
+        if train.global_batch_size % (self.runtime.dp_size * train.micro_batch_size):
+            raise ConfigError(
+                f"train.global_batch_size = {train.global_batch_size} must be a multiple of data-parallel ranks x "
+                f"train.micro_batch_size = {self.runtime.dp_size} x {train.micro_batch_size}"
+            )
+        self.per_rank = per_rank
 
         data = config.data
         self.tokenizer = Tokenizer.load(data.tokenizer)
@@ -98,34 +83,33 @@ class SFTTrainer:
         if data.eval_path:
             self.eval_set = load_sft_dataset(data.eval_path, self.tokenizer, self.template, data.max_seq_len,
                                              data.loss_on, vocab)
-        # All inputs are valid: only now touch the run directory.
-        self.run_dir = prepare_run_dir(config, resume, overwrite)
-        self.resume = resume
+        # All inputs are valid: only now touch the run directory (checked on every rank, written by one).
+        check_run_dir(config, resume, overwrite)
+        self.runtime.barrier()
+        if main:
+            write_run_dir(config, overwrite)
+        self.runtime.barrier()
+        self.run_dir = Path(config.run.output_dir)
+        self.resume_from = latest_checkpoint(self.run_dir) if resume else None
+        if resume and self.resume_from is None:
+            self.console.print(f"[yellow]--resume: no checkpoint in {self.run_dir}; starting from step 0[/]")
 
         self.backend.manual_seed(config.run.seed)
         self.model: CausalLM = build_model(config.model, self.device, seed=config.run.seed)
+        if self.resume_from is None:
+            self._load_initial_weights()
+        self.model = self.runtime.parallelize(self.model, per_rank // train.micro_batch_size, train.micro_batch_size,
+                                              data.max_seq_len, self.amp_dtype)
         self.model.train()
-        self.optimizer = build_optimizer(self.model, config.train)
-        self.loader = StepLoader(len(self.train_set), config.train.global_batch_size, config.run.seed,
-                                 data.shuffle)
+        self.optimizer = build_optimizer(self.model, config.train, foreach=not self.runtime.dims.enabled)
+        self.loader = StepLoader(len(self.train_set), train.global_batch_size, config.run.seed, data.shuffle)
         self.step = 0
         self.tokens_seen = 0
         self.eval_history: list[tuple[int, float]] = []
 
     # ----------------------------------------------------------------------------------------------- state
-    def _trainer_state(self) -> dict[str, Any]:
-        return {
-            "loader": self.loader.state_dict(),
-            "tokens_seen": self.tokens_seen,
-            "eval_history": self.eval_history,
-        }
-
-    def save(self) -> Path:
-        return save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self._trainer_state(),
-                               self.backend.get_rng_state(), self.config.checkpoint.keep_last)
-
     def _load_initial_weights(self) -> None:
-        """Weights of init.hf_path, for a run that starts at step 0."""
+        """Weights of init.hf_path, for a run that starts at step 0 (loaded before sharding)."""
         from polytrain.models.hf.checkpoint import HFCheckpoint, load_hf_weights
 
         path = self.config.init.hf_path
@@ -135,14 +119,16 @@ class SFTTrainer:
             seconds = time.perf_counter() - started
             self.console.print(f"loaded {stats['tensors']} tensors from {path} in {seconds:.1f} s")
 
-    def _maybe_resume(self) -> None:
-        if not self.resume:
-            self._load_initial_weights()
-            return
-        path = latest_checkpoint(self.run_dir)
+    def _trainer_state(self) -> dict[str, Any]:
+        return {"loader": self.loader.state_dict(), "tokens_seen": self.tokens_seen, "eval_history": self.eval_history}
+
+    def save(self) -> Path:
+        return save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self._trainer_state(),
+                               self.backend.get_rng_state(), self.config.checkpoint.keep_last)
+
+    def _resume(self) -> None:
+        path = self.resume_from
         if path is None:
-            self.console.print(f"[yellow]--resume: no checkpoint in {self.run_dir}; starting from step 0[/]")
-            self._load_initial_weights()
             return
         state = load_checkpoint(path, self.model, self.optimizer)
         if state["loader"]["num_samples"] != len(self.train_set):
@@ -159,80 +145,146 @@ class SFTTrainer:
         self.console.print(f"resumed from {path} (step {self.step}, sample {self.loader.position})")
 
     # ------------------------------------------------------------------------------------------------ steps
+    def _my_samples(self, samples: list[Sample]) -> list[Sample]:
+        """This data-parallel rank's contiguous share of the step's samples."""
+        start = self.runtime.dp_rank * self.per_rank
+        return samples[start : start + self.per_rank]
+
     def train_step(self) -> dict[str, float]:
         cfg = self.config.train
         samples = [self.train_set.samples[i] for i in self.loader.next_step()]
         step_tokens = StepTokens.of(samples, self.config.model.num_nextn_predict_layers)
-        sums: dict[str, torch.Tensor] = {}
-        tokens = 0
-        for micro in chunks(samples, cfg.micro_batch_size):
+        keys = ("loss_sum", "mtp_loss_sum", "aux_loss_weighted", "tokens")
+        sums = torch.zeros(len(keys), dtype=torch.float64)
+        micro_batches = chunks(self._my_samples(samples), cfg.micro_batch_size)
+        if self.runtime.pipeline is not None:
+            batch = self._pipeline_batch(micro_batches)
+            with self.backend.autocast(self.amp_dtype):
+                sums[0] = self.runtime.pipeline.train_step(batch, step_tokens.main)
+            sums[3] = batch.num_tokens
+            self.runtime.pp_sum(sums[:3])
+        for micro in micro_batches if self.runtime.pipeline is None else []:
             batch = collate(micro, self.config.data.max_seq_len, self.config.data.packing).to(self.device)
             with self.backend.autocast(self.amp_dtype):
                 loss, parts = sft_loss(self.model, batch, step_tokens, cfg.mtp_loss_weight)
             loss.backward()
-            for key, value in parts.items():
-                sums[key] = sums.get(key, 0.0) + value
-            tokens += batch.num_tokens
+            for i, key in enumerate(keys[:3]):
+                if key in parts:
+                    sums[i] += float(parts[key])
+            sums[3] += batch.num_tokens
+        self.runtime.dp_sum(sums)
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        grad_norm = self.runtime.clip_grad_norm(self.model, max_norm)
         lr = lr_at(self.step + 1, cfg)
         set_lr(self.optimizer, lr)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        balance = update_router_biases(self.model, cfg.router_bias_update_rate)
+        balance = update_router_biases(self.model, cfg.router_bias_update_rate, all_reduce=self.runtime.dp_sum)
+        load = self.runtime.pp_sum(torch.tensor([balance["load_ratio_sum"], balance["layers"]], dtype=torch.float64))
         self.step += 1
+        tokens = int(sums[3])
         self.tokens_seen += tokens
-        stats = {"loss": float(sums["loss_sum"]) / step_tokens.main, "lr": lr, "grad_norm": float(grad_norm),
-                 "tokens": tokens, "trained_tokens": step_tokens.main, **balance}
-        if "mtp_loss_sum" in sums:
-            stats["mtp_loss"] = float(sums["mtp_loss_sum"]) / max(sum(step_tokens.mtp), 1)
-        if "aux_loss_weighted" in sums:
-            stats["aux_loss"] = float(sums["aux_loss_weighted"])
+        stats = {"loss": float(sums[0]) / step_tokens.main, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
+                 "trained_tokens": step_tokens.main}
+        if load[1] > 0:
+            stats["moe_load_max_over_mean"] = float(load[0] / load[1])
+        if self.model.config.num_nextn_predict_layers:
+            stats["mtp_loss"] = float(sums[1]) / max(sum(step_tokens.mtp), 1)
+        if self.model.config.aux_loss_alpha > 0:
+            stats["aux_loss"] = float(sums[2])
         return stats
+
+    def _pipeline_batch(self, micro_batches: list[list[Sample]]) -> Batch:
+        """Every micro-batch padded to the same [micro_batch_size, max_seq_len] shape, stacked."""
+        data = self.config.data
+        rows = self.config.train.micro_batch_size
+        return concat([collate(m, data.max_seq_len, data.packing, fixed_rows=rows) for m in micro_batches]).to(
+            self.device)
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
-        """Mean loss per trained token over the eval set (or its first `eval.max_batches` micro-batches)."""
+        """Mean loss per trained token over the eval set (or its first `eval.max_batches` micro-batches per rank).
+        Every rank runs the same number of forward passes (collectives inside must match); a rank out of samples
+        repeats one with zero weight."""
         if self.eval_set is None:
             return None
         self.model.eval()
-        batches = chunks(self.eval_set.samples, self.config.train.micro_batch_size)
+        mbs = self.config.train.micro_batch_size
+        mine = self.eval_set.samples[self.runtime.dp_rank :: self.runtime.dp_size]
+        batches = math.ceil(math.ceil(len(self.eval_set) / self.runtime.dp_size) / mbs)
         if self.config.eval.max_batches:
-            batches = batches[: self.config.eval.max_batches]
-        total, count = 0.0, 0
-        for micro in batches:
-            batch = collate(micro, self.config.data.max_seq_len, self.config.data.packing).to(self.device)
+            batches = min(batches, self.config.eval.max_batches)
+        totals = torch.zeros(2, dtype=torch.float64)
+        if self.runtime.pipeline is not None:
+            return self._evaluate_pipeline(mine, batches)
+        for b in range(batches):
+            micro = mine[b * mbs : (b + 1) * mbs]
+            weight = 1.0 if micro else 0.0
+            batch = collate(micro or self.eval_set.samples[:1], self.config.data.max_seq_len,
+                            self.config.data.packing).to(self.device)
             doc_ids = batch.doc_ids if needs_document_mask(batch) else None
             with self.backend.autocast(self.amp_dtype):
                 hidden = self.model.hidden_states(batch.input_ids, batch.position_ids, doc_ids)
-                total += float(token_loss_sum(self.model, hidden, batch.labels))
-            count += batch.num_loss_tokens
+                totals[0] += weight * float(token_loss_sum(self.model, hidden, batch.labels))
+            totals[1] += weight * batch.num_loss_tokens
+        self.runtime.dp_sum(totals)
         self.model.train()
-        return total / count
+        return float(totals[0] / totals[1])
+
+    def _evaluate_pipeline(self, mine: list[Sample], batches: int) -> float:
+        """Eval through the pipeline, `n_microbatches` micro-batches at a time (empty ones count nothing)."""
+        mbs = self.config.train.micro_batch_size
+        group = self.per_rank // mbs
+        totals = torch.zeros(2, dtype=torch.float64)
+        padded = math.ceil(batches / group) * group
+        for start in range(0, padded, group):
+            micro = [mine[b * mbs : (b + 1) * mbs] for b in range(start, start + group)]
+            batch = self._pipeline_batch([m or self.eval_set.samples[:1] for m in micro])
+            # labels of filler micro-batches are ignored so they add no loss
+            for i, m in enumerate(micro):
+                if not m:
+                    batch.labels[i * mbs : (i + 1) * mbs] = -100
+            with self.backend.autocast(self.amp_dtype):
+                totals[0] += self.runtime.pipeline.eval_step(batch)
+            totals[1] += batch.num_loss_tokens
+        self.runtime.pp_sum(totals[:1])
+        self.runtime.dp_sum(totals)
+        self.model.train()
+        return float(totals[0] / totals[1])
 
     # ------------------------------------------------------------------------------------------------- loop
     def run(self) -> dict[str, Any]:
-        self._maybe_resume()
+        try:
+            return self._run()
+        finally:
+            self.runtime.close()
+
+    def _banner(self) -> str:
         cfg = self.config
-        self.console.print(
-            f"polytrain sft: {self.backend.describe()}, model {cfg.model.preset} "
-            f"({sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M params), "
-            f"{len(self.train_set)} train conversations ({self.train_set.num_tokens} tokens)"
-            + (f", {len(self.eval_set)} eval" if self.eval_set else "")
-            + f", precision {self.amp_dtype or torch.float32}".replace("torch.", "")
-            + f" -> {self.run_dir}"
-        )
+        params = sum(p.numel() for p in self.model.parameters())
+        eval_part = f", {len(self.eval_set)} eval" if self.eval_set else ""
+        precision = str(self.amp_dtype or torch.float32).replace("torch.", "")
+        return (f"polytrain sft: {self.backend.describe()}, {self.runtime.describe()}, model {cfg.model.preset} "
+                f"({params / 1e6:.2f}M params), {len(self.train_set)} train conversations "
+                f"({self.train_set.num_tokens} tokens){eval_part}, precision {precision} -> {self.run_dir}")
+
+    def _run(self) -> dict[str, Any]:
+        self._resume()
+        cfg = self.config
+        self.console.print(self._banner())
         for name, ds in (("train", self.train_set), ("eval", self.eval_set)):
             if ds is not None and (ds.truncated or ds.dropped):
                 self.console.print(f"[yellow]{name}: {ds.truncated} conversations cut to data.max_seq_len="
                                    f"{cfg.data.max_seq_len}, {ds.dropped} dropped (no trained token left)[/]")
-        writer = MetricsWriter(self.run_dir, cfg.log.tensorboard, resume_step=self.step)
+        main = self.runtime.is_main
+        writer = MetricsWriter(self.run_dir, cfg.log.tensorboard, resume_step=self.step) if main else None
         start_time = time.perf_counter()
         start_step = self.step
         if self.step == 0 and self.eval_set is not None:
             initial = self.evaluate()
             self.eval_history.append((0, initial))
-            writer.write({"step": 0, "eval_loss": initial})
+            if writer:
+                writer.write({"step": 0, "eval_loss": initial})
             self.console.print(f"step 0: eval loss {initial:.4f}")
         last_saved = self.step
         interactive = cfg.log.progress and self.console.is_terminal
@@ -256,7 +308,8 @@ class SFTTrainer:
                               "epoch": self.loader.epoch, "elapsed_s": now - start_time,
                               "peak_device_mem_gib": memory.device_peak_allocated / 2**30,
                               "peak_host_mem_gib": memory.host_peak_rss / 2**30}
-                    writer.write(record)
+                    if writer:
+                        writer.write(record)
                     window_start, window_tokens = now, 0
                     if not interactive and (self.step % quiet_every == 0 or self.step == cfg.train.steps):
                         self.console.print(f"step {self.step}/{cfg.train.steps}: loss {stats['loss']:.4f}, "
@@ -266,24 +319,28 @@ class SFTTrainer:
                 if self.eval_set is not None and (is_last or (cfg.eval.every and self.step % cfg.eval.every == 0)):
                     eval_loss = self.evaluate()
                     self.eval_history.append((self.step, eval_loss))
-                    writer.write({"step": self.step, "eval_loss": eval_loss})
+                    if writer:
+                        writer.write({"step": self.step, "eval_loss": eval_loss})
                     progress.console.print(f"step {self.step}: eval loss {eval_loss:.4f}")
                 if is_last or (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0):
                     self.save()
                     last_saved = self.step
-                if stop.signal_name is not None and not is_last:
+                # every rank must agree to stop at the same step, or the final save would not match up
+                if not self.runtime.all_agree(stop.signal_name is None) and not is_last:
                     if self.step > last_saved:
                         self.save()
-                    writer.close()
+                    if writer:
+                        writer.close()
                     raise TrainingInterrupted(
-                        f"{stop.signal_name}: stopped after step {self.step} and saved a checkpoint; "
-                        "continue with the same command plus --resume"
+                        f"{stop.signal_name or 'a signal on another rank'}: stopped after step {self.step} and saved "
+                        "a checkpoint; continue with the same command plus --resume"
                     )
-        writer.close()
         elapsed = time.perf_counter() - start_time
         summary = self._summary(elapsed, start_step)
-        (self.run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
-        plot_run(self.run_dir)
+        if writer:
+            writer.close()
+            (self.run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+            plot_run(self.run_dir)
         return summary
 
     def _summary(self, elapsed: float, start_step: int) -> dict[str, Any]:
@@ -298,6 +355,7 @@ class SFTTrainer:
             "eval_loss_last": evals[-1][1] if evals else None,
             "eval_loss_ratio": evals[-1][1] / evals[0][1] if evals else None,
             "device": self.backend.describe(),
+            "layout": self.runtime.describe(),
             "precision": str(self.amp_dtype or torch.float32).replace("torch.", ""),
             "parameters": sum(p.numel() for p in self.model.parameters()),
             "peak_device_mem_gib": memory.device_peak_allocated / 2**30,

@@ -1,0 +1,85 @@
+"""Expert parallelism: routed experts split by expert over the `ep` mesh, tokens sent to their experts and back by
+differentiable all-to-all with uneven splits.
+
+Expert weights become DTensors sharded on dim 0 (the expert index) over the ep mesh, so checkpoints and exports still
+see every expert. Each rank routes its own tokens; the all-to-all sends each (token, expert) pair to the rank owning
+the expert, that rank runs one grouped GEMM over everything it received, and a second all-to-all brings the results
+home. Gradients return along the same path, so each expert's gradient sums over every ep rank's tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed._functional_collectives import all_to_all_single_autograd
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+from polytrain.models.moe import GroupedExperts, grouped_swiglu
+
+
+def _local(param: torch.Tensor) -> torch.Tensor:
+    return param.to_local() if isinstance(param, DTensor) else param
+
+
+def receive_order(counts: torch.Tensor) -> torch.Tensor:
+    """Permutation that regroups received rows from (source rank, local expert) order into (local expert, source)
+    order. `counts` [sources, local experts] holds how many rows each source sent for each local expert."""
+    flat = counts.flatten()
+    starts = (torch.cumsum(flat, 0) - flat).view_as(counts)
+    seg_start = starts.t().flatten()
+    seg_len = counts.t().flatten()
+    total = int(seg_len.sum())
+    seg_offset = torch.cumsum(seg_len, 0) - seg_len
+    within = torch.arange(total, device=counts.device) - torch.repeat_interleave(seg_offset, seg_len)
+    return torch.repeat_interleave(seg_start, seg_len) + within
+
+
+class AllToAllDispatch:
+    """The `GroupedExperts.dispatcher` for expert parallelism over one process group."""
+
+    def __init__(self, group: dist.ProcessGroup, ep: int) -> None:
+        self.group = group
+        self.ep = ep
+
+    def __call__(self, experts: GroupedExperts, x: torch.Tensor, weights: torch.Tensor,
+                 indices: torch.Tensor) -> torch.Tensor:
+        num_experts, ep = experts.num_experts, self.ep
+        local_experts = num_experts // ep
+        top_k = indices.shape[1]
+        flat = indices.flatten()
+        order = torch.argsort(flat, stable=True)
+        token_of = order // top_k
+        counts = torch.bincount(flat, minlength=num_experts)
+        received_counts = torch.empty_like(counts)
+        dist.all_to_all_single(received_counts, counts, group=self.group)
+        received_counts = received_counts.view(ep, local_experts)
+        send_splits = counts.view(ep, local_experts).sum(1).tolist()
+        recv_splits = received_counts.sum(1).tolist()
+
+        received = all_to_all_single_autograd(x[token_of], recv_splits, send_splits, self.group)
+        regroup = receive_order(received_counts)
+        out = grouped_swiglu(received[regroup], received_counts.sum(0), _local(experts.gate_up_proj),
+                             _local(experts.down_proj), experts.limit)
+        out = out[torch.argsort(regroup)]  # back to (source, expert) order
+        returned = all_to_all_single_autograd(out, send_splits, recv_splits, self.group)
+        returned = returned * weights.flatten()[order].unsqueeze(-1).to(returned.dtype)
+        return torch.zeros_like(x, dtype=returned.dtype).index_add_(0, token_of, returned).to(x.dtype)
+
+
+def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh) -> int:
+    """Shard every GroupedExperts by expert over `ep_mesh` and install the all-to-all dispatcher.
+    Returns how many expert modules were parallelised."""
+    group = ep_mesh.get_group()
+    count = 0
+    for module in model.modules():
+        if not isinstance(module, GroupedExperts):
+            continue
+        for name in ("gate_up_proj", "down_proj"):
+            param = getattr(module, name)
+            sharded = distribute_tensor(param.detach(), ep_mesh, [Shard(0)])
+            module.register_parameter(name, nn.Parameter(sharded, requires_grad=param.requires_grad))
+        module.dispatcher = AllToAllDispatch(group, ep_mesh.size())
+        count += 1
+    return count

@@ -1,0 +1,74 @@
+"""FSDP2 (`fully_shard`): every block, then the root; routed experts under expert parallelism get their own FSDP
+over the expert-data-parallel mesh. Gradients are reduced as sums: the loss is already normalised by the global
+token count, so averaging would divide twice."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import (
+    CPUOffloadPolicy,
+    FSDPModule,
+    MixedPrecisionPolicy,
+    OffloadPolicy,
+    fully_shard,
+    register_fsdp_forward_method,
+)
+
+from polytrain.models.moe import GroupedExperts
+from polytrain.parallel.config import ParallelConfig
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def blocks_of(model: nn.Module) -> list[nn.Module]:
+    """The units FSDP and activation checkpointing wrap: decoder blocks and MTP modules."""
+    return [*model.layers, *getattr(model, "mtp", [])]
+
+
+def _options(cfg: ParallelConfig) -> dict:
+    policy = MixedPrecisionPolicy(param_dtype=DTYPES[cfg.param_dtype], reduce_dtype=DTYPES[cfg.reduce_dtype])
+    # pinned host memory only helps (and only exists) with an accelerator
+    offload = CPUOffloadPolicy(pin_memory=torch.accelerator.is_available()) if cfg.cpu_offload else OffloadPolicy()
+    return dict(mp_policy=policy, offload_policy=offload)
+
+
+def _sum_reductions(root: nn.Module) -> None:
+    for module in root.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            # plain SUM collectives (gloo, and some HCCL versions, lack PREMUL_SUM)
+            module.set_force_sum_reduction_for_comms(True)
+
+
+def _shard_blocks(blocks: list[nn.Module], dense_mesh: DeviceMesh, experts_mesh: DeviceMesh | None,
+                  cfg: ParallelConfig) -> None:
+    options = _options(cfg)
+    for block in blocks:
+        if experts_mesh is not None:
+            for module in block.modules():
+                if isinstance(module, GroupedExperts):
+                    fully_shard(module, mesh=experts_mesh, reshard_after_forward=cfg.reshard_after_forward,
+                                **options)
+        fully_shard(block, mesh=dense_mesh, reshard_after_forward=cfg.reshard_after_forward, **options)
+
+
+def apply_fsdp_to_stage(stage: nn.Module, dense_mesh: DeviceMesh, experts_mesh: DeviceMesh | None,
+                        cfg: ParallelConfig) -> None:
+    """FSDP for one pipeline stage: each of its layers, then the stage (embedding / norm / head)."""
+    _shard_blocks(list(stage.layers.values()), dense_mesh, experts_mesh, cfg)
+    fully_shard(stage, mesh=dense_mesh, reshard_after_forward=False, **_options(cfg))
+    _sum_reductions(stage)
+
+
+def apply_fsdp(model: nn.Module, dense_mesh: DeviceMesh, experts_mesh: DeviceMesh | None, cfg: ParallelConfig) -> None:
+    options = _options(cfg)
+    _shard_blocks(blocks_of(model), dense_mesh, experts_mesh, cfg)
+    if not model.config.tie_word_embeddings:
+        # its own unit: losses call model.lm_head outside the root forward (e.g. on MTP hidden states)
+        fully_shard(model.lm_head, mesh=dense_mesh, reshard_after_forward=cfg.reshard_after_forward, **options)
+    fully_shard(model, mesh=dense_mesh, reshard_after_forward=False, **options)
+    for method in ("forward_train", "hidden_states"):
+        register_fsdp_forward_method(model, method)
+    _sum_reductions(model)

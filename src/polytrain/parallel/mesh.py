@@ -1,0 +1,120 @@
+"""Parallel degrees -> validated layout -> DeviceMeshes with named dimensions.
+
+Two meshes over the same ranks:
+- dense: (pp, dp_replicate, dp_shard, tp) for attention, dense MLPs, norms, embedding and head;
+- moe:   (pp, dp_replicate, efsdp, ep, tp) for routed experts, where ep ranks are taken out of dp_shard
+  (efsdp = dp_shard / ep shards each expert-parallel rank's experts further, as FSDP).
+Every strategy asks for its mesh by name.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from polytrain.errors import ConfigError
+from polytrain.models.config import ModelConfig
+from polytrain.parallel.config import ParallelConfig
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    dp_replicate: int
+    dp_shard: int
+    ep: int
+    tp: int
+    pp: int
+    world_size: int
+
+    @property
+    def dp(self) -> int:
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def efsdp(self) -> int:
+        return self.dp_shard // self.ep
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @classmethod
+    def resolve(cls, cfg: ParallelConfig, world_size: int, model: ModelConfig | None = None) -> ParallelDims:
+        """Fill dp_shard = -1 and check every degree against the world size and the model."""
+        others = cfg.dp_replicate * cfg.tp * cfg.pp
+        dp_shard = cfg.dp_shard
+        if dp_shard == -1:
+            if world_size % others:
+                raise ConfigError(
+                    f"world size {world_size} is not divisible by dp_replicate x tp x pp = {cfg.dp_replicate} x "
+                    f"{cfg.tp} x {cfg.pp} = {others}; {suggest(world_size)}"
+                )
+            dp_shard = world_size // others
+        if dp_shard < 1 or others * dp_shard != world_size:
+            raise ConfigError(
+                f"dp_replicate x dp_shard x tp x pp = {cfg.dp_replicate} x {dp_shard} x {cfg.tp} x {cfg.pp} = "
+                f"{others * max(dp_shard, 1)}, but {world_size} processes are running; {suggest(world_size)}"
+            )
+        if dp_shard % cfg.ep:
+            raise ConfigError(f"parallel.ep = {cfg.ep} must divide dp_shard = {dp_shard} (expert-parallel ranks are "
+                              "taken from the data-parallel shard ranks)")
+        dims = cls(cfg.dp_replicate, dp_shard, cfg.ep, cfg.tp, cfg.pp, world_size)
+        if model is not None:
+            dims.check_model(model)
+        return dims
+
+    def check_model(self, model: ModelConfig) -> None:
+        if model.n_routed_experts % self.ep:
+            raise ConfigError(f"parallel.ep = {self.ep} must divide model.n_routed_experts = {model.n_routed_experts}")
+        if model.num_attention_heads % self.tp:
+            raise ConfigError(
+                f"parallel.tp = {self.tp} must divide model.num_attention_heads = {model.num_attention_heads}"
+            )
+        if self.tp > 1 and model.is_v4:
+            raise ConfigError("parallel.tp > 1 is not supported for DeepSeek-V4 (one shared key/value head); use ep")
+        if self.pp > model.num_hidden_layers:
+            raise ConfigError(
+                f"parallel.pp = {self.pp} exceeds model.num_hidden_layers = {model.num_hidden_layers}: each stage "
+                "needs at least one layer"
+            )
+
+
+def suggest(world_size: int) -> str:
+    """A few valid (dp_shard, tp, pp) layouts for this world size."""
+    layouts = []
+    for tp, pp in itertools.product((1, 2, 4, 8), repeat=2):
+        if world_size % (tp * pp) == 0:
+            layouts.append(f"dp_shard={world_size // (tp * pp)} tp={tp} pp={pp}")
+    return "valid layouts include: " + "; ".join(layouts[:5])
+
+
+@dataclass
+class Meshes:
+    dims: ParallelDims
+    dense: DeviceMesh
+    moe: DeviceMesh
+
+    def dp_group(self) -> dist.ProcessGroup:
+        """All ranks that see different data (for sums of losses, token counts, expert loads)."""
+        return self.dense["dp_replicate", "dp_shard"]._flatten("dp").get_group()
+
+    @property
+    def dp_rank(self) -> int:
+        return self.dense["dp_replicate", "dp_shard"]._flatten("dp").get_local_rank()
+
+
+def build_meshes(dims: ParallelDims, device_type: str) -> Meshes:
+    dense = init_device_mesh(
+        device_type,
+        (dims.pp, dims.dp_replicate, dims.dp_shard, dims.tp),
+        mesh_dim_names=("pp", "dp_replicate", "dp_shard", "tp"),
+    )
+    moe = init_device_mesh(
+        device_type,
+        (dims.pp, dims.dp_replicate, dims.efsdp, dims.ep, dims.tp),
+        mesh_dim_names=("pp", "dp_replicate", "efsdp", "ep", "tp"),
+    )
+    return Meshes(dims, dense, moe)

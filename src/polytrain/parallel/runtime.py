@@ -1,0 +1,116 @@
+"""The process's place in the job: torch.distributed set-up from the launcher's environment (torchrun sets
+RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), the meshes, and the few collectives the trainer needs.
+
+A single process (no launcher) gets a runtime with world size 1 and no process group, so the same trainer code
+runs either way.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from polytrain.backends import Backend
+from polytrain.models.config import ModelConfig
+from polytrain.parallel.config import ParallelConfig
+from polytrain.parallel.grad_norm import clip_grad_norm
+from polytrain.parallel.mesh import Meshes, ParallelDims, build_meshes
+
+
+class ParallelRuntime:
+    def __init__(self, cfg: ParallelConfig, model_config: ModelConfig, backend: Backend) -> None:
+        self.cfg = cfg
+        self.backend = backend
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.dims = ParallelDims.resolve(cfg, world, model_config)  # validate before touching the network
+        self.meshes: Meshes | None = None
+        self.pipeline = None
+        self.rank = 0
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if world > 1:
+            backend.set_device(self.local_rank)
+            if not dist.is_initialized():
+                dist.init_process_group(backend.dist_backend, timeout=timedelta(seconds=cfg.collective_timeout_s))
+            self.rank = dist.get_rank()
+            self.meshes = build_meshes(self.dims, backend.device_type)
+            self._dp_group = self.meshes.dp_group()
+
+    # ------------------------------------------------------------------------------------------- identity
+    @property
+    def world_size(self) -> int:
+        return self.dims.world_size
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def dp_rank(self) -> int:
+        return self.meshes.dp_rank if self.meshes is not None else 0
+
+    @property
+    def dp_size(self) -> int:
+        return self.dims.dp
+
+    def describe(self) -> str:
+        d = self.dims
+        if not d.enabled:
+            return "1 process"
+        return (f"{d.world_size} processes: dp_replicate {d.dp_replicate} x dp_shard {d.dp_shard} (ep {d.ep}) x "
+                f"tp {d.tp} x pp {d.pp}")
+
+    # ---------------------------------------------------------------------------------------- collectives
+    def barrier(self) -> None:
+        if self.dims.enabled:
+            dist.barrier()
+
+    def dp_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over the data-parallel ranks (in place); identity for one process."""
+        if self.dims.enabled and self.dims.dp > 1:
+            dist.all_reduce(tensor, group=self._dp_group)
+        return tensor
+
+    def all_agree(self, ok: bool) -> bool:
+        """True only if every rank passes `ok` (so a check that fails on one rank stops all of them)."""
+        if not self.dims.enabled:
+            return ok
+        flag = torch.tensor([0 if ok else 1], dtype=torch.int64)
+        dist.all_reduce(flag)
+        return int(flag) == 0
+
+    # --------------------------------------------------------------------------------------------- model
+    def parallelize(self, model: nn.Module, n_microbatches: int = 1, rows: int = 1, width: int = 1,
+                    amp_dtype: torch.dtype | None = None) -> nn.Module:
+        """Apply the layout; returns the module to optimise and checkpoint. With pp > 1, `self.pipeline` then
+        drives forward and backward on micro-batches of [rows, width] tokens."""
+        from polytrain.parallel.fsdp import DTYPES
+        from polytrain.parallel.plan import apply_parallelism
+        from polytrain.parallel.pp import MicroBatchShape
+
+        activation = DTYPES[self.cfg.param_dtype] if self.dims.dp > 1 else torch.float32
+        shape = MicroBatchShape(rows, width, model.config.hidden_size, model.config.vocab_size, activation,
+                                amp_dtype or activation)
+        model, self.pipeline = apply_parallelism(model, self.meshes, self.cfg, n_microbatches,
+                                                 self.backend.device(), shape)
+        return model
+
+    @property
+    def _pp_group(self) -> dist.ProcessGroup | None:
+        return self.meshes.dense["pp"].get_group() if self.meshes is not None and self.dims.pp > 1 else None
+
+    def pp_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over pipeline stages (in place): losses exist only on the last stage."""
+        if self._pp_group is not None:
+            dist.all_reduce(tensor, group=self._pp_group)
+        return tensor
+
+    def clip_grad_norm(self, model: nn.Module, max_norm: float) -> float:
+        return clip_grad_norm([p for p in model.parameters() if p.requires_grad], max_norm, self._pp_group)
+
+    def close(self) -> None:
+        if self.dims.enabled and dist.is_initialized():
+            dist.destroy_process_group()

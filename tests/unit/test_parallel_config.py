@@ -1,0 +1,64 @@
+"""Parallel layouts are validated against the world size and the model before any process group starts."""
+
+from __future__ import annotations
+
+import pytest
+
+from polytrain.errors import ConfigError
+from polytrain.models import preset
+from polytrain.parallel.config import ParallelConfig
+from polytrain.parallel.mesh import ParallelDims
+from polytrain.parallel.pp import split_layers, stages_of_rank
+
+
+def resolve(world: int, model: str = "tiny", **degrees):
+    return ParallelDims.resolve(ParallelConfig(**degrees), world, preset(model))
+
+
+def test_dp_shard_fills_the_rest_of_the_world():
+    dims = resolve(8, tp=2, pp=2)
+    assert (dims.dp_shard, dims.dp, dims.efsdp) == (2, 2, 2)
+    assert resolve(8, ep=4).efsdp == 2
+
+
+@pytest.mark.parametrize(
+    ("world", "degrees", "message"),
+    [
+        (6, {"tp": 4}, "world size 6 is not divisible by dp_replicate x tp x pp = 1 x 4 x 1 = 4"),
+        (4, {"dp_shard": 3}, "1 x 3 x 1 x 1 = 3, but 4 processes are running; valid layouts include: dp_shard=4"),
+        (4, {"ep": 3}, "parallel.ep = 3 must divide dp_shard = 4"),
+        (4, {"ep": 4, "model": "tiny-v3"}, None),
+        (16, {"ep": 16}, "parallel.ep = 16 must divide model.n_routed_experts = 8"),
+        (6, {"tp": 3}, "parallel.tp = 3 must divide model.num_attention_heads = 4"),
+        (8, {"pp": 8}, "parallel.pp = 8 exceeds model.num_hidden_layers = 4"),
+        (2, {"tp": 2, "model": "tiny-v4"}, "parallel.tp > 1 is not supported for DeepSeek-V4"),
+    ],
+)
+def test_bad_layouts_name_the_numbers(world, degrees, message):
+    model = degrees.pop("model", "tiny")
+    if message is None:
+        resolve(world, model, **degrees)
+        return
+    with pytest.raises(ConfigError) as err:
+        resolve(world, model, **degrees)
+    assert message in str(err.value)
+
+
+def test_context_parallel_is_refused_clearly():
+    from polytrain.config import build_config
+
+    with pytest.raises(ConfigError, match="`parallel.cp` must be <= 1"):
+        build_config({"data": {"train_path": "x", "tokenizer": "y"}, "parallel": {"cp": 2}})
+
+
+def test_layer_split_even_or_with_a_chosen_first_stage():
+    assert split_layers(7, 3) == [range(0, 3), range(3, 5), range(5, 7)]
+    assert split_layers(8, 3, first_stage_layers=2) == [range(0, 2), range(2, 5), range(5, 8)]
+    with pytest.raises(ConfigError, match="leaves no layer"):
+        split_layers(4, 3, first_stage_layers=3)
+
+
+def test_v_schedules_put_first_and_last_stage_on_rank_zero():
+    assert stages_of_rank(0, 4, "zbv") == [0, 7]
+    assert stages_of_rank(1, 4, "interleaved_1f1b") == [1, 5]
+    assert stages_of_rank(2, 4, "1f1b") == [2]
