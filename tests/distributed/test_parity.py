@@ -91,3 +91,17 @@ def test_pipeline_pp2_expert_parallel_ep2_fsdp_8_processes(reference, tmp_path):
     job, single = reference
     run(job, tmp_path / "pp2ep2", 8, "parallel.pp=2", "parallel.ep=2", "train.micro_batch_size=1")
     assert_parity(single, tmp_path / "pp2ep2")
+
+
+def test_tensor_parallel_without_sequence_parallel(reference, tmp_path):
+    job, single = reference
+    run(job, tmp_path / "tp2nosp", 2, "parallel.tp=2", "parallel.sequence_parallel=false")
+    assert_parity(single, tmp_path / "tp2nosp")
+
+
+def test_v3_features_mtp_yarn_balance_loss_under_tp2_ep2(tmp_path):
+    """tiny-v3 (MTP, YaRN, sequence-wise balance loss) with tp=2 (sequence parallel) x dp_shard=2 = ep 2."""
+    job = write_job(tmp_path, model='preset = "tiny-v3"')
+    run(job, tmp_path / "single", 1)
+    run(job, tmp_path / "tp2ep2", 4, "parallel.tp=2", "parallel.ep=2")
+    assert_parity(tmp_path / "single", tmp_path / "tp2ep2")

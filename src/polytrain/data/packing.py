@@ -53,14 +53,17 @@ def pack_rows(samples: list[Sample], max_len: int, packing: bool) -> list[list[S
 
 
 def collate(
-    samples: list[Sample], max_len: int, packing: bool, pad_id: int = 0, fixed_rows: int | None = None
+    samples: list[Sample], max_len: int, packing: bool, pad_id: int = 0, fixed_rows: int | None = None,
+    width_multiple: int = 1,
 ) -> Batch:
     """A padded [rows, longest row] batch; padding has labels IGNORE and doc id -1.
 
     fixed_rows: pad to exactly [fixed_rows, max_len] (pipeline parallelism needs every micro-batch the same shape).
+    width_multiple: round the width up to a multiple of this (sequence parallelism splits positions evenly).
     """
     rows = pack_rows(samples, max_len, packing)
     width = max(sum(len(s) for s in row) for row in rows)
+    width = -(-width // width_multiple) * width_multiple
     if fixed_rows is not None:
         if len(rows) > fixed_rows:
             raise ValueError(f"{len(rows)} rows do not fit in {fixed_rows}")

@@ -23,6 +23,10 @@ class ParallelConfig:
         "travel to their experts by all-to-all.", ge=1,
     )
     tp: int = option(1, "Tensor-parallel degree (attention heads, dense MLP, vocabulary).", ge=1)
+    sequence_parallel: bool = option(
+        True, "With tp > 1: split the residual stream and its norms by sequence position across the tp ranks "
+        "(activation memory / tp; all-gather before, reduce-scatter after attention and MLP)."
+    )
     pp: int = option(1, "Pipeline-parallel stages.", ge=1)
     cp: int = option(1, "Context-parallel degree (not available yet: must be 1).", ge=1, le=1)
     pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "zbv", "dualpipev"] = option(

@@ -36,7 +36,7 @@ def apply_parallelism(
         return model, None
     dims = meshes.dims
     if dims.tp > 1:
-        apply_tensor_parallel(model, meshes.dense["tp"])
+        apply_tensor_parallel(model, meshes.dense["tp"], cfg.sequence_parallel)
     experts_mesh = None
     if dims.ep > 1:
         apply_expert_parallel(model, meshes.moe["ep"])

@@ -72,6 +72,10 @@ class SFTTrainer:
                 f"train.micro_batch_size = {self.runtime.dp_size} x {train.micro_batch_size}"
             )
         self.per_rank = per_rank
+        dims = self.runtime.dims
+        if dims.tp > 1 and dims.pp > 1 and config.parallel.sequence_parallel and config.data.max_seq_len % dims.tp:
+            raise ConfigError(f"data.max_seq_len = {config.data.max_seq_len} must be a multiple of parallel.tp = "
+                              f"{dims.tp} for sequence parallelism inside pipeline stages")
 
         data = config.data
         self.tokenizer = Tokenizer.load(data.tokenizer)
@@ -164,7 +168,7 @@ class SFTTrainer:
             sums[3] = batch.num_tokens
             self.runtime.pp_sum(sums[:3])
         for micro in micro_batches if self.runtime.pipeline is None else []:
-            batch = collate(micro, self.config.data.max_seq_len, self.config.data.packing).to(self.device)
+            batch = self._collate(micro)
             with self.backend.autocast(self.amp_dtype):
                 loss, parts = sft_loss(self.model, batch, step_tokens, cfg.mtp_loss_weight)
             loss.backward()
@@ -194,6 +198,12 @@ class SFTTrainer:
             stats["aux_loss"] = float(sums[2])
         return stats
 
+    def _collate(self, samples: list[Sample]) -> Batch:
+        parallel = self.config.parallel
+        multiple = self.runtime.dims.tp if parallel.sequence_parallel else 1
+        return collate(samples, self.config.data.max_seq_len, self.config.data.packing,
+                       width_multiple=multiple).to(self.device)
+
     def _pipeline_batch(self, micro_batches: list[list[Sample]]) -> Batch:
         """Every micro-batch padded to the same [micro_batch_size, max_seq_len] shape, stacked."""
         data = self.config.data
@@ -220,8 +230,7 @@ class SFTTrainer:
         for b in range(batches):
             micro = mine[b * mbs : (b + 1) * mbs]
             weight = 1.0 if micro else 0.0
-            batch = collate(micro or self.eval_set.samples[:1], self.config.data.max_seq_len,
-                            self.config.data.packing).to(self.device)
+            batch = self._collate(micro or self.eval_set.samples[:1])
             doc_ids = batch.doc_ids if needs_document_mask(batch) else None
             with self.backend.autocast(self.amp_dtype):
                 hidden = self.model.hidden_states(batch.input_ids, batch.position_ids, doc_ids)
