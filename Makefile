@@ -36,6 +36,7 @@ test: $(VENV)/.test
 bench: $(VENV)/.test
 	$(PY) benchmarks/convert_memory.py
 	$(PY) benchmarks/parallel_memory.py
+	$(PY) benchmarks/export_memory.py
 
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check src tests scripts benchmarks

@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     sft.add_argument("--resume", action="store_true", help="continue the run in run.output_dir from its newest "
                      "checkpoint (starts from step 0 if it has none)")
     sft.add_argument("--overwrite", action="store_true", help="delete the run already in run.output_dir first")
+    sft.add_argument("--stop-at-step", type=int, metavar="N", help="save a checkpoint and exit cleanly after step N "
+                     "(e.g. to fit a scheduler's time slot); continue later with --resume")
     sft.add_argument("--help-config", action="store_true", help="print every config key with its default and exit")
     sft.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
     _add_device(sft)
@@ -99,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser(
         "export", help="write a run's checkpoint as a Hugging Face model directory",
         description="Write a checkpoint of a run as Hugging Face safetensors shards + index + config.json "
-        "(release naming; transformers loads it).")
+        "(release naming; transformers loads it), streaming one tensor at a time from the sharded checkpoint "
+        "(peak memory about the largest tensor, whatever the model size).")
     export.add_argument("run_dir")
     export.add_argument("out", help="output directory")
     export.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
@@ -143,7 +146,7 @@ def _cmd_sft(args: argparse.Namespace) -> int:
         return 0
     from polytrain.train.trainer import SFTTrainer
 
-    summary = SFTTrainer(config, resume=args.resume, overwrite=args.overwrite).run()
+    summary = SFTTrainer(config, resume=args.resume, overwrite=args.overwrite, stop_at_step=args.stop_at_step).run()
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -202,12 +205,10 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     import torch
 
-    from polytrain.models.hf.checkpoint import save_hf
-    from polytrain.train.run_model import load_run_model
+    from polytrain.train.export import export_run
 
-    _, model, step = load_run_model(args.run_dir, "cpu", step=args.step)
-    out = save_hf(model, args.out, getattr(torch, DTYPES[args.dtype]), int(args.max_shard_gb * 2**30),
-                  args.overwrite)
+    out, step = export_run(args.run_dir, args.out, args.step, getattr(torch, DTYPES[args.dtype]),
+                           int(args.max_shard_gb * 2**30), args.overwrite)
     print(json.dumps({"out": str(out), "step": step}))
     return 0
 

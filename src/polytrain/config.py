@@ -88,7 +88,42 @@ class EvalConfig:
 @dataclass
 class CheckpointConfig:
     every: int = option(100, "Save a checkpoint every N steps (0: only at the end).", ge=0)
-    keep_last: int = option(2, "Checkpoints kept on disk (older ones are deleted after a save).", ge=1)
+    keep_last: int = option(2, "Newest checkpoints kept on disk (older ones are deleted after a save).", ge=1)
+    keep_every: int = option(0, "Also keep, forever, every checkpoint whose step is a multiple of this (0: none).",
+                             ge=0)
+    dir: str = option("", "Where checkpoints go (default: run_dir/checkpoints), e.g. a shared file system.")
+    async_save: bool = option(
+        False, "Write checkpoints in the background: the step continues once the state is copied to host memory; "
+        "the checkpoint is committed (visible) when the write finishes."
+    )
+    verify_on_resume: bool = option(
+        True, "Check every file's checksum before resuming (a corrupt newest checkpoint falls back to the previous)."
+    )
+
+
+@dataclass
+class GuardConfig:
+    action: Literal["skip", "rollback", "stop", "off"] = option(
+        "skip", "On a non-finite loss / gradient or a loss spike: skip the step (optimizer state untouched), roll "
+        "back to the last checkpoint and skip the offending batch, or stop; `off` disables the guard."
+    )
+    spike_zscore: float = option(
+        6.0, "A loss this many standard deviations above the recent mean is a spike (0: detect only non-finite).",
+        ge=0,
+    )
+    spike_window: int = option(50, "Recent steps the spike statistics use.", ge=2)
+    spike_min_history: int = option(10, "Steps of history needed before spikes are detected.", ge=2)
+    max_consecutive: int = option(3, "Stop the run after this many events in a row.", ge=1)
+
+
+@dataclass
+class WatchdogConfig:
+    step_timeout_s: float = option(
+        1800.0, "A step (or collective) that takes longer dumps every thread's Python stack to "
+        "run_dir/hang_rank<r>.txt and ends the process with a non-zero exit (0: no watchdog).", ge=0,
+    )
+    first_step_timeout_s: float = option(3600.0, "Timeout for the first step (start-up, compilation).", ge=0)
+    checkpoint_timeout_s: float = option(3600.0, "Timeout for a checkpoint save.", ge=0)
 
 
 @dataclass
@@ -117,10 +152,12 @@ class JobConfig:
     eval: EvalConfig = option(factory=EvalConfig)
     checkpoint: CheckpointConfig = option(factory=CheckpointConfig)
     log: LogConfig = option(factory=LogConfig)
+    guard: GuardConfig = option(factory=GuardConfig)
+    watchdog: WatchdogConfig = option(factory=WatchdogConfig)
     parallel: ParallelConfig = option(factory=ParallelConfig)
 
 
-SECTIONS = ("run", "init", "model", "data", "train", "eval", "checkpoint", "log", "parallel")
+SECTIONS = ("run", "init", "model", "data", "train", "eval", "checkpoint", "log", "guard", "watchdog", "parallel")
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -55,14 +55,15 @@ progress = false
     return job
 
 
-def run(job: Path, out: Path, world: int, *overrides: str, timeout: int = TIMEOUT_S) -> None:
+def run(job: Path, out: Path, world: int, *overrides: str, timeout: int = TIMEOUT_S, flags: tuple[str, ...] = (),
+        extra_env: dict[str, str] | None = None) -> None:
     """One run of the job in `out` with `world` processes; raises with every rank's stderr on failure."""
     args = [sys.executable, "-m", "polytrain", "sft", str(job), "--set", f'run.output_dir="{out}"',
-            "--set", "parallel.collective_timeout_s=60", *[a for o in overrides for a in ("--set", o)]]
+            "--set", "parallel.collective_timeout_s=60", *[a for o in overrides for a in ("--set", o)], *flags]
     port = free_port()
     procs = []
     for rank in range(world):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(extra_env or {})}
         if world > 1:
             env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
                        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

@@ -64,7 +64,7 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
     config = build_config(read_toml(run_dir / "config.toml"))
     model = build_model(config.model, "cpu")
-    load_checkpoint(latest_checkpoint(run_dir), model)
+    load_checkpoint(latest_checkpoint(run_dir / "checkpoints"), model)
     return model.state_dict()
 
 

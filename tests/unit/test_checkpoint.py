@@ -42,7 +42,7 @@ def test_keep_last_prunes_old_checkpoints_and_tmp_dirs_are_invisible(tmp_path):
     for step in (1, 2, 3):
         save_checkpoint(tmp_path, step, model, optimizer, {}, {}, keep_last=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000002", "step_00000003"]
-    (tmp_path / "checkpoints" / "step_00000009.tmp").mkdir()  # a save that crashed half way
+    (tmp_path / "step_00000009.tmp").mkdir()  # a save that crashed half way
     assert latest_checkpoint(tmp_path).name == "step_00000003"
 
 
@@ -81,3 +81,67 @@ def test_run_dir_never_deletes_a_foreign_directory(tmp_path):
     with pytest.raises(RunDirError, match="refusing to delete"):
         prepare_run_dir(config, resume=False, overwrite=True)
     assert (tmp_path / "precious.txt").exists()
+
+
+def save_steps(root, steps, keep_last=10, keep_every=0, **kwargs):
+    from polytrain.train.checkpoint import Checkpointer
+
+    model, optimizer, _ = trained_model()
+    messages: list[str] = []
+    checkpointer = Checkpointer(root, keep_last, keep_every, report=messages.append, **kwargs)
+    results = [checkpointer.save(step, model, optimizer, {"loader": {"position": step}}, {}) for step in steps]
+    return checkpointer, results, messages
+
+
+def test_manifest_records_size_and_checksum_of_every_file(tmp_path):
+    _checkpointer, _, _ = save_steps(tmp_path, [1])
+    manifest = json.loads((tmp_path / "step_00000001" / "manifest.json").read_text())
+    files = set(p.name for p in (tmp_path / "step_00000001").iterdir()) - {"manifest.json"}
+    assert set(manifest["files"]) == files and {".metadata", "trainer_state.json"} <= files
+    assert all(len(info["crc32"]) == 8 and info["size"] > 0 for info in manifest["files"].values())
+
+
+@pytest.mark.parametrize("damage", ["truncate", "bit_flip", "delete_manifest"])
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, damage):
+    checkpointer, _, messages = save_steps(tmp_path, [1, 2])
+    newest = tmp_path / "step_00000002"
+    shard = next(p for p in newest.iterdir() if p.suffix == ".distcp")
+    data = bytearray(shard.read_bytes())
+    if damage == "truncate":
+        shard.write_bytes(bytes(data[:-10]))
+    elif damage == "bit_flip":
+        data[len(data) // 2] ^= 0x01
+        shard.write_bytes(bytes(data))
+    else:
+        (newest / "manifest.json").unlink()
+    assert checkpointer.latest_valid().name == "step_00000001"
+    if damage != "delete_manifest":  # without a manifest it was never committed: nothing to report
+        assert any("step_00000002 is unusable" in m for m in messages)
+
+
+def test_keep_last_plus_keep_every(tmp_path):
+    save_steps(tmp_path, [1, 2, 3, 4, 5, 6, 7], keep_last=2, keep_every=3)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000003", "step_00000006", "step_00000007"]
+
+
+def test_a_failing_save_leaves_previous_checkpoints_intact_and_reports_the_cause(tmp_path):
+    import errno
+
+    def disk_full(step: int) -> None:
+        if step == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    _checkpointer, results, messages = save_steps(tmp_path, [1, 2, 3], during_save=disk_full)
+    assert results == [True, False, True]
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000001", "step_00000003"]
+    assert not (tmp_path / "step_00000002.tmp").exists()
+    assert any("step 2 FAILED" in m and "No space left on device" in m for m in messages)
+
+
+def test_async_save_commits_when_the_write_finishes(tmp_path):
+    checkpointer, results, _ = save_steps(tmp_path, [1], async_save=True)
+    assert results == [True]
+    assert checkpointer.wait()
+    assert checkpointer.latest_valid().name == "step_00000001"
+    model, optimizer, _ = trained_model(seed=5)
+    assert load_checkpoint(tmp_path / "step_00000001", model, optimizer)["loader"]["position"] == 1

@@ -45,8 +45,12 @@ class StepLoader:
         self.order = SampleOrder(num_samples, seed, shuffle)
         self.global_batch_size = global_batch_size
         self.position = 0
+        self.skipped: set[int] = set()
+        """Positions of global batches never to train on (batches that tripped the guard before a rollback)."""
 
     def next_step(self) -> list[int]:
+        while self.position in self.skipped:
+            self.position += self.global_batch_size
         indices = self.order.indices(self.position, self.global_batch_size)
         self.position += self.global_batch_size
         return indices
@@ -55,8 +59,10 @@ class StepLoader:
     def epoch(self) -> float:
         return self.position / self.order.num_samples
 
-    def state_dict(self) -> dict[str, int]:
-        return {"position": self.position, "seed": self.order.seed, "num_samples": self.order.num_samples}
+    def state_dict(self) -> dict:
+        return {"position": self.position, "seed": self.order.seed, "num_samples": self.order.num_samples,
+                "skipped": sorted(self.skipped)}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: dict) -> None:
         self.position = int(state["position"])
+        self.skipped |= set(state.get("skipped", []))

@@ -171,6 +171,7 @@ class Pipeline:
         self.is_last = total_stages - 1 in self.stage_ids
         self.is_first = 0 in self.stage_ids
         self.normalizer = 1.0
+        self.n_microbatches = n_microbatches
         stage_arg = self.stages if cfg.pp_schedule in MULTI_STAGE else self.stages[0]
         self.schedule = schedule_cls(stage_arg, n_microbatches=n_microbatches, loss_fn=self._loss, scale_grads=False)
 

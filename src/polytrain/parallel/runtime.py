@@ -21,6 +21,21 @@ from polytrain.parallel.grad_norm import clip_grad_norm
 from polytrain.parallel.mesh import Meshes, ParallelDims, build_meshes
 
 
+def init_process_group(dist_backend: str, timeout: timedelta) -> None:
+    """torch.distributed from the launcher's environment. In a job torchrun restarted (--max-restarts), the
+    rendezvous store can still hold the dead attempt's addresses, so the keys of each attempt get their own prefix."""
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if restart == 0:
+        dist.init_process_group(dist_backend, timeout=timeout)
+        return
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=not agent_store and rank == 0, timeout=timeout, multi_tenant=not agent_store)
+    dist.init_process_group(dist_backend, store=dist.PrefixStore(f"polytrain/restart{restart}", store),
+                            rank=rank, world_size=world, timeout=timeout)
+
+
 class ParallelRuntime:
     def __init__(self, cfg: ParallelConfig, model_config: ModelConfig, backend: Backend) -> None:
         self.cfg = cfg
@@ -34,7 +49,7 @@ class ParallelRuntime:
         if world > 1:
             backend.set_device(self.local_rank)
             if not dist.is_initialized():
-                dist.init_process_group(backend.dist_backend, timeout=timedelta(seconds=cfg.collective_timeout_s))
+                init_process_group(backend.dist_backend, timedelta(seconds=cfg.collective_timeout_s))
             self.rank = dist.get_rank()
             self.meshes = build_meshes(self.dims, backend.device_type)
             self._dp_group = self.meshes.dp_group()

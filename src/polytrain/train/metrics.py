@@ -39,6 +39,14 @@ class MetricsWriter:
 
             self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
 
+    def rewind(self, step: int) -> None:
+        """Drop records after `step` (a rollback went back there; those steps will be recomputed)."""
+        self._file.close()
+        kept = [r for r in read_metrics(self.path.parent) if r.get("step", 0) <= step]
+        with self.path.open("w") as handle:
+            handle.writelines(json.dumps(r) + "\n" for r in kept)
+        self._file = self.path.open("a")
+
     def write(self, record: dict[str, Any]) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         self._file.write(json.dumps(clean) + "\n")

@@ -20,6 +20,10 @@ RESUMABLE_CHANGES = (
     "checkpoint.every",
     "checkpoint.keep_last",
     "log.",
+    "guard.",
+    "watchdog.",
+    "checkpoint.async_save",
+    "checkpoint.verify_on_resume",
     "run.device",
     "parallel.",  # the layout may change on resume: checkpoints reshard
 )

@@ -9,7 +9,7 @@ import torch
 from polytrain.config import JobConfig, build_config, read_toml
 from polytrain.errors import CheckpointError, RunDirError
 from polytrain.models.transformer import CausalLM, build_model
-from polytrain.train.checkpoint import latest_checkpoint, load_checkpoint, step_dir
+from polytrain.train.checkpoint import checkpoint_root, latest_checkpoint, load_checkpoint, step_dir
 from polytrain.train.run_dir import CONFIG_FILE
 
 
@@ -29,14 +29,15 @@ def load_run_model(
     """(config, model with the checkpoint's weights, its step). `checkpoint` is a directory; `step` picks
     run_dir/checkpoints/step_N; neither means the newest."""
     config = run_config(run_dir)
+    root = checkpoint_root(run_dir, config.checkpoint.dir)
     if checkpoint is not None:
         path = Path(checkpoint)
     elif step is not None:
-        path = step_dir(run_dir, step)
+        path = step_dir(root, step)
         if not path.is_dir():
             raise CheckpointError(f"{run_dir} has no checkpoint for step {step}")
     else:
-        path = latest_checkpoint(run_dir)
+        path = latest_checkpoint(root)
         if path is None:
             raise CheckpointError(f"{run_dir} has no checkpoint yet (train first, or pass --checkpoint)")
     model = build_model(config.model, device, seed=None)

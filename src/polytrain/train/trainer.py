@@ -1,11 +1,12 @@
-"""The SFT training loop: data, optimizer steps with gradient accumulation and clipping, eval, metrics,
-checkpoints, resume; single process or one rank of a torchrun job (the layout is `[parallel]`)."""
+"""The SFT training loop: data, optimizer steps with gradient accumulation and clipping, eval, metrics, checkpoints,
+resume, the guard and the hang watchdog; single process or one rank of a torchrun job (layout = `[parallel]`)."""
 
 from __future__ import annotations
 
 import io
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -15,24 +16,28 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from polytrain.algorithms.sft import StepTokens, needs_document_mask, sft_loss, token_loss_sum
+from polytrain.algorithms.sft import StepTokens, sft_loss
 from polytrain.backends import Backend, get_backend
 from polytrain.config import JobConfig
 from polytrain.data.chat import get_template
 from polytrain.data.dataset import Sample, SFTDataset, load_sft_dataset
 from polytrain.data.loader import StepLoader
-from polytrain.data.packing import Batch, collate, concat
 from polytrain.data.tokenizer import Tokenizer
 from polytrain.errors import BackendError, CheckpointError, ConfigError
-from polytrain.models.moe import update_router_biases
+from polytrain.models.moe import Router, update_router_biases
 from polytrain.models.transformer import CausalLM, build_model
 from polytrain.parallel.runtime import ParallelRuntime
-from polytrain.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from polytrain.train.batches import BatchMaker
+from polytrain.train.checkpoint import Checkpointer, checkpoint_root, latest_checkpoint, load_checkpoint
+from polytrain.train.evaluate import evaluate
+from polytrain.train.faults import Faults
+from polytrain.train.guard import EVENTS_FILE, Guard, GuardEvent
 from polytrain.train.metrics import MetricsWriter
 from polytrain.train.optim import build_optimizer, lr_at, set_lr
 from polytrain.train.plot import plot_run
 from polytrain.train.run_dir import check_run_dir, write_run_dir
 from polytrain.train.signals import StopRequest, TrainingInterrupted
+from polytrain.train.watchdog import Watchdog
 
 SUMMARY_FILE = "summary.json"
 
@@ -54,28 +59,24 @@ def chunks(items: list, size: int) -> list[list]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
+def restarted_by_launcher() -> bool:
+    """True in a job torchrun restarted after a failure (--max-restarts): such a job resumes by itself."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+
+
 class SFTTrainer:
     def __init__(self, config: JobConfig, resume: bool = False, overwrite: bool = False,
-                 console: Console | None = None) -> None:
+                 console: Console | None = None, stop_at_step: int | None = None) -> None:
         self.config = config
+        self.stop_at_step = stop_at_step
         self.backend = get_backend(config.run.device)
         self.runtime = ParallelRuntime(config.parallel, config.model, self.backend)
         main = self.runtime.is_main
         self.console = (console or Console(stderr=True)) if main else Console(file=io.StringIO(), quiet=True)
         self.device = self.backend.device()
         self.amp_dtype = resolve_precision(config.run.precision, self.backend)
-        train = config.train
-        per_rank = train.global_batch_size // self.runtime.dp_size
-        if train.global_batch_size % (self.runtime.dp_size * train.micro_batch_size):
-            raise ConfigError(
-                f"train.global_batch_size = {train.global_batch_size} must be a multiple of data-parallel ranks x "
-                f"train.micro_batch_size = {self.runtime.dp_size} x {train.micro_batch_size}"
-            )
-        self.per_rank = per_rank
-        dims = self.runtime.dims
-        if dims.tp > 1 and dims.pp > 1 and config.parallel.sequence_parallel and config.data.max_seq_len % dims.tp:
-            raise ConfigError(f"data.max_seq_len = {config.data.max_seq_len} must be a multiple of parallel.tp = "
-                              f"{dims.tp} for sequence parallelism inside pipeline stages")
+        self._check_layout()
+        self.per_rank = config.train.global_batch_size // self.runtime.dp_size
 
         data = config.data
         self.tokenizer = Tokenizer.load(data.tokenizer)
@@ -88,28 +89,57 @@ class SFTTrainer:
             self.eval_set = load_sft_dataset(data.eval_path, self.tokenizer, self.template, data.max_seq_len,
                                              data.loss_on, vocab)
         # All inputs are valid: only now touch the run directory (checked on every rank, written by one).
+        resume = resume or restarted_by_launcher()
         check_run_dir(config, resume, overwrite)
         self.runtime.barrier()
         if main:
             write_run_dir(config, overwrite)
         self.runtime.barrier()
         self.run_dir = Path(config.run.output_dir)
-        self.resume_from = latest_checkpoint(self.run_dir) if resume else None
+
+        self.faults = Faults(self.runtime.rank)
+        ckpt = config.checkpoint
+        self.checkpointer = Checkpointer(
+            checkpoint_root(self.run_dir, ckpt.dir), ckpt.keep_last, ckpt.keep_every, ckpt.async_save,
+            report=self._warn, before_commit=self.faults.before_commit, during_save=self.faults.during_save,
+        )
+        self.resume_from = self.checkpointer.latest_valid(ckpt.verify_on_resume) if resume else None
         if resume and self.resume_from is None:
-            self.console.print(f"[yellow]--resume: no checkpoint in {self.run_dir}; starting from step 0[/]")
+            self._warn(f"--resume: no usable checkpoint in {self.checkpointer.root}; starting from step 0")
+        self.guard = Guard(config.guard, self.run_dir / EVENTS_FILE)
+        wd = config.watchdog
+        self.watchdog = Watchdog(self.run_dir / f"hang_rank{self.runtime.rank}.txt", wd.step_timeout_s > 0)
 
         self.backend.manual_seed(config.run.seed)
         self.model: CausalLM = build_model(config.model, self.device, seed=config.run.seed)
         if self.resume_from is None:
             self._load_initial_weights()
-        self.model = self.runtime.parallelize(self.model, per_rank // train.micro_batch_size, train.micro_batch_size,
-                                              data.max_seq_len, self.amp_dtype)
+        train = config.train
+        self.model = self.runtime.parallelize(self.model, self.per_rank // train.micro_batch_size,
+                                              train.micro_batch_size, data.max_seq_len, self.amp_dtype)
         self.model.train()
-        self.optimizer = build_optimizer(self.model, config.train, foreach=not self.runtime.dims.enabled)
+        self.optimizer = build_optimizer(self.model, train, foreach=not self.runtime.dims.enabled)
         self.loader = StepLoader(len(self.train_set), train.global_batch_size, config.run.seed, data.shuffle)
+        multiple = self.runtime.dims.tp if config.parallel.sequence_parallel else 1
+        self.batches = BatchMaker(data.max_seq_len, data.packing, train.micro_batch_size, multiple, self.device)
         self.step = 0
         self.tokens_seen = 0
         self.eval_history: list[tuple[int, float]] = []
+
+    def _check_layout(self) -> None:
+        config, dims = self.config, self.runtime.dims
+        train = config.train
+        if train.global_batch_size % (self.runtime.dp_size * train.micro_batch_size):
+            raise ConfigError(
+                f"train.global_batch_size = {train.global_batch_size} must be a multiple of data-parallel ranks x "
+                f"train.micro_batch_size = {self.runtime.dp_size} x {train.micro_batch_size}"
+            )
+        if dims.tp > 1 and dims.pp > 1 and config.parallel.sequence_parallel and config.data.max_seq_len % dims.tp:
+            raise ConfigError(f"data.max_seq_len = {config.data.max_seq_len} must be a multiple of parallel.tp = "
+                              f"{dims.tp} for sequence parallelism inside pipeline stages")
+
+    def _warn(self, message: str) -> None:
+        self.console.print(f"[yellow]{message}[/]")
 
     # ----------------------------------------------------------------------------------------------- state
     def _load_initial_weights(self) -> None:
@@ -124,16 +154,17 @@ class SFTTrainer:
             self.console.print(f"loaded {stats['tensors']} tensors from {path} in {seconds:.1f} s")
 
     def _trainer_state(self) -> dict[str, Any]:
-        return {"loader": self.loader.state_dict(), "tokens_seen": self.tokens_seen, "eval_history": self.eval_history}
+        return {"loader": self.loader.state_dict(), "tokens_seen": self.tokens_seen,
+                "eval_history": self.eval_history, "guard": self.guard.state_dict()}
 
-    def save(self) -> Path:
-        return save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self._trainer_state(),
-                               self.backend.get_rng_state(), self.config.checkpoint.keep_last)
+    def save(self) -> bool:
+        self.watchdog.arm(self.config.watchdog.checkpoint_timeout_s, f"checkpoint of step {self.step}")
+        ok = self.checkpointer.save(self.step, self.model, self.optimizer, self._trainer_state(),
+                                    self.backend.get_rng_state())
+        self.watchdog.disarm()
+        return ok
 
-    def _resume(self) -> None:
-        path = self.resume_from
-        if path is None:
-            return
+    def _restore(self, path: Path, rollback: bool = False) -> None:
         state = load_checkpoint(path, self.model, self.optimizer)
         if state["loader"]["num_samples"] != len(self.train_set):
             raise CheckpointError(
@@ -144,9 +175,13 @@ class SFTTrainer:
         self.loader.load_state_dict(state["loader"])
         self.tokens_seen = state["tokens_seen"]
         self.eval_history = [tuple(e) for e in state["eval_history"]]
+        if not rollback:  # a rollback keeps the guard's own record of what just happened
+            self.guard.load_state_dict(state.get("guard", {}))
         if state["rng"] is not None:
             self.backend.set_rng_state(state["rng"])
-        self.console.print(f"resumed from {path} (step {self.step}, sample {self.loader.position})")
+        for module in self.model.modules():  # counts from a discarded step must not leak into the next update
+            if isinstance(module, Router):
+                module.expert_load.zero_()
 
     # ------------------------------------------------------------------------------------------------ steps
     def _my_samples(self, samples: list[Sample]) -> list[Sample]:
@@ -154,32 +189,45 @@ class SFTTrainer:
         start = self.runtime.dp_rank * self.per_rank
         return samples[start : start + self.per_rank]
 
-    def train_step(self) -> dict[str, float]:
+    def _forward_backward(self, samples: list[Sample], step_tokens: StepTokens) -> torch.Tensor:
+        """Gradients of this rank's share of the step; returns [loss_sum, mtp_loss_sum, aux_loss, tokens],
+        summed over the ranks."""
         cfg = self.config.train
-        samples = [self.train_set.samples[i] for i in self.loader.next_step()]
-        step_tokens = StepTokens.of(samples, self.config.model.num_nextn_predict_layers)
-        keys = ("loss_sum", "mtp_loss_sum", "aux_loss_weighted", "tokens")
-        sums = torch.zeros(len(keys), dtype=torch.float64)
+        sums = torch.zeros(4, dtype=torch.float64)
+        factor = self.faults.loss_factor(self.step + 1)
         micro_batches = chunks(self._my_samples(samples), cfg.micro_batch_size)
         if self.runtime.pipeline is not None:
-            batch = self._pipeline_batch(micro_batches)
+            batch = self.batches.pipeline(micro_batches)
             with self.backend.autocast(self.amp_dtype):
-                sums[0] = self.runtime.pipeline.train_step(batch, step_tokens.main)
+                sums[0] = self.runtime.pipeline.train_step(batch, step_tokens.main) * factor
             sums[3] = batch.num_tokens
             self.runtime.pp_sum(sums[:3])
-        for micro in micro_batches if self.runtime.pipeline is None else []:
-            batch = self._collate(micro)
-            with self.backend.autocast(self.amp_dtype):
-                loss, parts = sft_loss(self.model, batch, step_tokens, cfg.mtp_loss_weight)
-            loss.backward()
-            for i, key in enumerate(keys[:3]):
-                if key in parts:
-                    sums[i] += float(parts[key])
-            sums[3] += batch.num_tokens
-        self.runtime.dp_sum(sums)
+        else:
+            for micro in micro_batches:
+                batch = self.batches.micro(micro)
+                with self.backend.autocast(self.amp_dtype):
+                    loss, parts = sft_loss(self.model, batch, step_tokens, cfg.mtp_loss_weight)
+                (loss * factor).backward()
+                for i, key in enumerate(("loss_sum", "mtp_loss_sum", "aux_loss_weighted")):
+                    if key in parts:
+                        sums[i] += float(parts[key]) * factor
+                sums[3] += batch.num_tokens
+        self.faults.during_step(self.step + 1)
+        return self.runtime.dp_sum(sums)
+
+    def train_step(self) -> dict[str, Any]:
+        cfg = self.config.train
+        batch_position = self.loader.position
+        samples = [self.train_set.samples[i] for i in self.loader.next_step()]
+        step_tokens = StepTokens.of(samples, self.config.model.num_nextn_predict_layers)
+        sums = self._forward_backward(samples, step_tokens)
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
         grad_norm = self.runtime.clip_grad_norm(self.model, max_norm)
+        loss = float(sums[0]) / step_tokens.main
         lr = lr_at(self.step + 1, cfg)
+        event = self.guard.check(self.step + 1, loss, grad_norm)
+        if event is not None:
+            return self._handle(event, batch_position, lr, int(sums[3]))
         set_lr(self.optimizer, lr)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -188,8 +236,8 @@ class SFTTrainer:
         self.step += 1
         tokens = int(sums[3])
         self.tokens_seen += tokens
-        stats = {"loss": float(sums[0]) / step_tokens.main, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
-                 "trained_tokens": step_tokens.main}
+        stats: dict[str, Any] = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
+                                 "trained_tokens": step_tokens.main}
         if load[1] > 0:
             stats["moe_load_max_over_mean"] = float(load[0] / load[1])
         if self.model.config.num_nextn_predict_layers:
@@ -198,74 +246,41 @@ class SFTTrainer:
             stats["aux_loss"] = float(sums[2])
         return stats
 
-    def _collate(self, samples: list[Sample]) -> Batch:
-        parallel = self.config.parallel
-        multiple = self.runtime.dims.tp if parallel.sequence_parallel else 1
-        return collate(samples, self.config.data.max_seq_len, self.config.data.packing,
-                       width_multiple=multiple).to(self.device)
+    def _handle(self, event: GuardEvent, batch_position: int, lr: float, tokens: int) -> dict[str, Any]:
+        """A guarded step: nothing reaches the optimizer. skip: the step counts, its batch is consumed. rollback:
+        back to the newest valid checkpoint, with this batch marked never to be trained on."""
+        self.optimizer.zero_grad(set_to_none=True)
+        for module in self.model.modules():
+            if isinstance(module, Router):
+                module.expert_load.zero_()
+        target = self.checkpointer.latest_valid(check_sums=False) if event.action == "rollback" else None
+        if event.action == "rollback" and target is None:
+            event.detail += "; no checkpoint to roll back to, skipped instead"
+        self._warn(f"guard: {event.kind} at step {event.step} (loss {event.loss:.4g}, grad norm "
+                   f"{event.grad_norm:.4g}) -> {event.action}{': ' + event.detail if event.detail else ''}")
+        self.guard.record(event, write=self.runtime.is_main)
+        if target is not None:
+            self._restore(target, rollback=True)
+            self.loader.skipped.add(batch_position)
+            return {"loss": event.loss, "lr": lr, "grad_norm": event.grad_norm, "tokens": 0, "guard": event.kind,
+                    "rolled_back_to": self.step}
+        self.step += 1
+        self.tokens_seen += tokens
+        return {"loss": event.loss, "lr": lr, "grad_norm": event.grad_norm, "tokens": tokens, "guard": event.kind}
 
-    def _pipeline_batch(self, micro_batches: list[list[Sample]]) -> Batch:
-        """Every micro-batch padded to the same [micro_batch_size, max_seq_len] shape, stacked."""
-        data = self.config.data
-        rows = self.config.train.micro_batch_size
-        return concat([collate(m, data.max_seq_len, data.packing, fixed_rows=rows) for m in micro_batches]).to(
-            self.device)
-
-    @torch.no_grad()
     def evaluate(self) -> float | None:
-        """Mean loss per trained token over the eval set (or its first `eval.max_batches` micro-batches per rank).
-        Every rank runs the same number of forward passes (collectives inside must match); a rank out of samples
-        repeats one with zero weight."""
         if self.eval_set is None:
             return None
-        self.model.eval()
-        mbs = self.config.train.micro_batch_size
-        mine = self.eval_set.samples[self.runtime.dp_rank :: self.runtime.dp_size]
-        batches = math.ceil(math.ceil(len(self.eval_set) / self.runtime.dp_size) / mbs)
-        if self.config.eval.max_batches:
-            batches = min(batches, self.config.eval.max_batches)
-        totals = torch.zeros(2, dtype=torch.float64)
-        if self.runtime.pipeline is not None:
-            return self._evaluate_pipeline(mine, batches)
-        for b in range(batches):
-            micro = mine[b * mbs : (b + 1) * mbs]
-            weight = 1.0 if micro else 0.0
-            batch = self._collate(micro or self.eval_set.samples[:1])
-            doc_ids = batch.doc_ids if needs_document_mask(batch) else None
-            with self.backend.autocast(self.amp_dtype):
-                hidden = self.model.hidden_states(batch.input_ids, batch.position_ids, doc_ids)
-                totals[0] += weight * float(token_loss_sum(self.model, hidden, batch.labels))
-            totals[1] += weight * batch.num_loss_tokens
-        self.runtime.dp_sum(totals)
-        self.model.train()
-        return float(totals[0] / totals[1])
-
-    def _evaluate_pipeline(self, mine: list[Sample], batches: int) -> float:
-        """Eval through the pipeline, `n_microbatches` micro-batches at a time (empty ones count nothing)."""
-        mbs = self.config.train.micro_batch_size
-        group = self.per_rank // mbs
-        totals = torch.zeros(2, dtype=torch.float64)
-        padded = math.ceil(batches / group) * group
-        for start in range(0, padded, group):
-            micro = [mine[b * mbs : (b + 1) * mbs] for b in range(start, start + group)]
-            batch = self._pipeline_batch([m or self.eval_set.samples[:1] for m in micro])
-            # labels of filler micro-batches are ignored so they add no loss
-            for i, m in enumerate(micro):
-                if not m:
-                    batch.labels[i * mbs : (i + 1) * mbs] = -100
-            with self.backend.autocast(self.amp_dtype):
-                totals[0] += self.runtime.pipeline.eval_step(batch)
-            totals[1] += batch.num_loss_tokens
-        self.runtime.pp_sum(totals[:1])
-        self.runtime.dp_sum(totals)
-        self.model.train()
-        return float(totals[0] / totals[1])
+        return evaluate(self.model, self.eval_set.samples, self.runtime, self.batches,
+                        self.config.train.micro_batch_size, self.config.eval.max_batches,
+                        lambda: self.backend.autocast(self.amp_dtype))
 
     # ------------------------------------------------------------------------------------------------- loop
     def run(self) -> dict[str, Any]:
         try:
             return self._run()
         finally:
+            self.watchdog.close()
             self.runtime.close()
 
     def _banner(self) -> str:
@@ -278,13 +293,15 @@ class SFTTrainer:
                 f"({self.train_set.num_tokens} tokens){eval_part}, precision {precision} -> {self.run_dir}")
 
     def _run(self) -> dict[str, Any]:
-        self._resume()
+        if self.resume_from is not None:
+            self._restore(self.resume_from)
+            self.console.print(f"resumed from {self.resume_from} (step {self.step}, sample {self.loader.position})")
         cfg = self.config
         self.console.print(self._banner())
         for name, ds in (("train", self.train_set), ("eval", self.eval_set)):
             if ds is not None and (ds.truncated or ds.dropped):
-                self.console.print(f"[yellow]{name}: {ds.truncated} conversations cut to data.max_seq_len="
-                                   f"{cfg.data.max_seq_len}, {ds.dropped} dropped (no trained token left)[/]")
+                self._warn(f"{name}: {ds.truncated} conversations cut to data.max_seq_len={cfg.data.max_seq_len}, "
+                           f"{ds.dropped} dropped (no trained token left)")
         main = self.runtime.is_main
         writer = MetricsWriter(self.run_dir, cfg.log.tensorboard, resume_step=self.step) if main else None
         start_time = time.perf_counter()
@@ -305,11 +322,21 @@ class SFTTrainer:
         with StopRequest() as stop, progress:
             task = progress.add_task("", total=cfg.train.steps, completed=self.step)
             window_start, window_tokens = time.perf_counter(), 0
+            first = True
             while self.step < cfg.train.steps:
+                timeout = cfg.watchdog.first_step_timeout_s if first else cfg.watchdog.step_timeout_s
+                self.watchdog.arm(timeout, f"step {self.step + 1}")
                 stats = self.train_step()
+                self.watchdog.disarm()
+                first = False
+                self.checkpointer.poll()
                 window_tokens += stats["tokens"]
                 progress.update(task, completed=self.step, description=f"loss {stats['loss']:.4f}")
-                if self.step % cfg.log.every == 0 or self.step == cfg.train.steps:
+                if "rolled_back_to" in stats:
+                    if writer:
+                        writer.rewind(self.step)
+                    continue
+                if self.step % cfg.log.every == 0 or self.step == cfg.train.steps or "guard" in stats:
                     self.backend.synchronize()
                     now = time.perf_counter()
                     memory = self.backend.memory_stats()
@@ -331,19 +358,30 @@ class SFTTrainer:
                     if writer:
                         writer.write({"step": self.step, "eval_loss": eval_loss})
                     progress.console.print(f"step {self.step}: eval loss {eval_loss:.4f}")
-                if is_last or (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0):
-                    self.save()
-                    last_saved = self.step
+                stopping = self.stop_at_step is not None and self.step >= self.stop_at_step and not is_last
+                if is_last or stopping or (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0):
+                    saved = self.save()
+                    if is_last and not (saved and self.checkpointer.wait()):
+                        raise CheckpointError(f"the final checkpoint (step {self.step}) could not be saved; see the "
+                                              "messages above for the cause")
+                    if saved:
+                        last_saved = self.step
+                if stopping:
+                    self.checkpointer.wait()
+                    self.console.print(f"stopped after step {self.step} (--stop-at-step); continue with --resume")
+                    break
                 # every rank must agree to stop at the same step, or the final save would not match up
                 if not self.runtime.all_agree(stop.signal_name is None) and not is_last:
                     if self.step > last_saved:
                         self.save()
+                    self.checkpointer.wait()
                     if writer:
                         writer.close()
                     raise TrainingInterrupted(
                         f"{stop.signal_name or 'a signal on another rank'}: stopped after step {self.step} and saved "
                         "a checkpoint; continue with the same command plus --resume"
                     )
+        self.checkpointer.wait()
         elapsed = time.perf_counter() - start_time
         summary = self._summary(elapsed, start_step)
         if writer:
@@ -363,13 +401,14 @@ class SFTTrainer:
             "eval_loss_first": evals[0][1] if evals else None,
             "eval_loss_last": evals[-1][1] if evals else None,
             "eval_loss_ratio": evals[-1][1] / evals[0][1] if evals else None,
+            "guard_events": self.guard.total,
             "device": self.backend.describe(),
             "layout": self.runtime.describe(),
             "precision": str(self.amp_dtype or torch.float32).replace("torch.", ""),
             "parameters": sum(p.numel() for p in self.model.parameters()),
             "peak_device_mem_gib": memory.device_peak_allocated / 2**30,
             "peak_host_mem_gib": memory.host_peak_rss / 2**30,
-            "checkpoint": str(latest_checkpoint(self.run_dir)),
+            "checkpoint": str(latest_checkpoint(self.checkpointer.root)),
             "python": sys.version.split()[0],
             "torch": torch.__version__,
         }
