@@ -140,6 +140,14 @@ class InitConfig:
         "Start from a Hugging Face checkpoint directory (config.json + safetensors; FP8 / FP4 weights are "
         "dequantised on load). Its config.json defines the architecture; [model] keys override it.",
     )
+    from_run: str = option(
+        "", "Start from the newest checkpoint of another polytrain run (e.g. DPO / GRPO after SFT); its model, "
+        "tokenizer and chat template carry over unless set here."
+    )
+
+    def validate(self) -> None:
+        if self.hf_path and self.from_run:
+            raise ConfigError("set one of `init.hf_path` and `init.from_run`, not both")
 
 
 @dataclass
@@ -192,15 +200,27 @@ def _resolve(value: str, base_dir: Path | None) -> str:
     return value
 
 
-def _model_config(model_table: dict[str, Any], hf_path: str) -> ModelConfig:
-    if not hf_path or str(model_table.get("preset", "")).startswith("hf:"):
-        return model_config_from_table(model_table)  # a preset, or a config resolved earlier from init.hf_path
+def _model_config(model_table: dict[str, Any], init: InitConfig) -> ModelConfig:
+    resolved = str(model_table.get("preset", "")).startswith(("hf:", "run:"))
+    if not (init.hf_path or init.from_run) or resolved:
+        return model_config_from_table(model_table)  # a preset, or a config resolved earlier from [init]
+    source = "init.hf_path" if init.hf_path else "init.from_run"
     if "preset" in model_table:
-        raise ConfigError("`model.preset` and `init.hf_path` both define the architecture: keep one")
-    from polytrain.models.hf.checkpoint import HFCheckpoint
+        raise ConfigError(f"`model.preset` and `{source}` both define the architecture: keep one")
+    if init.hf_path:
+        from polytrain.models.hf.checkpoint import HFCheckpoint
 
-    base = to_dict(HFCheckpoint(hf_path).model_config)
+        base = to_dict(HFCheckpoint(init.hf_path).model_config)
+    else:
+        base = {**to_dict(_run_config(init.from_run).model), "preset": f"run:{Path(init.from_run).name}"}
     return from_dict(ModelConfig, {**base, **model_table}, "model")
+
+
+def _run_config(run_dir: str) -> JobConfig:
+    config_file = Path(run_dir) / "config.toml"
+    if not config_file.is_file():
+        raise ConfigError(f"init.from_run: {run_dir} is not a polytrain run directory (config.toml missing)")
+    return build_config(read_toml(config_file))
 
 
 def build_config(data: dict[str, Any], base_dir: Path | None = None) -> JobConfig:
@@ -214,9 +234,15 @@ def build_config(data: dict[str, Any], base_dir: Path | None = None) -> JobConfi
         raise ConfigError("missing [data] section: set at least `data.train_path` and `data.tokenizer`")
     config = from_dict(JobConfig, {**data, "model": {"preset": "tiny"}}, "")
     config.init.hf_path = _resolve(config.init.hf_path, base_dir)
-    config.model = _model_config(model_table, config.init.hf_path)
+    config.init.from_run = _resolve(config.init.from_run, base_dir)
+    config.model = _model_config(model_table, config.init)
     for name in ("train_path", "eval_path", "tokenizer"):
         setattr(config.data, name, _resolve(getattr(config.data, name), base_dir))
+    if config.init.from_run:
+        source = _run_config(config.init.from_run)
+        config.data.tokenizer = config.data.tokenizer or source.data.tokenizer
+        if "chat_template" not in data.get("data", {}):
+            config.data.chat_template = source.data.chat_template
     if not config.data.tokenizer:
         if not config.init.hf_path:
             raise ConfigError("set `data.tokenizer` (a tokenizer.json), or `init.hf_path` to use the checkpoint's")

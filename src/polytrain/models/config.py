@@ -387,7 +387,7 @@ def model_config_from_table(table: dict[str, Any], prefix: str = "model") -> Mod
     field defaults."""
     table = dict(table)
     preset = table.get("preset", "tiny")
-    if preset not in PRESETS and preset != "custom" and not preset.startswith("hf:"):
+    if preset not in PRESETS and preset != "custom" and not preset.startswith(("hf:", "run:")):
         raise ConfigError(
             f"unknown model preset `{preset}`{closest(preset, PRESETS)}; presets: {', '.join(PRESETS)}"
         )

@@ -16,23 +16,20 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from polytrain.algorithms.sft import StepTokens, sft_loss
 from polytrain.backends import Backend, get_backend
 from polytrain.config import JobConfig
 from polytrain.data.chat import get_template
-from polytrain.data.dataset import Sample, SFTDataset, load_sft_dataset
 from polytrain.data.loader import StepLoader
 from polytrain.data.tokenizer import Tokenizer
 from polytrain.errors import BackendError, CheckpointError, ConfigError
 from polytrain.models.moe import Router, update_router_biases
-from polytrain.models.transformer import CausalLM, build_model
 from polytrain.parallel.runtime import ParallelRuntime
 from polytrain.train.batches import BatchMaker
 from polytrain.train.checkpoint import Checkpointer, checkpoint_root, latest_checkpoint, load_checkpoint
-from polytrain.train.evaluate import evaluate
 from polytrain.train.faults import Faults
 from polytrain.train.guard import EVENTS_FILE, Guard, GuardEvent
 from polytrain.train.metrics import MetricsWriter
+from polytrain.train.objectives.base import Objective
 from polytrain.train.optim import build_optimizer, lr_at, set_lr
 from polytrain.train.plot import plot_run
 from polytrain.train.run_dir import check_run_dir, write_run_dir
@@ -41,7 +38,7 @@ from polytrain.train.watchdog import Watchdog
 
 SUMMARY_FILE = "summary.json"
 
-__all__ = ["SFTTrainer", "TrainingInterrupted"]
+__all__ = ["SFTTrainer", "Trainer", "TrainingInterrupted"]
 
 
 def resolve_precision(precision: str, backend: Backend) -> torch.dtype | None:
@@ -55,17 +52,15 @@ def resolve_precision(precision: str, backend: Backend) -> torch.dtype | None:
     return torch.bfloat16
 
 
-def chunks(items: list, size: int) -> list[list]:
-    return [items[i : i + size] for i in range(0, len(items), size)]
-
-
 def restarted_by_launcher() -> bool:
     """True in a job torchrun restarted after a failure (--max-restarts): such a job resumes by itself."""
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
 
 
-class SFTTrainer:
-    def __init__(self, config: JobConfig, resume: bool = False, overwrite: bool = False,
+class Trainer:
+    """Runs one Objective: set-up, the optimizer-step loop, eval, checkpoints, guard, watchdog, metrics."""
+
+    def __init__(self, config: JobConfig, objective: type[Objective], resume: bool = False, overwrite: bool = False,
                  console: Console | None = None, stop_at_step: int | None = None) -> None:
         self.config = config
         self.stop_at_step = stop_at_step
@@ -81,13 +76,13 @@ class SFTTrainer:
         data = config.data
         self.tokenizer = Tokenizer.load(data.tokenizer)
         self.template = get_template(data.chat_template, self.tokenizer)
-        vocab = config.model.vocab_size
-        self.train_set = load_sft_dataset(data.train_path, self.tokenizer, self.template, data.max_seq_len,
-                                          data.loss_on, vocab)
-        self.eval_set: SFTDataset | None = None
-        if data.eval_path:
-            self.eval_set = load_sft_dataset(data.eval_path, self.tokenizer, self.template, data.max_seq_len,
-                                             data.loss_on, vocab)
+        multiple = self.runtime.dims.tp if config.parallel.sequence_parallel else 1
+        self.batches = BatchMaker(data.max_seq_len, data.packing, config.train.micro_batch_size, multiple,
+                                  self.device)
+        self.objective = objective(self)
+        if self.runtime.dims.pp > 1 and not self.objective.supports_pipeline:
+            raise ConfigError(f"parallel.pp > 1 is not supported for {self.objective.name} yet")
+        self.objective.load_data()
         # All inputs are valid: only now touch the run directory (checked on every rank, written by one).
         resume = resume or restarted_by_launcher()
         check_run_dir(config, resume, overwrite)
@@ -111,20 +106,20 @@ class SFTTrainer:
         self.watchdog = Watchdog(self.run_dir / f"hang_rank{self.runtime.rank}.txt", wd.step_timeout_s > 0)
 
         self.backend.manual_seed(config.run.seed)
-        self.model: CausalLM = build_model(config.model, self.device, seed=config.run.seed)
+        self.model = self.objective.build_model(self.device)
         if self.resume_from is None:
             self._load_initial_weights()
         train = config.train
         self.model = self.runtime.parallelize(self.model, self.per_rank // train.micro_batch_size,
                                               train.micro_batch_size, data.max_seq_len, self.amp_dtype)
         self.model.train()
+        self.objective.after_parallelize(self.model)
         self.optimizer = build_optimizer(self.model, train, foreach=not self.runtime.dims.enabled)
-        self.loader = StepLoader(len(self.train_set), train.global_batch_size, config.run.seed, data.shuffle)
-        multiple = self.runtime.dims.tp if config.parallel.sequence_parallel else 1
-        self.batches = BatchMaker(data.max_seq_len, data.packing, train.micro_batch_size, multiple, self.device)
+        self.loader = StepLoader(len(self.objective.train_items), train.global_batch_size, config.run.seed,
+                                 data.shuffle)
         self.step = 0
         self.tokens_seen = 0
-        self.eval_history: list[tuple[int, float]] = []
+        self.eval_history: list[tuple[int, dict[str, float]]] = []
 
     def _check_layout(self) -> None:
         config, dims = self.config, self.runtime.dims
@@ -138,24 +133,27 @@ class SFTTrainer:
             raise ConfigError(f"data.max_seq_len = {config.data.max_seq_len} must be a multiple of parallel.tp = "
                               f"{dims.tp} for sequence parallelism inside pipeline stages")
 
-    def _warn(self, message: str) -> None:
+    def warn(self, message: str) -> None:
         self.console.print(f"[yellow]{message}[/]")
+
+    _warn = warn
+
+    def autocast(self):
+        return self.backend.autocast(self.amp_dtype)
 
     # ----------------------------------------------------------------------------------------------- state
     def _load_initial_weights(self) -> None:
-        """Weights of init.hf_path, for a run that starts at step 0 (loaded before sharding)."""
-        from polytrain.models.hf.checkpoint import HFCheckpoint, load_hf_weights
+        """Weights of init.hf_path or init.from_run, for a run that starts at step 0 (loaded before sharding)."""
+        from polytrain.train.init_weights import load_initial_weights
 
-        path = self.config.init.hf_path
-        if path:
-            started = time.perf_counter()
-            stats = load_hf_weights(self.model, HFCheckpoint(path))
-            seconds = time.perf_counter() - started
-            self.console.print(f"loaded {stats['tensors']} tensors from {path} in {seconds:.1f} s")
+        message = load_initial_weights(self.config.init, getattr(self.model, "language_model", self.model))
+        if message:
+            self.console.print(message)
 
     def _trainer_state(self) -> dict[str, Any]:
         return {"loader": self.loader.state_dict(), "tokens_seen": self.tokens_seen,
-                "eval_history": self.eval_history, "guard": self.guard.state_dict()}
+                "eval_history": self.eval_history, "guard": self.guard.state_dict(),
+                "objective": self.objective.state_dict()}
 
     def save(self) -> bool:
         self.watchdog.arm(self.config.watchdog.checkpoint_timeout_s, f"checkpoint of step {self.step}")
@@ -166,15 +164,18 @@ class SFTTrainer:
 
     def _restore(self, path: Path, rollback: bool = False) -> None:
         state = load_checkpoint(path, self.model, self.optimizer)
-        if state["loader"]["num_samples"] != len(self.train_set):
+        if state["loader"]["num_samples"] != len(self.objective.train_items):
             raise CheckpointError(
                 f"{path} was trained on {state['loader']['num_samples']} samples but {self.config.data.train_path} "
-                f"now has {len(self.train_set)}: the data changed, so the data position cannot be restored"
+                f"now has {len(self.objective.train_items)}: the data changed, so the data position cannot be "
+                "restored"
             )
         self.step = state["step"]
         self.loader.load_state_dict(state["loader"])
         self.tokens_seen = state["tokens_seen"]
-        self.eval_history = [tuple(e) for e in state["eval_history"]]
+        self.eval_history = [(e[0], e[1] if isinstance(e[1], dict) else {"eval_loss": e[1]})
+                             for e in state["eval_history"]]
+        self.objective.load_state_dict(state.get("objective", {}))
         if not rollback:  # a rollback keeps the guard's own record of what just happened
             self.guard.load_state_dict(state.get("guard", {}))
         if state["rng"] is not None:
@@ -184,66 +185,35 @@ class SFTTrainer:
                 module.expert_load.zero_()
 
     # ------------------------------------------------------------------------------------------------ steps
-    def _my_samples(self, samples: list[Sample]) -> list[Sample]:
-        """This data-parallel rank's contiguous share of the step's samples."""
-        start = self.runtime.dp_rank * self.per_rank
-        return samples[start : start + self.per_rank]
-
-    def _forward_backward(self, samples: list[Sample], step_tokens: StepTokens) -> torch.Tensor:
-        """Gradients of this rank's share of the step; returns [loss_sum, mtp_loss_sum, aux_loss, tokens],
-        summed over the ranks."""
-        cfg = self.config.train
-        sums = torch.zeros(4, dtype=torch.float64)
-        factor = self.faults.loss_factor(self.step + 1)
-        micro_batches = chunks(self._my_samples(samples), cfg.micro_batch_size)
-        if self.runtime.pipeline is not None:
-            batch = self.batches.pipeline(micro_batches)
-            with self.backend.autocast(self.amp_dtype):
-                sums[0] = self.runtime.pipeline.train_step(batch, step_tokens.main) * factor
-            sums[3] = batch.num_tokens
-            self.runtime.pp_sum(sums[:3])
-        else:
-            for micro in micro_batches:
-                batch = self.batches.micro(micro)
-                with self.backend.autocast(self.amp_dtype):
-                    loss, parts = sft_loss(self.model, batch, step_tokens, cfg.mtp_loss_weight)
-                (loss * factor).backward()
-                for i, key in enumerate(("loss_sum", "mtp_loss_sum", "aux_loss_weighted")):
-                    if key in parts:
-                        sums[i] += float(parts[key]) * factor
-                sums[3] += batch.num_tokens
-        self.faults.during_step(self.step + 1)
-        return self.runtime.dp_sum(sums)
-
     def train_step(self) -> dict[str, Any]:
         cfg = self.config.train
+        objective = self.objective
         batch_position = self.loader.position
-        samples = [self.train_set.samples[i] for i in self.loader.next_step()]
-        step_tokens = StepTokens.of(samples, self.config.model.num_nextn_predict_layers)
-        sums = self._forward_backward(samples, step_tokens)
+        items = objective.step_items(self.step)
+        ctx = objective.begin_step(self.step, items)
+        factor = self.faults.loss_factor(self.step + 1)
+        sums = objective.forward_backward(self.model, objective.my_share(items), ctx, factor)
+        self.faults.during_step(self.step + 1)
+        self.runtime.dp_sum(sums)
+        stats = objective.stats(dict(zip(objective.sum_keys, sums.tolist())), ctx)
+        tokens = int(sums[-1])
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
         grad_norm = self.runtime.clip_grad_norm(self.model, max_norm)
-        loss = float(sums[0]) / step_tokens.main
         lr = lr_at(self.step + 1, cfg)
-        event = self.guard.check(self.step + 1, loss, grad_norm)
+        event = self.guard.check(self.step + 1, stats["loss"], grad_norm)
         if event is not None:
-            return self._handle(event, batch_position, lr, int(sums[3]))
+            return self._handle(event, batch_position, lr, tokens)
         set_lr(self.optimizer, lr)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         balance = update_router_biases(self.model, cfg.router_bias_update_rate, all_reduce=self.runtime.dp_sum)
         load = self.runtime.pp_sum(torch.tensor([balance["load_ratio_sum"], balance["layers"]], dtype=torch.float64))
         self.step += 1
-        tokens = int(sums[3])
+        objective.end_step(self.step)
         self.tokens_seen += tokens
-        stats: dict[str, Any] = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
-                                 "trained_tokens": step_tokens.main}
+        stats.update(lr=lr, grad_norm=grad_norm, tokens=tokens)
         if load[1] > 0:
             stats["moe_load_max_over_mean"] = float(load[0] / load[1])
-        if self.model.config.num_nextn_predict_layers:
-            stats["mtp_loss"] = float(sums[1]) / max(sum(step_tokens.mtp), 1)
-        if self.model.config.aux_loss_alpha > 0:
-            stats["aux_loss"] = float(sums[2])
         return stats
 
     def _handle(self, event: GuardEvent, batch_position: int, lr: float, tokens: int) -> dict[str, Any]:
@@ -268,12 +238,8 @@ class SFTTrainer:
         self.tokens_seen += tokens
         return {"loss": event.loss, "lr": lr, "grad_norm": event.grad_norm, "tokens": tokens, "guard": event.kind}
 
-    def evaluate(self) -> float | None:
-        if self.eval_set is None:
-            return None
-        return evaluate(self.model, self.eval_set.samples, self.runtime, self.batches,
-                        self.config.train.micro_batch_size, self.config.eval.max_batches,
-                        lambda: self.backend.autocast(self.amp_dtype))
+    def evaluate(self) -> dict[str, float]:
+        return self.objective.evaluate(self.model)
 
     # ------------------------------------------------------------------------------------------------- loop
     def run(self) -> dict[str, Any]:
@@ -286,11 +252,20 @@ class SFTTrainer:
     def _banner(self) -> str:
         cfg = self.config
         params = sum(p.numel() for p in self.model.parameters())
-        eval_part = f", {len(self.eval_set)} eval" if self.eval_set else ""
         precision = str(self.amp_dtype or torch.float32).replace("torch.", "")
-        return (f"polytrain sft: {self.backend.describe()}, {self.runtime.describe()}, model {cfg.model.preset} "
-                f"({params / 1e6:.2f}M params), {len(self.train_set)} train conversations "
-                f"({self.train_set.num_tokens} tokens){eval_part}, precision {precision} -> {self.run_dir}")
+        return (f"polytrain {self.objective.name}: {self.backend.describe()}, {self.runtime.describe()}, model "
+                f"{cfg.model.preset} ({params / 1e6:.2f}M params), {self.objective.describe_data()}, precision "
+                f"{precision} -> {self.run_dir}")
+
+    def _log_eval(self, writer: MetricsWriter | None, console: Console) -> None:
+        metrics = self.evaluate()
+        if not metrics:
+            return
+        self.eval_history.append((self.step, metrics))
+        if writer:
+            writer.write({"step": self.step, **metrics})
+        console.print(f"step {self.step}: " + ", ".join(f"{k.replace('eval_', 'eval ')} {v:.4f}"
+                                                      for k, v in metrics.items()))
 
     def _run(self) -> dict[str, Any]:
         if self.resume_from is not None:
@@ -298,20 +273,12 @@ class SFTTrainer:
             self.console.print(f"resumed from {self.resume_from} (step {self.step}, sample {self.loader.position})")
         cfg = self.config
         self.console.print(self._banner())
-        for name, ds in (("train", self.train_set), ("eval", self.eval_set)):
-            if ds is not None and (ds.truncated or ds.dropped):
-                self._warn(f"{name}: {ds.truncated} conversations cut to data.max_seq_len={cfg.data.max_seq_len}, "
-                           f"{ds.dropped} dropped (no trained token left)")
         main = self.runtime.is_main
         writer = MetricsWriter(self.run_dir, cfg.log.tensorboard, resume_step=self.step) if main else None
         start_time = time.perf_counter()
         start_step = self.step
-        if self.step == 0 and self.eval_set is not None:
-            initial = self.evaluate()
-            self.eval_history.append((0, initial))
-            if writer:
-                writer.write({"step": 0, "eval_loss": initial})
-            self.console.print(f"step 0: eval loss {initial:.4f}")
+        if self.step == 0:
+            self._log_eval(writer, self.console)
         last_saved = self.step
         interactive = cfg.log.progress and self.console.is_terminal
         quiet_every = max(cfg.log.every, math.ceil(cfg.train.steps / 20))
@@ -352,12 +319,8 @@ class SFTTrainer:
                                            f"lr {stats['lr']:.2e}, grad norm {stats['grad_norm']:.3f}, "
                                            f"{record['tokens_per_s']:.0f} tok/s")
                 is_last = self.step == cfg.train.steps
-                if self.eval_set is not None and (is_last or (cfg.eval.every and self.step % cfg.eval.every == 0)):
-                    eval_loss = self.evaluate()
-                    self.eval_history.append((self.step, eval_loss))
-                    if writer:
-                        writer.write({"step": self.step, "eval_loss": eval_loss})
-                    progress.console.print(f"step {self.step}: eval loss {eval_loss:.4f}")
+                if is_last or (cfg.eval.every and self.step % cfg.eval.every == 0):
+                    self._log_eval(writer, progress.console)
                 stopping = self.stop_at_step is not None and self.step >= self.stop_at_step and not is_last
                 if is_last or stopping or (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0):
                     saved = self.save()
@@ -393,14 +356,19 @@ class SFTTrainer:
     def _summary(self, elapsed: float, start_step: int) -> dict[str, Any]:
         memory = self.backend.memory_stats()
         evals = self.eval_history
+        first_last = {}
+        for key in evals[0][1] if evals else {}:
+            first_last[f"{key}_first"] = evals[0][1][key]
+            first_last[f"{key}_last"] = evals[-1][1].get(key)
+        if "eval_loss_first" in first_last:
+            first_last["eval_loss_ratio"] = first_last["eval_loss_last"] / first_last["eval_loss_first"]
         return {
+            "algorithm": self.objective.name,
             "steps": self.step,
             "steps_this_session": self.step - start_step,
             "wall_time_s": round(elapsed, 2),
             "tokens_seen": self.tokens_seen,
-            "eval_loss_first": evals[0][1] if evals else None,
-            "eval_loss_last": evals[-1][1] if evals else None,
-            "eval_loss_ratio": evals[-1][1] / evals[0][1] if evals else None,
+            **first_last,
             "guard_events": self.guard.total,
             "device": self.backend.describe(),
             "layout": self.runtime.describe(),
@@ -412,3 +380,12 @@ class SFTTrainer:
             "python": sys.version.split()[0],
             "torch": torch.__version__,
         }
+
+
+class SFTTrainer(Trainer):
+    """The Trainer running supervised fine-tuning."""
+
+    def __init__(self, config: JobConfig, **kwargs: Any) -> None:
+        from polytrain.train.objectives.sft import SFTObjective
+
+        super().__init__(config, SFTObjective, **kwargs)
