@@ -7,7 +7,9 @@ checkable, which lets `make demo` score the generations):
   upper    "Uppercase: kqzt"                -> "KQZT"
   reverse  "Reverse: kqzt"                  -> "tzqk"
 
-`python scripts/make_example_data.py` rewrites examples/data/{train,eval}.jsonl and examples/tokenizer/tokenizer.json.
+`python scripts/make_example_data.py` rewrites examples/data/{train,eval}.jsonl (conversations; GRPO and
+distillation use their prompts and answers), examples/data/pref_{train,eval}.jsonl (preference pairs: the right
+answer against a plausible wrong one) and examples/tokenizer/tokenizer.json.
 The output is a pure function of the arguments; a test checks the shipped files match it.
 """
 
@@ -61,6 +63,29 @@ def make_conversations(count: int, rng: random.Random, exclude: set[str]) -> lis
     return out
 
 
+def wrong_answer(kind: str, word: str, rng: random.Random) -> str:
+    """A plausible but wrong reply: what the rejected side of a preference pair says."""
+    if kind == "count":
+        return str(len(word) + rng.choice([-1, 1, 2]))
+    if kind == "repeat":
+        return word if rng.random() < 0.5 else f"{word} {word[::-1]}"
+    if kind == "upper":
+        return word if rng.random() < 0.5 else word[: len(word) // 2].upper() + word[len(word) // 2 :]
+    return word if rng.random() < 0.5 else word[1:] + word[0]
+
+
+def preference_pairs(conversations: list[dict], rng: random.Random) -> list[dict]:
+    """{"prompt", "chosen", "rejected"} from conversations: the right answer against a plausible wrong one."""
+    pairs = []
+    for record in conversations:
+        prompt, answer = record["messages"][0]["content"], record["messages"][1]["content"]
+        word = prompt.rstrip("?").split()[-1]
+        rejected = wrong_answer(record["task"], word, rng)
+        if rejected != answer:
+            pairs.append({"task": record["task"], "prompt": prompt, "chosen": answer, "rejected": rejected})
+    return pairs
+
+
 def write_jsonl(path: Path, records: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -80,6 +105,9 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     write_jsonl(out / "data" / "train.jsonl", train)
     write_jsonl(out / "data" / "eval.jsonl", evaluation)
+    pair_rng = random.Random(args.seed + 1)  # a separate stream: the conversation files above stay unchanged
+    write_jsonl(out / "data" / "pref_train.jsonl", preference_pairs(train[:4000], pair_rng))
+    write_jsonl(out / "data" / "pref_eval.jsonl", preference_pairs(evaluation, pair_rng))
     (out / "tokenizer").mkdir(parents=True, exist_ok=True)
     build_tokenizer().save(str(out / "tokenizer" / "tokenizer.json"))
     print(f"wrote {len(train)} train and {len(evaluation)} eval conversations and the tokenizer under {out}/")

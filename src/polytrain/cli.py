@@ -23,6 +23,41 @@ examples:
 A run directory that already holds a run is never overwritten silently: pass --resume or --overwrite.
 """
 
+DPO_EPILOG = """\
+data: JSONL, one pair per line: {"prompt": "...", "chosen": "...", "rejected": "..."} (each a string, or a list
+of OpenAI-style messages). Usually starts from an SFT run: [init] from_run = "runs/my-sft".
+examples:
+  polytrain dpo examples/dpo_tiny.toml
+  polytrain dpo examples/dpo_tiny.toml --set dpo.loss=\"ipo\" --set dpo.beta=0.5
+  polytrain dpo examples/dpo_tiny.toml --precompute-reference data/pairs_with_ref.jsonl
+"""
+
+GRPO_EPILOG = """\
+data: JSONL prompts with their reference answer: {"prompt": "...", "answer": "..."} or {"messages": [..., user
+turn(s), optionally the reference assistant turn], "answer": "..."}.
+examples:
+  polytrain grpo examples/grpo_tiny.toml
+  polytrain grpo examples/grpo_tiny.toml --set grpo.preset=\"trl\" --set grpo.group_size=8
+"""
+
+TRAINING_COMMANDS = {
+    "sft": ("supervised fine-tuning on chat conversations",
+            "Supervised fine-tuning: next-token loss on assistant turns.", SFT_EPILOG),
+    "dpo": ("preference optimisation: DPO, cDPO, IPO, SimPO, ORPO",
+            "Preference optimisation on (prompt, chosen, rejected) pairs; dpo.loss picks the family member.",
+            DPO_EPILOG),
+    "rm": ("reward model: Bradley-Terry loss on preference pairs",
+           "Train a scalar reward head (on the model's last token) so chosen replies score above rejected ones.",
+           DPO_EPILOG.replace("polytrain dpo", "polytrain rm").split("examples:")[0]),
+    "grpo": ("GRPO-family RL with verifiable rewards",
+             "Group-relative policy optimisation: sample a group of replies per prompt, score them with reward "
+             "functions, and push the policy towards the better ones (PPO-clipped, optional KL to a reference).",
+             GRPO_EPILOG),
+    "distill": ("on-policy distillation from one or more teachers",
+                "The student samples replies; teachers score every sampled token; the student minimises its "
+                "reverse KL to the teachers (as a loss, or as a policy-gradient advantage).", ""),
+}
+
 GENERATE_EPILOG = """\
 examples:
   polytrain generate runs/tiny --prompt "What is 12 + 30?"
@@ -43,20 +78,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"polytrain {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    sft = commands.add_parser("sft", help="supervised fine-tuning on chat conversations",
-                              description="Supervised fine-tuning: next-token loss on assistant turns.",
-                              epilog=SFT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sft.add_argument("config", nargs="?", help="job config (TOML)")
-    sft.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override one config value, e.g. --set train.lr=3e-4 (repeatable)")
-    sft.add_argument("--resume", action="store_true", help="continue the run in run.output_dir from its newest "
-                     "checkpoint (starts from step 0 if it has none)")
-    sft.add_argument("--overwrite", action="store_true", help="delete the run already in run.output_dir first")
-    sft.add_argument("--stop-at-step", type=int, metavar="N", help="save a checkpoint and exit cleanly after step N "
-                     "(e.g. to fit a scheduler's time slot); continue later with --resume")
-    sft.add_argument("--help-config", action="store_true", help="print every config key with its default and exit")
-    sft.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
-    _add_device(sft)
+    for name, (summary, description, epilog) in TRAINING_COMMANDS.items():
+        train = commands.add_parser(name, help=summary, description=description, epilog=epilog,
+                                    formatter_class=argparse.RawDescriptionHelpFormatter)
+        train.add_argument("config", nargs="?", help="job config (TOML)")
+        train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                           help="override one config value, e.g. --set train.lr=3e-4 (repeatable)")
+        train.add_argument("--resume", action="store_true", help="continue the run in run.output_dir from its "
+                           "newest valid checkpoint (starts from step 0 if it has none)")
+        train.add_argument("--overwrite", action="store_true", help="delete the run already in run.output_dir first")
+        train.add_argument("--stop-at-step", type=int, metavar="N", help="save a checkpoint and exit cleanly after "
+                           "step N (e.g. to fit a scheduler's time slot); continue later with --resume")
+        train.add_argument("--help-config", action="store_true", help="print every config key with its default")
+        train.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
+        if name == "dpo":
+            train.add_argument("--precompute-reference", metavar="OUT.jsonl", help="write the training pairs with the "
+                               "starting model's log-probabilities (then train with dpo.reference = \"precomputed\" "
+                               "and data.train_path = OUT.jsonl: no second model in memory)")
+        _add_device(train)
 
     gen = commands.add_parser("generate", help="sample answers from a trained run",
                               description="Answer prompts with the newest checkpoint of a run (KV-cache sampler).",
@@ -131,23 +170,44 @@ def _config_reference() -> str:
     return "\n".join(lines)
 
 
-def _cmd_sft(args: argparse.Namespace) -> int:
+def _objective(name: str) -> type:
+    if name == "sft":
+        from polytrain.train.objectives.sft import SFTObjective as objective
+    elif name in ("dpo", "rm"):
+        from polytrain.train.objectives.preference import DPOObjective, RewardObjective
+
+        objective = DPOObjective if name == "dpo" else RewardObjective
+    elif name == "grpo":
+        from polytrain.train.objectives.grpo import GRPOObjective as objective
+    else:
+        from polytrain.train.objectives.distill import DistillObjective as objective
+    return objective
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
     from polytrain.config import config_to_toml, load_config
 
     if args.help_config:
         print(_config_reference())
         return 0
     if not args.config:
-        raise PolytrainError("polytrain sft: give a job config (TOML), e.g. `polytrain sft examples/sft_tiny.toml`")
-    overrides = list(args.overrides) + ([f'run.device="{args.device}"'] if args.device else [])
+        raise PolytrainError(f"polytrain {args.command}: give a job config (TOML), e.g. "
+                             f"`polytrain {args.command} examples/{args.command}_tiny.toml`")
+    overrides = [f'run.algorithm="{args.command}"', *args.overrides]
+    overrides += [f'run.device="{args.device}"'] if args.device else []
     config = load_config(args.config, overrides)
     if args.print_config:
         print(config_to_toml(config), end="")
         return 0
-    from polytrain.train.trainer import SFTTrainer
+    from polytrain.train.trainer import Trainer
 
-    summary = SFTTrainer(config, resume=args.resume, overwrite=args.overwrite, stop_at_step=args.stop_at_step).run()
-    print(json.dumps(summary, indent=2))
+    trainer = Trainer(config, _objective(args.command), resume=args.resume, overwrite=args.overwrite,
+                      stop_at_step=args.stop_at_step)
+    if getattr(args, "precompute_reference", None):
+        count = trainer.objective.precompute_reference(args.precompute_reference)
+        print(json.dumps({"out": args.precompute_reference, "pairs": count}))
+        return 0
+    print(json.dumps(trainer.run(), indent=2))
     return 0
 
 
@@ -213,8 +273,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"sft": _cmd_sft, "generate": _cmd_generate, "plot": _cmd_plot, "model": _cmd_model,
-            "convert": _cmd_convert, "export": _cmd_export}
+COMMANDS = {**dict.fromkeys(TRAINING_COMMANDS, _cmd_train), "generate": _cmd_generate, "plot": _cmd_plot,
+            "model": _cmd_model, "convert": _cmd_convert, "export": _cmd_export}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 import tomli_w
 
+from polytrain.algorithms.preference import DPOConfig
 from polytrain.backends import DEVICE_CHOICES
 from polytrain.data.chat import TEMPLATES
 from polytrain.errors import ConfigError
@@ -28,6 +29,9 @@ else:  # pragma: no cover
 
 @dataclass
 class RunConfig:
+    algorithm: Literal["sft", "dpo", "rm", "grpo", "distill"] = option(
+        "sft", "Set by the command (polytrain sft / dpo / rm / grpo / distill); a run resumes only with the same one."
+    )
     output_dir: str = option("runs/sft", "Run directory: resolved config, metrics, checkpoints, summary.json.")
     seed: int = option(0, "Seed for initialisation, data order and sampling.", ge=0)
     device: str = option("auto", "Device backend; auto picks NPU, then CUDA, then CPU.", choices=DEVICE_CHOICES)
@@ -160,12 +164,14 @@ class JobConfig:
     eval: EvalConfig = option(factory=EvalConfig)
     checkpoint: CheckpointConfig = option(factory=CheckpointConfig)
     log: LogConfig = option(factory=LogConfig)
+    dpo: DPOConfig = option(factory=DPOConfig)
     guard: GuardConfig = option(factory=GuardConfig)
     watchdog: WatchdogConfig = option(factory=WatchdogConfig)
     parallel: ParallelConfig = option(factory=ParallelConfig)
 
 
-SECTIONS = ("run", "init", "model", "data", "train", "eval", "checkpoint", "log", "guard", "watchdog", "parallel")
+SECTIONS = ("run", "init", "model", "data", "train", "eval", "checkpoint", "log", "guard", "watchdog", "parallel",
+            "dpo")
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -257,7 +257,7 @@ class Checkpointer:
 
 
 def load_checkpoint(
-    path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None
+    path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, skip: tuple[str, ...] = ()
 ) -> dict[str, Any]:
     """Load model (and optimizer) state from `path`; returns the trainer state and this rank's RNG state (None when
     the checkpoint was written by fewer ranks)."""
@@ -268,9 +268,9 @@ def load_checkpoint(
     if found:
         raise CheckpointError(f"checkpoint {path} is incomplete: {'; '.join(found)}")
     if optimizer is None:
-        state = {"model": model.state_dict()}
+        state = {"model": {k: v for k, v in model.state_dict().items() if k not in skip}}
         _dcp_quiet(dcp.load, state, checkpoint_id=str(path))
-        model.load_state_dict(state["model"])
+        model.load_state_dict(state["model"], strict=not skip)
     else:
         model_state, optim_state = get_state_dict(model, optimizer)
         state = {"model": model_state, "optim": optim_state}

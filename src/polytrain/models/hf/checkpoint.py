@@ -139,7 +139,8 @@ class HFCheckpoint:
 
 
 def load_hf_weights(
-    model: nn.Module, checkpoint: HFCheckpoint, progress: Callable[[int, int], None] | None = None
+    model: nn.Module, checkpoint: HFCheckpoint, progress: Callable[[int, int], None] | None = None,
+    skip: tuple[str, ...] = (),
 ) -> dict[str, int]:
     """Copy the checkpoint's weights into `model` (any dtype / device), tensor by tensor.
 
@@ -148,7 +149,7 @@ def load_hf_weights(
     """
     config: ModelConfig = model.config
     names = names_for(config)
-    state = model.state_dict()
+    state = {k: v for k, v in model.state_dict().items() if k not in skip}
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     used: set[str] = set()
