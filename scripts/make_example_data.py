@@ -9,7 +9,8 @@ checkable, which lets `make demo` score the generations):
 
 `python scripts/make_example_data.py` rewrites examples/data/{train,eval}.jsonl (conversations; GRPO and
 distillation use their prompts and answers), examples/data/pref_{train,eval}.jsonl (preference pairs: the right
-answer against a plausible wrong one) and examples/tokenizer/tokenizer.json.
+answer against a plausible wrong one), examples/data/count_{train,eval}.jsonl (the counting prompts as
+{"prompt", "answer"} records: the verifiable task of the GRPO example) and examples/tokenizer/tokenizer.json.
 The output is a pure function of the arguments; a test checks the shipped files match it.
 """
 
@@ -86,6 +87,11 @@ def preference_pairs(conversations: list[dict], rng: random.Random) -> list[dict
     return pairs
 
 
+def prompt_answers(conversations: list[dict], task: str) -> list[dict]:
+    return [{"prompt": c["messages"][0]["content"], "answer": c["messages"][1]["content"]}
+            for c in conversations if c["task"] == task]
+
+
 def write_jsonl(path: Path, records: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -108,6 +114,8 @@ def main(argv: list[str] | None = None) -> None:
     pair_rng = random.Random(args.seed + 1)  # a separate stream: the conversation files above stay unchanged
     write_jsonl(out / "data" / "pref_train.jsonl", preference_pairs(train[:4000], pair_rng))
     write_jsonl(out / "data" / "pref_eval.jsonl", preference_pairs(evaluation, pair_rng))
+    for name, rows in (("count_train", train), ("count_eval", evaluation)):
+        write_jsonl(out / "data" / f"{name}.jsonl", prompt_answers(rows, "count"))
     (out / "tokenizer").mkdir(parents=True, exist_ok=True)
     build_tokenizer().save(str(out / "tokenizer" / "tokenizer.json"))
     print(f"wrote {len(train)} train and {len(evaluation)} eval conversations and the tokenizer under {out}/")

@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 import tomli_w
 
+from polytrain.algorithms.distill import DistillConfig
+from polytrain.algorithms.grpo import GRPOConfig, grpo_table
 from polytrain.algorithms.preference import DPOConfig
 from polytrain.backends import DEVICE_CHOICES
 from polytrain.data.chat import TEMPLATES
@@ -57,8 +59,13 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     steps: int = option(200, "Optimizer steps.", ge=1)
-    global_batch_size: int = option(32, "Conversations per optimizer step (over all ranks and micro-batches).", ge=1)
-    micro_batch_size: int = option(8, "Conversations per forward pass on one rank.", ge=1)
+    global_batch_size: int = option(
+        32, "Items per optimizer step over all ranks and micro-batches: conversations (sft), pairs (dpo, rm), or "
+        "prompts per rollout (grpo, distill: each sampled group_size times).", ge=1
+    )
+    micro_batch_size: int = option(
+        8, "Items per forward pass on one rank (grpo / distill: completions).", ge=1
+    )
     lr: float = option(1e-3, "Peak learning rate.", gt=0)
     min_lr_ratio: float = option(0.1, "Cosine decay floor, as a fraction of the peak.", ge=0, le=1)
     warmup_steps: int = option(10, "Linear warm-up steps.", ge=0)
@@ -74,13 +81,6 @@ class TrainConfig:
     router_bias_update_rate: float = option(
         1e-3, "Aux-loss-free balancing speed (gamma, DeepSeek-V3 report): bias step per optimizer step.", ge=0
     )
-
-    def validate(self) -> None:
-        if self.global_batch_size % self.micro_batch_size:
-            raise ConfigError(
-                f"`train.global_batch_size` ({self.global_batch_size}) must be a multiple of "
-                f"`train.micro_batch_size` ({self.micro_batch_size})"
-            )
 
 
 @dataclass
@@ -165,13 +165,15 @@ class JobConfig:
     checkpoint: CheckpointConfig = option(factory=CheckpointConfig)
     log: LogConfig = option(factory=LogConfig)
     dpo: DPOConfig = option(factory=DPOConfig)
+    grpo: GRPOConfig = option(factory=GRPOConfig)
+    distill: DistillConfig = option(factory=DistillConfig)
     guard: GuardConfig = option(factory=GuardConfig)
     watchdog: WatchdogConfig = option(factory=WatchdogConfig)
     parallel: ParallelConfig = option(factory=ParallelConfig)
 
 
 SECTIONS = ("run", "init", "model", "data", "train", "eval", "checkpoint", "log", "guard", "watchdog", "parallel",
-            "dpo")
+            "dpo", "grpo", "distill")
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -238,7 +240,15 @@ def build_config(data: dict[str, Any], base_dir: Path | None = None) -> JobConfi
         raise ConfigError("`model` must be a table of settings")
     if "data" not in data:
         raise ConfigError("missing [data] section: set at least `data.train_path` and `data.tokenizer`")
+    grpo = data.get("grpo", {})
+    if isinstance(grpo, dict):
+        data["grpo"] = grpo_table(grpo)
     config = from_dict(JobConfig, {**data, "model": {"preset": "tiny"}}, "")
+    config.grpo.validate()
+    train = config.train
+    if config.run.algorithm in ("sft", "dpo", "rm") and train.global_batch_size % train.micro_batch_size:
+        raise ConfigError(f"`train.global_batch_size` ({train.global_batch_size}) must be a multiple of "
+                          f"`train.micro_batch_size` ({train.micro_batch_size})")
     config.init.hf_path = _resolve(config.init.hf_path, base_dir)
     config.init.from_run = _resolve(config.init.from_run, base_dir)
     config.model = _model_config(model_table, config.init)

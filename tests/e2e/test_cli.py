@@ -177,5 +177,6 @@ def test_shipped_example_data_is_what_the_generator_makes(tmp_path):
     subprocess.run([sys.executable, str(ROOT / "scripts" / "make_example_data.py"), "--out", str(tmp_path)],
                    check=True, capture_output=True, cwd=ROOT)
     for name in ("data/train.jsonl", "data/eval.jsonl", "data/pref_train.jsonl", "data/pref_eval.jsonl",
+                 "data/count_train.jsonl", "data/count_eval.jsonl",
                  "tokenizer/tokenizer.json"):
         assert (tmp_path / name).read_bytes() == (EXAMPLES / name).read_bytes(), name

@@ -41,10 +41,16 @@ def route(
         expert_mask = group_mask.repeat_interleave(num_experts // n_group, dim=1)
         choice = choice.masked_fill(~expert_mask, float("-inf"))
     indices = choice.topk(top_k, dim=-1).indices
+    return expert_weights(scores, indices, norm_topk_prob, scaling_factor), indices
+
+
+def expert_weights(scores: torch.Tensor, indices: torch.Tensor, norm_topk_prob: bool,
+                   scaling_factor: float) -> torch.Tensor:
+    """The chosen experts' (unbiased) scores, renormalised to sum to 1 when `norm_topk_prob`, times the scale."""
     weights = scores.gather(1, indices)
     if norm_topk_prob:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-    return weights * scaling_factor, indices
+    return weights * scaling_factor
 
 
 def in_backward() -> bool:
@@ -96,6 +102,10 @@ class Router(nn.Module):
         self.register_buffer("e_score_correction_bias", torch.zeros(config.n_routed_experts, dtype=torch.float32))
         self.register_buffer("expert_load", torch.zeros(config.n_routed_experts, dtype=torch.float32), persistent=False)
         self.aux_loss: torch.Tensor | None = None
+        self.routing_record: list[torch.Tensor] | None = None
+        """When a list: every forward appends its chosen experts [N, k] (routing replay, while sampling)."""
+        self.routing_override: tuple[torch.Tensor, torch.Tensor] | None = None
+        """(experts [N, k], known [N]): use these experts where `known` (routing replay, while training)."""
 
     def forward(
         self, x: torch.Tensor, rows: int = 1, token_mask: torch.Tensor | None = None
@@ -116,6 +126,12 @@ class Router(nn.Module):
             cfg.norm_topk_prob,
             cfg.routed_scaling_factor,
         )
+        if self.routing_override is not None:
+            forced, known = self.routing_override
+            indices = torch.where(known.unsqueeze(-1), forced.to(indices.device), indices)
+            weights = expert_weights(scores, indices, cfg.norm_topk_prob, cfg.routed_scaling_factor)
+        if self.routing_record is not None:
+            self.routing_record.append(indices.detach().cpu())
         if self.training and not in_backward():  # activation recomputation must not count tokens twice
             with torch.no_grad():
                 counted = indices if token_mask is None else indices[token_mask.flatten()]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -18,8 +19,13 @@ class SamplingConfig:
     seed: int = 0
 
 
-def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
-    """Next token per row of `logits` [B, V]."""
+Generators = torch.Generator | list[torch.Generator] | None
+
+
+def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: Generators) -> torch.Tensor:
+    """Next token per row of `logits` [B, V]. With one generator per row, each row draws its own uniform and
+    inverts its CDF, so a row's sample does not depend on which other rows share the batch (rollouts are then
+    the same for any data-parallel layout or batch split)."""
     if cfg.temperature <= 0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits.float() / cfg.temperature, dim=-1)
@@ -29,16 +35,41 @@ def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Gene
         outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= cfg.top_p
         sorted_probs = sorted_probs.masked_fill(outside, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    if isinstance(generator, list):
+        u = torch.cat([torch.rand(1, generator=g, device=g.device) for g in generator]).to(probs.device)
+        cdf = probs.cumsum(dim=-1)
+        token = (cdf < (u * cdf[:, -1]).unsqueeze(-1)).sum(dim=-1)
+        return token.clamp(max=probs.shape[-1] - 1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def generators(cfg: SamplingConfig, device: torch.device, batch: int, row_seeds: list[int] | None) -> Generators:
+    if cfg.temperature <= 0:
+        return None
+    if row_seeds is not None:
+        return [torch.Generator(device=device).manual_seed(s) for s in row_seeds]
+    return torch.Generator(device=device).manual_seed(cfg.seed)
+
+
+KeepGoing = Callable[[bool], bool]
+"""Given whether this process still has unfinished rows, whether to run another decoding step. Data-parallel
+sharded models pass an all-ranks 'any' so every rank runs the same number of forwards (their collectives pair up)."""
+
+
+def _alone(any_left: bool) -> bool:
+    return any_left
+
+
 @torch.no_grad()
-def generate(
-    model: CausalLM, prompts: list[list[int]], cfg: SamplingConfig, stop_ids: set[int], pad_id: int = 0
-) -> list[list[int]]:
-    """New tokens for each prompt (stop token excluded). Prompts are left-padded into one batch."""
+def sample(
+    model: CausalLM, prompts: list[list[int]], cfg: SamplingConfig, stop_ids: set[int], pad_id: int = 0,
+    keep_going: KeepGoing = _alone, row_seeds: list[int] | None = None,
+) -> tuple[list[list[int]], list[bool]]:
+    """(new tokens per prompt with the stop token included when one was sampled, whether each row stopped).
+    Prompts are left-padded into one batch; finished rows keep decoding padding until every row is done.
+    `row_seeds`: one sampling seed per row (layout-independent sampling) instead of `cfg.seed` for the batch."""
     if not model.supports_kv_cache:
-        return _generate_without_cache(model, prompts, cfg, stop_ids, pad_id)
+        return _sample_without_cache(model, prompts, cfg, stop_ids, pad_id, keep_going, row_seeds)
     device = model.embed_tokens.weight.device
     batch, longest = len(prompts), max(len(p) for p in prompts)
     input_ids = torch.full((batch, longest), pad_id, dtype=torch.long, device=device)
@@ -48,38 +79,47 @@ def generate(
         valid[i, longest - len(prompt) :] = True
     positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)
     cache = model.new_cache(batch, longest + cfg.max_new_tokens)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.temperature > 0 else None
+    generator = generators(cfg, device, batch, row_seeds)
 
     was_training = model.training
     model.eval()
     logits = model(input_ids, position_ids=positions, cache=cache, valid=valid)[:, -1]
     next_pos = positions[:, -1] + 1
     outputs: list[list[int]] = [[] for _ in range(batch)]
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
-    for _ in range(cfg.max_new_tokens):
+    done = [False] * batch
+    for step in range(cfg.max_new_tokens):
         token = sample_next(logits, cfg, generator)
-        for i in range(batch):
+        for i, value in enumerate(token.tolist()):
             if not done[i]:
-                if int(token[i]) in stop_ids:
-                    done[i] = True
-                else:
-                    outputs[i].append(int(token[i]))
-        if bool(done.all()):
+                outputs[i].append(value)
+                done[i] = value in stop_ids
+        if step == cfg.max_new_tokens - 1 or not keep_going(not all(done)):
             break
-        logits = model(token[:, None], position_ids=next_pos[:, None], cache=cache, valid=~done[:, None])[:, -1]
+        alive = torch.tensor([not d for d in done], device=device)
+        logits = model(token[:, None], position_ids=next_pos[:, None], cache=cache, valid=alive[:, None])[:, -1]
         next_pos = next_pos + 1
     model.train(was_training)
-    return outputs
+    return outputs, done
 
 
 @torch.no_grad()
-def _generate_without_cache(
-    model: CausalLM, prompts: list[list[int]], cfg: SamplingConfig, stop_ids: set[int], pad_id: int
+def generate(
+    model: CausalLM, prompts: list[list[int]], cfg: SamplingConfig, stop_ids: set[int], pad_id: int = 0
 ) -> list[list[int]]:
+    """New tokens for each prompt, the stop token excluded."""
+    tokens, finished = sample(model, prompts, cfg, stop_ids, pad_id)
+    return [t[:-1] if f else t for t, f in zip(tokens, finished)]
+
+
+@torch.no_grad()
+def _sample_without_cache(
+    model: CausalLM, prompts: list[list[int]], cfg: SamplingConfig, stop_ids: set[int], pad_id: int,
+    keep_going: KeepGoing, row_seeds: list[int] | None,
+) -> tuple[list[list[int]], list[bool]]:
     """Recompute the whole sequence for every new token (models without a KV cache, e.g. DeepSeek-V4 here).
     Rows are right-padded, so padding never precedes a real token and causal attention ignores it."""
     device = model.embed_tokens.weight.device
-    generator = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.temperature > 0 else None
+    generator = generators(cfg, device, len(prompts), row_seeds)
     sequences = [list(p) for p in prompts]
     outputs: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
@@ -93,16 +133,12 @@ def _generate_without_cache(
         last = torch.tensor([len(s) - 1 for s in sequences], device=device)
         logits = model(batch)[torch.arange(len(sequences), device=device), last]
         token = sample_next(logits, cfg, generator)
-        for i in range(len(sequences)):
-            if done[i]:
-                continue
-            value = int(token[i])
-            if value in stop_ids:
-                done[i] = True
-            else:
+        for i, value in enumerate(token.tolist()):
+            if not done[i]:
                 outputs[i].append(value)
                 sequences[i].append(value)
-        if all(done):
+                done[i] = value in stop_ids
+        if not keep_going(not all(done)):
             break
     model.train(was_training)
-    return outputs
+    return outputs, done

@@ -39,8 +39,9 @@ class GuardEvent:
 
 
 class Guard:
-    def __init__(self, cfg: Any, events_path: Path | None) -> None:  # cfg: GuardConfig
+    def __init__(self, cfg: Any, events_path: Path | None, watch_spikes: bool = True) -> None:  # cfg: GuardConfig
         self.cfg = cfg
+        self.watch_spikes = watch_spikes
         self.events_path = events_path
         self.history: deque[float] = deque(maxlen=cfg.spike_window)
         self.consecutive = 0
@@ -55,7 +56,7 @@ class Guard:
             kind = "nonfinite_loss"
         elif not math.isfinite(grad_norm):
             kind = "nonfinite_grad"
-        elif self.cfg.spike_zscore > 0 and len(self.history) >= self.cfg.spike_min_history:
+        elif self.watch_spikes and self.cfg.spike_zscore > 0 and len(self.history) >= self.cfg.spike_min_history:
             mean = sum(self.history) / len(self.history)
             std = math.sqrt(sum((x - mean) ** 2 for x in self.history) / len(self.history))
             z = (loss - mean) / (std + 1e-8)

@@ -70,7 +70,6 @@ class Trainer:
         self.console = (console or Console(stderr=True)) if main else Console(file=io.StringIO(), quiet=True)
         self.device = self.backend.device()
         self.amp_dtype = resolve_precision(config.run.precision, self.backend)
-        self._check_layout()
         self.per_rank = config.train.global_batch_size // self.runtime.dp_size
 
         data = config.data
@@ -80,6 +79,7 @@ class Trainer:
         self.batches = BatchMaker(data.max_seq_len, data.packing, config.train.micro_batch_size, multiple,
                                   self.device)
         self.objective = objective(self)
+        self._check_layout()
         if self.runtime.dims.pp > 1 and not self.objective.supports_pipeline:
             raise ConfigError(f"parallel.pp > 1 is not supported for {self.objective.name} yet")
         self.objective.load_data()
@@ -101,7 +101,7 @@ class Trainer:
         self.resume_from = self.checkpointer.latest_valid(ckpt.verify_on_resume) if resume else None
         if resume and self.resume_from is None:
             self._warn(f"--resume: no usable checkpoint in {self.checkpointer.root}; starting from step 0")
-        self.guard = Guard(config.guard, self.run_dir / EVENTS_FILE)
+        self.guard = Guard(config.guard, self.run_dir / EVENTS_FILE, watch_spikes=self.objective.watch_loss_spikes)
         wd = config.watchdog
         self.watchdog = Watchdog(self.run_dir / f"hang_rank{self.runtime.rank}.txt", wd.step_timeout_s > 0)
 
@@ -123,12 +123,7 @@ class Trainer:
 
     def _check_layout(self) -> None:
         config, dims = self.config, self.runtime.dims
-        train = config.train
-        if train.global_batch_size % (self.runtime.dp_size * train.micro_batch_size):
-            raise ConfigError(
-                f"train.global_batch_size = {train.global_batch_size} must be a multiple of data-parallel ranks x "
-                f"train.micro_batch_size = {self.runtime.dp_size} x {train.micro_batch_size}"
-            )
+        self.objective.check_layout(self.runtime.dp_size)
         if dims.tp > 1 and dims.pp > 1 and config.parallel.sequence_parallel and config.data.max_seq_len % dims.tp:
             raise ConfigError(f"data.max_seq_len = {config.data.max_seq_len} must be a multiple of parallel.tp = "
                               f"{dims.tp} for sequence parallelism inside pipeline stages")
@@ -283,8 +278,9 @@ class Trainer:
         interactive = cfg.log.progress and self.console.is_terminal
         quiet_every = max(cfg.log.every, math.ceil(cfg.train.steps / 20))
         progress = Progress(
-            TextColumn("[bold]sft"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
-            TimeElapsedColumn(), TimeRemainingColumn(), console=self.console, disable=not interactive,
+            TextColumn(f"[bold]{self.objective.name}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.description}"), TimeElapsedColumn(), TimeRemainingColumn(), console=self.console,
+            disable=not interactive,
         )
         with StopRequest() as stop, progress:
             task = progress.add_task("", total=cfg.train.steps, completed=self.step)
@@ -321,7 +317,9 @@ class Trainer:
                 is_last = self.step == cfg.train.steps
                 if is_last or (cfg.eval.every and self.step % cfg.eval.every == 0):
                     self._log_eval(writer, progress.console)
-                stopping = self.stop_at_step is not None and self.step >= self.stop_at_step and not is_last
+                boundary = self.objective.can_stop_after(self.step)
+                stopping = (self.stop_at_step is not None and self.step >= self.stop_at_step and not is_last
+                            and boundary)
                 if is_last or stopping or (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0):
                     saved = self.save()
                     if is_last and not (saved and self.checkpointer.wait()):
@@ -334,7 +332,7 @@ class Trainer:
                     self.console.print(f"stopped after step {self.step} (--stop-at-step); continue with --resume")
                     break
                 # every rank must agree to stop at the same step, or the final save would not match up
-                if not self.runtime.all_agree(stop.signal_name is None) and not is_last:
+                if boundary and not is_last and not self.runtime.all_agree(stop.signal_name is None):
                     if self.step > last_saved:
                         self.save()
                     self.checkpointer.wait()

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from polytrain.errors import ConfigError
 from polytrain.models.transformer import build_model
 
 if TYPE_CHECKING:
@@ -29,6 +30,8 @@ class Objective:
     name = "objective"
     sum_keys: tuple[str, ...] = ("loss_sum",)
     supports_pipeline = False
+    watch_loss_spikes = True
+    """Whether the guard's loss-spike check applies (non-finite checks always do)."""
 
     def __init__(self, trainer: Trainer) -> None:
         self.trainer = trainer
@@ -37,6 +40,15 @@ class Objective:
         self.eval_items: list[Any] | None = None
 
     # ---------------------------------------------------------------------------------------------- set-up
+    def check_layout(self, dp: int) -> None:
+        """Fail early when the step's items cannot be split over `dp` ranks and micro-batches."""
+        train = self.config.train
+        if train.global_batch_size % (dp * train.micro_batch_size):
+            raise ConfigError(
+                f"train.global_batch_size = {train.global_batch_size} must be a multiple of data-parallel ranks x "
+                f"train.micro_batch_size = {dp} x {train.micro_batch_size}"
+            )
+
     def load_data(self) -> None:
         raise NotImplementedError
 
@@ -83,6 +95,10 @@ class Objective:
 
     def stats(self, sums: dict[str, float], ctx: Any) -> dict[str, float]:
         raise NotImplementedError
+
+    def can_stop_after(self, step: int) -> bool:
+        """Whether a checkpoint after `step` captures everything (RL: only between rollouts)."""
+        return True
 
     def end_step(self, step: int) -> None:
         """After the optimizer step (e.g. push weights to a rollout engine)."""

@@ -1,0 +1,138 @@
+"""GRPO-family policy optimisation: group-relative advantages, the PPO clipped surrogate, KL to a reference,
+and the loss-aggregation modes in which frameworks silently differ.
+
+Notation (per completion token t of completion i): lp = log pi_theta, old = behaviour-policy log-prob (stored at
+rollout time), ref = reference log-prob, m = completion mask, A_i = advantage of completion i.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from polytrain.errors import ConfigError, closest
+from polytrain.schema import option
+
+AGGREGATIONS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "constant")
+
+
+@dataclass
+class GRPOConfig:
+    preset: str = option("verl", "Defaults of a framework: verl, trl, dr_grpo, dapo (keys set here override).")
+    group_size: int = option(4, "Completions sampled per prompt (G).", ge=2)
+    epochs: int = option(1, "Passes of optimisation over each rollout batch (old log-probs stored at rollout).", ge=1)
+    minibatches: int = option(1, "Optimizer steps per pass: train.global_batch_size prompts x G completions are "
+                              "split into this many.", ge=1)
+    max_new_tokens: int = option(32, "Longest completion.", ge=1)
+    temperature: float = option(1.0, "Sampling temperature of rollouts.", gt=0)
+    top_p: float = option(1.0, "Nucleus sampling mass of rollouts.", gt=0, le=1)
+    stop: list[str] = option([], "Extra strings that end a completion (the chat template's end-of-turn always does).")
+    rewards: list[str] = option(
+        ["exact_match"], "Reward functions, summed: built-in names (exact_match, similarity, clean_stop) or "
+        "'module:function' callables f(completion, answer, prompt, finished) -> float."
+    )
+    reward_weights: list[float] = option([], "One weight per reward function (default 1 each).")
+    on_reward_error: Literal["zero", "stop"] = option(
+        "zero", "A reward function that raises or returns NaN: score 0 and log the sample (zero), or stop the run."
+    )
+    scale_rewards: Literal["group", "batch", "none"] = option(
+        "group", "Advantage = (r - group mean) / (std + eps) with the group's std (group), the batch's (batch), or "
+        "no division (none: Dr. GRPO)."
+    )
+    advantage_eps: float = option(1e-6, "eps of the advantage normalisation (verl 1e-6, TRL 1e-4).", gt=0)
+    clip_low: float = option(0.2, "PPO ratio clip below: 1 - clip_low.", ge=0)
+    clip_high: float = option(0.2, "PPO ratio clip above: 1 + clip_high (DAPO: 0.28).", ge=0)
+    dual_clip: float = option(0.0, "Dual-clip c for negative advantages (verl 3.0); 0 = off.", ge=0)
+    kl_coef: float = option(0.0, "Coefficient of the KL-to-reference loss term (0: no reference model).", ge=0)
+    kl_estimator: Literal["k1", "k2", "k3"] = option("k3", "k1 = d, k2 = d^2/2, k3 = exp(-d) + d - 1, d = lp - ref.")
+    loss_aggregation: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "constant"] = option(
+        "token-mean", "token-mean: over every completion token of the step (verl default, TRL 'dapo'); "
+        "seq-mean-token-mean: original GRPO; seq-mean-token-sum; constant: sum / (completions x max_new_tokens), "
+        "Dr. GRPO."
+    )
+    routing_replay: bool = option(
+        False, "MoE routing replay (R3): record the experts chosen while sampling and use them when computing the "
+        "training log-probs, so trainer and sampler agree on the routing."
+    )
+    engine: str = option("builtin", "Rollout engine: builtin (the policy's KV-cache sampler) or 'module:Class' "
+                         "implementing polytrain.rollout.engine.RolloutEngine (e.g. a vLLM client).")
+
+    def validate(self) -> None:
+        if self.reward_weights and len(self.reward_weights) != len(self.rewards):
+            raise ConfigError(f"grpo.reward_weights has {len(self.reward_weights)} entries for "
+                              f"{len(self.rewards)} reward functions")
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # verl core_algos / ppo_trainer.yaml defaults
+    "verl": dict(scale_rewards="group", advantage_eps=1e-6, clip_low=0.2, clip_high=0.2, dual_clip=3.0, kl_coef=0.0,
+                 kl_estimator="k3", loss_aggregation="token-mean"),
+    # TRL GRPOConfig defaults (loss_type "dapo" = token-mean over the accumulated batch, beta 0)
+    "trl": dict(scale_rewards="group", advantage_eps=1e-4, clip_low=0.2, clip_high=0.2, dual_clip=0.0, kl_coef=0.0,
+                kl_estimator="k3", loss_aggregation="token-mean"),
+    # Dr. GRPO: no std normalisation, constant normaliser, no KL
+    "dr_grpo": dict(scale_rewards="none", clip_low=0.2, clip_high=0.2, dual_clip=0.0, kl_coef=0.0,
+                    loss_aggregation="constant"),
+    # DAPO: clip-higher, token-mean, no KL
+    "dapo": dict(scale_rewards="group", advantage_eps=1e-6, clip_low=0.2, clip_high=0.28, dual_clip=0.0,
+                 kl_coef=0.0, loss_aggregation="token-mean"),
+}
+
+
+def grpo_table(table: dict[str, Any]) -> dict[str, Any]:
+    """A `[grpo]` table with its preset's values filled in under the keys it sets itself."""
+    preset = table.get("preset", "verl")
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown grpo.preset `{preset}`{closest(preset, PRESETS)}; presets: {', '.join(PRESETS)}")
+    return {**PRESETS[preset], **table}
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str, eps: float) -> torch.Tensor:
+    """Per-completion advantage: reward minus its group's mean, divided by the (Bessel) std of the group or of
+    the whole batch, plus eps; `none` leaves the difference undivided. `rewards` holds whole groups in order."""
+    groups = rewards.view(-1, group_size)
+    centred = groups - groups.mean(dim=1, keepdim=True)
+    if scale == "group":
+        centred = centred / (groups.std(dim=1, keepdim=True) + eps)
+    elif scale == "batch":
+        centred = centred / (rewards.std() + eps)
+    return centred.flatten()
+
+
+def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-token estimate of KL(pi || ref) from the sampled token; d is clamped to [-20, 20] and k3 to [-10, 10]
+    (as verl and OpenRLHF) so one extreme token cannot produce inf."""
+    d = (logp - ref_logp).clamp(-20, 20)
+    if kind == "k1":
+        return d
+    if kind == "k2":
+        return 0.5 * d * d
+    return (torch.exp(-d) + d - 1).clamp(-10, 10)
+
+
+def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, clip_low: float,
+                      clip_high: float, dual_clip: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-token PPO loss, per-token indicator that clipping was active). advantages broadcast over tokens."""
+    ratio = torch.exp((logp - old_logp).clamp(-20, 20))
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - clip_low, 1 + clip_high)
+    loss = torch.maximum(unclipped, clipped)
+    if dual_clip > 0:
+        loss = torch.where(advantages < 0, torch.minimum(loss, -advantages * dual_clip), loss)
+    return loss, (clipped > unclipped).float()
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, global_tokens: float, global_seqs: float,
+              max_new_tokens: int) -> torch.Tensor:
+    """This micro-batch's share of the step's loss. per_token / mask: [completions, T]. Normalisers cover the whole
+    optimizer step (all ranks and micro-batches), so the shares add up to exactly the global value."""
+    masked = per_token * mask
+    if mode == "token-mean":
+        return masked.sum() / global_tokens
+    if mode == "seq-mean-token-sum":
+        return masked.sum() / global_seqs
+    if mode == "seq-mean-token-mean":
+        return (masked.sum(dim=1) / mask.sum(dim=1).clamp(min=1)).sum() / global_seqs
+    return masked.sum() / (global_seqs * max_new_tokens)
