@@ -23,8 +23,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def write_job(root: Path, model: str = 'preset = "tiny"', extra: str = "", samples: int = 64) -> Path:
-    lines = (EXAMPLES / "data" / "train.jsonl").read_text().splitlines()[:samples]
+def write_job(root: Path, model: str = 'preset = "tiny"', extra: str = "", samples: int = 64,
+              data: str = "train.jsonl") -> Path:
+    lines = (EXAMPLES / "data" / data).read_text().splitlines()[:samples]
     (root / "train.jsonl").write_text("\n".join(lines) + "\n")
     job = root / "job.toml"
     job.write_text(f"""
@@ -56,9 +57,9 @@ progress = false
 
 
 def run(job: Path, out: Path, world: int, *overrides: str, timeout: int = TIMEOUT_S, flags: tuple[str, ...] = (),
-        extra_env: dict[str, str] | None = None) -> None:
+        extra_env: dict[str, str] | None = None, command: str = "sft") -> None:
     """One run of the job in `out` with `world` processes; raises with every rank's stderr on failure."""
-    args = [sys.executable, "-m", "polytrain", "sft", str(job), "--set", f'run.output_dir="{out}"',
+    args = [sys.executable, "-m", "polytrain", command, str(job), "--set", f'run.output_dir="{out}"',
             "--set", "parallel.collective_timeout_s=60", *[a for o in overrides for a in ("--set", o)], *flags]
     port = free_port()
     procs = []
@@ -85,7 +86,7 @@ def run(job: Path, out: Path, world: int, *overrides: str, timeout: int = TIMEOU
 
 def metric(out: Path, key: str) -> list[float]:
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r[key] for r in records if "loss" in r]
+    return [r[key] for r in records if "loss" in r and key in r]
 
 
 def losses(out: Path) -> list[float]:

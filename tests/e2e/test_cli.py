@@ -18,9 +18,9 @@ from tests.conftest import EXAMPLES, ROOT, TOKENIZER
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def polytrain(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+def polytrain(*args: str, check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     result = subprocess.run([sys.executable, "-m", "polytrain", *args], capture_output=True, text=True, cwd=ROOT,
-                            env=ENV, timeout=300)
+                            env={**ENV, **(env or {})}, timeout=300)
     if check and result.returncode != 0:
         raise AssertionError(f"polytrain {' '.join(args)} exited {result.returncode}:\n{result.stderr[-3000:]}")
     return result

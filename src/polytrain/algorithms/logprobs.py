@@ -19,7 +19,7 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def batch_logprobs(model: nn.Module, batch: Batch) -> torch.Tensor:
     """Per-token log-probabilities of `batch.labels` under `model` (one sequence per row, right padding)."""
-    logits = model(batch.input_ids, position_ids=batch.position_ids)
+    logits = model(batch.input_ids, position_ids=batch.position_ids, token_mask=batch.doc_ids >= 0)
     return token_logprobs(logits, batch.labels)
 
 

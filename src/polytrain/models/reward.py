@@ -21,9 +21,10 @@ class RewardModel(CausalLM):
         self.score_head = nn.Linear(config.hidden_size, 1, bias=False)
 
     def reward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None, last_index: torch.Tensor,
-               doc_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Scalar reward [B] of each row, read at `last_index` [B] (the last real token)."""
-        hidden = self.hidden_states(input_ids, position_ids, doc_ids)
+               doc_ids: torch.Tensor | None = None, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Scalar reward [B] of each row, read at `last_index` [B] (the last real token). token_mask: False on
+        padding (kept out of the expert load)."""
+        hidden = self.hidden_states(input_ids, position_ids, doc_ids, token_mask=token_mask)
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         return self.score_head(hidden[rows, last_index]).squeeze(-1).float()
 

@@ -171,14 +171,16 @@ class CausalLM(nn.Module):
         doc_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
         valid: torch.Tensor | None = None,
+        token_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits [B, T, V] of the main model for `input_ids` [B, T].
 
         position_ids [B, T]: rotary positions (restart at 0 per packed document); defaults to 0..T-1 after the cache.
         doc_ids [B, T]: document of each token when several are packed in one row (training).
         cache / valid [B, T]: incremental decoding; `valid` marks real tokens (False = left padding).
+        token_mask [B, T]: False on padding, which then never counts in the expert load (training).
         """
-        return self.lm_head(self.hidden_states(input_ids, position_ids, doc_ids, cache, valid))
+        return self.lm_head(self.hidden_states(input_ids, position_ids, doc_ids, cache, valid, token_mask))
 
     def hidden_states(
         self,
@@ -187,9 +189,10 @@ class CausalLM(nn.Module):
         doc_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
         valid: torch.Tensor | None = None,
+        token_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The final-norm hidden states [B, T, hidden] (what the output head multiplies)."""
-        return self.norm(self._trunk(input_ids, position_ids, doc_ids, cache, valid)[0])
+        return self.norm(self._trunk(input_ids, position_ids, doc_ids, cache, valid, token_mask)[0])
 
     def forward_train(
         self,

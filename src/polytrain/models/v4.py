@@ -104,8 +104,9 @@ class V4CausalLM(nn.Module):
         doc_ids: torch.Tensor | None = None,
         cache: object | None = None,
         valid: torch.Tensor | None = None,
+        token_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self.lm_head(self.hidden_states(input_ids, position_ids, doc_ids, cache, valid))
+        return self.lm_head(self.hidden_states(input_ids, position_ids, doc_ids, cache, valid, token_mask))
 
     def hidden_states(
         self,
@@ -114,10 +115,11 @@ class V4CausalLM(nn.Module):
         doc_ids: torch.Tensor | None = None,
         cache: object | None = None,
         valid: torch.Tensor | None = None,
+        token_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if cache is not None:
             raise NotImplementedError("DeepSeek-V4 models decode without a KV cache in polytrain (yet)")
-        streams, _, _ = self._streams(input_ids, position_ids, doc_ids)
+        streams, _, _ = self._streams(input_ids, position_ids, doc_ids, token_mask)
         return self.norm(self.hc_head(streams))
 
     def forward_train(

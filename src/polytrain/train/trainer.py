@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from polytrain.backends import Backend, get_backend
@@ -129,7 +130,8 @@ class Trainer:
                               f"{dims.tp} for sequence parallelism inside pipeline stages")
 
     def warn(self, message: str) -> None:
-        self.console.print(f"[yellow]{message}[/]")
+        """A yellow console line, never re-wrapped or read as markup (messages quote user text)."""
+        self.console.print(f"[yellow]{escape(message)}[/]", soft_wrap=True)
 
     _warn = warn
 

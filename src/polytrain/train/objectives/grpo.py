@@ -249,7 +249,7 @@ class RolloutObjective(Objective):
 
     def logits(self, model: nn.Module, rollouts: list[Rollout], batch: Batch) -> torch.Tensor:
         with replayed(model, self.routing_for(rollouts, batch)), self.trainer.autocast():
-            return model(batch.input_ids, position_ids=batch.position_ids)
+            return model(batch.input_ids, position_ids=batch.position_ids, token_mask=batch.doc_ids >= 0)
 
     def per_token(self, batch: Batch, rollouts: list[Rollout], attr: str) -> torch.Tensor:
         """A stored per-completion-token value laid out like `batch.labels` (0 elsewhere)."""
@@ -365,10 +365,8 @@ class GRPOObjective(RolloutObjective):
             for f in failures:
                 failed += 1
                 if failed <= 3:
-                    self.trainer.console.print(
-                        f"[yellow]reward `{f.reward}` failed at step {step + 1} ({f.error}) on prompt "
-                        f"{f.prompt!r}, completion {f.completion!r}: scored 0[/]", markup=False
-                    )
+                    self.trainer.warn(f"reward `{f.reward}` failed at step {step + 1} ({f.error}) on prompt "
+                                      f"{f.prompt!r}, completion {f.completion!r}: scored 0")
                 with path.open("a") as handle:
                     handle.write(json.dumps({"step": step + 1, "rank": self.trainer.runtime.rank, **f.__dict__})
                                  + "\n")

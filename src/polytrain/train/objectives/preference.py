@@ -189,7 +189,7 @@ class RewardObjective(PairObjective):
         n = len(pairs)
         batch = self.pair_batch(pairs)
         last = (batch.doc_ids >= 0).sum(dim=1) - 1
-        reward = model.reward(batch.input_ids, batch.position_ids, last)
+        reward = model.reward(batch.input_ids, batch.position_ids, last, token_mask=batch.doc_ids >= 0)
         return reward[:n], reward[n:], batch
 
     def loss(self, model: nn.Module, micro: list[PreferencePair], ctx: dict) -> tuple[torch.Tensor, dict, int]:
