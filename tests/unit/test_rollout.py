@@ -156,3 +156,18 @@ def raising(completion, answer, prompt, finished):
 
 def nan(completion, answer, prompt, finished):
     return float("nan")
+
+
+def test_stop_strings_cut_the_completion_after_the_token_that_completes_them(chat):
+    from types import SimpleNamespace
+
+    from polytrain.train.objectives.grpo import RolloutObjective
+
+    tokenizer, _ = chat
+    objective = RolloutObjective.__new__(RolloutObjective)
+    objective.trainer = SimpleNamespace(tokenizer=tokenizer)
+    objective.stop_strings = lambda: ["xy"]
+    tokens = tokenizer.encode("abxycd")
+    cut, finished, text = objective._apply_stop_strings(tokens, False, "abxycd")
+    assert tokenizer.decode(cut) == "abxy" and finished and text == "ab"
+    assert objective._apply_stop_strings(tokens[:3], False, "abx") == (tokens[:3], False, "abx")
