@@ -138,3 +138,18 @@ def test_bad_grpo_settings_are_one_clear_line(sft, tmp_path, overrides, message)
                        "--set", f'run.output_dir="{tmp_path / "r"}"', *args, check=False)
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_grpo_stops_only_between_rollouts_and_resumes_exactly(sft, tmp_path):
+    """With 2 minibatches a rollout feeds 2 steps: --stop-at-step 1 stops after step 2; resuming reproduces the
+    uninterrupted run's losses."""
+    common = ["--set", f'init.from_run="{sft["student"]}"', "--set", "grpo.minibatches=2", "--set", "train.steps=4",
+              "--set", "checkpoint.every=0", "--set", "eval.every=0"]
+    config = str(EXAMPLES / "grpo_tiny.toml")
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    polytrain("grpo", config, *common, "--set", f'run.output_dir="{whole}"')
+    stopped = polytrain("grpo", config, *common, "--set", f'run.output_dir="{split}"', "--stop-at-step", "1")
+    assert "stopped after step 2" in stopped.stderr
+    polytrain("grpo", config, *common, "--set", f'run.output_dir="{split}"', "--resume")
+    losses = [[m["loss"] for m in metrics(run) if "loss" in m] for run in (whole, split)]
+    assert len(losses[0]) == 4 and losses[0] == losses[1]
