@@ -21,7 +21,53 @@ MTP = re.compile(r"^mtp\.(\d+)\.(.+)$")
 HF_MTP_COPY = re.compile(r"^model\.layers\.(\d+)\.(embed_tokens\.weight|shared_head\.head\.weight)$")
 
 
-class V3Names:
+class StackedExperts:
+    """Moves stacked expert weights to and from the release's one-tensor-per-expert-and-projection layout; a
+    subclass names the projections (`EXPERT_PROJ`: gate, up, down) and maps everything else (`hf_name`)."""
+
+    EXPERT_PROJ: tuple[str, str, str]
+    config: ModelConfig
+
+    def hf_name(self, name: str) -> str:
+        raise NotImplementedError
+
+    def _expert_prefix(self, name: str) -> tuple[str, str] | None:
+        raise NotImplementedError
+
+    def _per_expert(self, prefix: str, kind: str, stacked: torch.Tensor,
+                    first_expert: int) -> Iterator[tuple[str, torch.Tensor]]:
+        """(release name, view of `stacked`) for every expert in the stack, numbered from first_expert."""
+        hidden = self.config.moe_intermediate_size
+        gate, up, down = self.EXPERT_PROJ
+        for local in range(stacked.shape[0]):
+            expert = first_expert + local
+            if kind == "down_proj":
+                yield f"{prefix}.{expert}.{down}.weight", stacked[local]
+            else:
+                yield f"{prefix}.{expert}.{gate}.weight", stacked[local, :hidden]
+                yield f"{prefix}.{expert}.{up}.weight", stacked[local, hidden:]
+
+    def load_into(self, name: str, dest: torch.Tensor, read: Callable[[str, torch.Size], torch.Tensor],
+                  first_expert: int = 0) -> None:
+        """Fill `dest` (the polytrain tensor, or for experts the slice holding experts first_expert...) from HF
+        tensors obtained with `read(hf_name, expected_shape)`, one HF tensor at a time."""
+        expert = self._expert_prefix(name)
+        parts = [(self.hf_name(name), dest)] if expert is None else self._per_expert(*expert, dest, first_expert)
+        for hf_name, target in parts:
+            target.copy_(read(hf_name, target.shape))
+
+    def to_hf(self, name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+        """The HF tensors of one polytrain tensor (views where possible; no copy of the whole stack)."""
+        expert = self._expert_prefix(name)
+        if expert is None:
+            yield self.hf_name(name), tensor
+        else:
+            yield from self._per_expert(*expert, tensor, 0)
+
+
+class V3Names(StackedExperts):
+    EXPERT_PROJ = ("gate_proj", "up_proj", "down_proj")
+
     def candidates(self, hf_name: str) -> list[str]:
         return [hf_name]
 
@@ -52,43 +98,6 @@ class V3Names:
         layer, mtp, kind = match.groups()
         index = int(layer) if layer is not None else self.first_mtp_layer + int(mtp)
         return f"model.layers.{index}.mlp.experts", kind
-
-    def load_into(self, name: str, dest: torch.Tensor, read: Callable[[str, torch.Size], torch.Tensor],
-                  first_expert: int = 0) -> None:
-        """Fill `dest` (the polytrain tensor, or for experts the slice holding experts first_expert...) from HF
-        tensors obtained with `read(hf_name, expected_shape)`, one HF tensor at a time."""
-
-        def fill(target: torch.Tensor, hf_name: str) -> None:
-            target.copy_(read(hf_name, target.shape))
-
-        expert = self._expert_prefix(name)
-        if expert is None:
-            fill(dest, self.hf_name(name))
-            return
-        prefix, kind = expert
-        hidden = self.config.moe_intermediate_size
-        for local in range(dest.shape[0]):
-            expert = first_expert + local
-            if kind == "down_proj":
-                fill(dest[local], f"{prefix}.{expert}.down_proj.weight")
-            else:
-                fill(dest[local, :hidden], f"{prefix}.{expert}.gate_proj.weight")
-                fill(dest[local, hidden:], f"{prefix}.{expert}.up_proj.weight")
-
-    def to_hf(self, name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
-        """The HF tensors of one polytrain tensor (views where possible; no copy of the whole stack)."""
-        expert = self._expert_prefix(name)
-        if expert is None:
-            yield self.hf_name(name), tensor
-            return
-        prefix, kind = expert
-        hidden = self.config.moe_intermediate_size
-        for expert in range(tensor.shape[0]):
-            if kind == "down_proj":
-                yield f"{prefix}.{expert}.down_proj.weight", tensor[expert]
-            else:
-                yield f"{prefix}.{expert}.gate_proj.weight", tensor[expert, :hidden]
-                yield f"{prefix}.{expert}.up_proj.weight", tensor[expert, hidden:]
 
     def shared_copies(self, state: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
         """The release repeats the embedding and output head inside every MTP layer."""
@@ -151,9 +160,11 @@ V4_TRANSFORMERS_ALIASES = {"embed.weight": "model.embed_tokens.weight", "norm.we
 V4_EXPERT = re.compile(r"^(layers\.\d+|mtp\.\d+\.block)\.mlp\.experts\.(gate_up_proj|down_proj)$")
 
 
-class V4Names:
+class V4Names(StackedExperts):
     """polytrain <-> DeepSeek-V4 release names (`layers.N.attn.wq_a.weight`, `ffn.experts.E.w1.weight`, `mtp.k.*`),
     reading transformers' save_pretrained variant (`model.` prefix, `attn.norm`) as well."""
+
+    EXPERT_PROJ = ("w1", "w3", "w2")
 
     def __init__(self, config: ModelConfig) -> None:
         self.config = config
@@ -192,36 +203,6 @@ class V4Names:
         owner, kind = match.groups()
         owner = owner.replace(".block", "")
         return f"{owner}.ffn.experts", kind
-
-    def load_into(self, name: str, dest: torch.Tensor, read: Callable[[str, torch.Size], torch.Tensor],
-                  first_expert: int = 0) -> None:
-        expert = self._expert_prefix(name)
-        if expert is None:
-            dest.copy_(read(self.hf_name(name), dest.shape))
-            return
-        prefix, kind = expert
-        hidden = self.config.moe_intermediate_size
-        for local in range(dest.shape[0]):
-            e = first_expert + local
-            if kind == "down_proj":
-                dest[local].copy_(read(f"{prefix}.{e}.w2.weight", dest[local].shape))
-            else:
-                dest[local, :hidden].copy_(read(f"{prefix}.{e}.w1.weight", dest[local, :hidden].shape))
-                dest[local, hidden:].copy_(read(f"{prefix}.{e}.w3.weight", dest[local, hidden:].shape))
-
-    def to_hf(self, name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
-        expert = self._expert_prefix(name)
-        if expert is None:
-            yield self.hf_name(name), tensor
-            return
-        prefix, kind = expert
-        hidden = self.config.moe_intermediate_size
-        for e in range(tensor.shape[0]):
-            if kind == "down_proj":
-                yield f"{prefix}.{e}.w2.weight", tensor[e]
-            else:
-                yield f"{prefix}.{e}.w1.weight", tensor[e, :hidden]
-                yield f"{prefix}.{e}.w3.weight", tensor[e, hidden:]
 
     def shared_copies(self, state: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
         for k in range(self.config.num_nextn_predict_layers):
