@@ -97,6 +97,10 @@ class ParallelRuntime:
         dist.all_reduce(flag)
         return int(flag) == 0
 
+    def any_rank(self, flag: bool) -> bool:
+        """True if any rank passes `flag` (e.g. still has rows to decode)."""
+        return not self.all_agree(not flag)
+
     # --------------------------------------------------------------------------------------------- model
     def parallelize(self, model: nn.Module, n_microbatches: int = 1, rows: int = 1, width: int = 1,
                     amp_dtype: torch.dtype | None = None) -> nn.Module:

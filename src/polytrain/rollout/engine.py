@@ -7,14 +7,14 @@ server such as vLLM / vllm-ascend reloads them; the built-in engine samples with
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 from torch import nn
 
-from polytrain.rollout.generate import SamplingConfig, sample
+from polytrain.rollout.generate import KeepGoing, SamplingConfig, alone, sample
 
 
 @dataclass
@@ -36,7 +36,7 @@ class RolloutEngine(Protocol):
 class BuiltinEngine:
     """Samples with the training policy's own KV-cache generator (so its weights are always current)."""
 
-    def __init__(self, model: nn.Module, keep_going: Callable[[bool], bool] = lambda any_left: any_left) -> None:
+    def __init__(self, model: nn.Module, keep_going: KeepGoing = alone) -> None:
         self.model = model
         self.keep_going = keep_going
 

@@ -43,7 +43,7 @@ def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: Generators
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def generators(cfg: SamplingConfig, device: torch.device, batch: int, row_seeds: list[int] | None) -> Generators:
+def generators(cfg: SamplingConfig, device: torch.device, row_seeds: list[int] | None) -> Generators:
     if cfg.temperature <= 0:
         return None
     if row_seeds is not None:
@@ -56,14 +56,15 @@ KeepGoing = Callable[[bool], bool]
 sharded models pass an all-ranks 'any' so every rank runs the same number of forwards (their collectives pair up)."""
 
 
-def _alone(any_left: bool) -> bool:
+def alone(any_left: bool) -> bool:
+    """The KeepGoing of a single process."""
     return any_left
 
 
 @torch.no_grad()
 def sample(
     model: CausalLM, prompts: list[list[int]], cfg: SamplingConfig, stop_ids: set[int], pad_id: int = 0,
-    keep_going: KeepGoing = _alone, row_seeds: list[int] | None = None,
+    keep_going: KeepGoing = alone, row_seeds: list[int] | None = None,
 ) -> tuple[list[list[int]], list[bool]]:
     """(new tokens per prompt with the stop token included when one was sampled, whether each row stopped).
     Prompts are left-padded into one batch; finished rows keep decoding padding until every row is done.
@@ -79,7 +80,7 @@ def sample(
         valid[i, longest - len(prompt) :] = True
     positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)
     cache = model.new_cache(batch, longest + cfg.max_new_tokens)
-    generator = generators(cfg, device, batch, row_seeds)
+    generator = generators(cfg, device, row_seeds)
 
     was_training = model.training
     model.eval()
@@ -119,7 +120,7 @@ def _sample_without_cache(
     """Recompute the whole sequence for every new token (models without a KV cache, e.g. DeepSeek-V4 here).
     Rows are right-padded, so padding never precedes a real token and causal attention ignores it."""
     device = model.embed_tokens.weight.device
-    generator = generators(cfg, device, len(prompts), row_seeds)
+    generator = generators(cfg, device, row_seeds)
     sequences = [list(p) for p in prompts]
     outputs: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)

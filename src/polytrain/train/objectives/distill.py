@@ -42,7 +42,7 @@ def parse_teachers(specs: list[str]) -> dict[str, str]:
 
 def check_same_tokenizer(student: Tokenizer, student_template: str, teacher_cfg: Any, name: str) -> None:
     teacher = Tokenizer.load(teacher_cfg.data.tokenizer)
-    if teacher._tok.get_vocab(with_added_tokens=True) != student._tok.get_vocab(with_added_tokens=True):
+    if teacher.vocab() != student.vocab():
         raise ConfigError(
             f"distill teacher `{name}` uses the tokenizer {teacher.path}, whose vocabulary differs from the "
             f"student's ({student.path}): on-policy distillation scores the student's token ids with the teacher, so "

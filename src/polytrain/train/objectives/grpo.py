@@ -58,7 +58,12 @@ class Rollout:
     old_logp: torch.Tensor | None = None
     ref_logp: torch.Tensor | None = None
     routing: list[torch.Tensor] | None = field(default=None, repr=False)
-    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def span(self) -> slice:
+        """Where the completion's tokens sit in the sample's labels (and in a right-padded batch row)."""
+        start = len(self.prompt.ids) - 1
+        return slice(start, start + len(self.tokens))
 
 
 def row_seed(seed: int, step: int, index: int) -> int:
@@ -68,8 +73,7 @@ def row_seed(seed: int, step: int, index: int) -> int:
 def load_engine(spec: str, trainer: Trainer, model: nn.Module) -> RolloutEngine:
     """`builtin`, or 'module:Class' constructed with the job config (an external engine, e.g. a vLLM client)."""
     if spec == "builtin":
-        runtime = trainer.runtime
-        return BuiltinEngine(model, keep_going=lambda any_left: not runtime.all_agree(not any_left))
+        return BuiltinEngine(model, keep_going=trainer.runtime.any_rank)
     import importlib
 
     if ":" not in spec:
@@ -186,8 +190,7 @@ class RolloutObjective(Objective):
         self.current = self.buffer[index * size : (index + 1) * size]
         counts = torch.tensor([sum(len(r.tokens) for r in self.current), len(self.current)], dtype=torch.float64)
         self.trainer.runtime.dp_sum(counts)
-        ctx = {"tokens": float(counts[0]), "sequences": float(counts[1]), "fresh": fresh}
-        return ctx
+        return {"tokens": float(counts[0]), "sequences": float(counts[1]), "fresh": fresh}
 
     def my_share(self, items: list[Any] | None) -> list[Rollout]:
         return self.current
@@ -255,8 +258,7 @@ class RolloutObjective(Objective):
         """A stored per-completion-token value laid out like `batch.labels` (0 elsewhere)."""
         out = torch.zeros(batch.labels.shape, dtype=torch.float32, device=batch.labels.device)
         for row, r in enumerate(rollouts):
-            start = len(r.prompt.ids) - 1
-            out[row, start : start + len(r.tokens)] = getattr(r, attr).to(out.device)
+            out[row, r.span] = getattr(r, attr).to(out.device)
         return out
 
     @torch.no_grad()
@@ -268,8 +270,7 @@ class RolloutObjective(Objective):
             batch = self.batch(micro)
             logp = token_logprobs(self.logits(model, micro, batch), batch.labels).cpu()
             for row, r in enumerate(micro):
-                start = len(r.prompt.ids) - 1
-                setattr(r, attr, logp[row, start : start + len(r.tokens)].clone())
+                setattr(r, attr, logp[row, r.span].clone())
         model.train(was_training)
 
     def end_step(self, step: int) -> None:
@@ -358,19 +359,18 @@ class GRPOObjective(RolloutObjective):
 
     def score(self, rollouts: list[Rollout], step: int) -> int:
         """Rewards of each rollout; failures are reported and written to reward_errors.jsonl (score 0)."""
-        failed = 0
-        path = self.trainer.run_dir / f"{REWARD_ERRORS_FILE}"
+        records = []
         for r in rollouts:
             r.reward, failures = self.rewards.score(r.text, r.prompt.answer, r.prompt.text, r.finished)
             for f in failures:
-                failed += 1
-                if failed <= 3:
+                if len(records) < 3:
                     self.trainer.warn(f"reward `{f.reward}` failed at step {step + 1} ({f.error}) on prompt "
                                       f"{f.prompt!r}, completion {f.completion!r}: scored 0")
-                with path.open("a") as handle:
-                    handle.write(json.dumps({"step": step + 1, "rank": self.trainer.runtime.rank, **f.__dict__})
-                                 + "\n")
-        return failed
+                records.append({"step": step + 1, "rank": self.trainer.runtime.rank, **f.__dict__})
+        if records:
+            with (self.trainer.run_dir / REWARD_ERRORS_FILE).open("a") as handle:
+                handle.writelines(json.dumps(record) + "\n" for record in records)
+        return len(records)
 
     # ----------------------------------------------------------------------------------------------- loss
     def loss(self, model: nn.Module, micro: list[Rollout], ctx: dict) -> tuple[torch.Tensor, dict, int]:
@@ -417,7 +417,7 @@ class GRPOObjective(RolloutObjective):
             items = items[: self.config.eval.max_batches * self.config.train.micro_batch_size]
         mine = items[runtime.dp_rank :: runtime.dp_size]
         greedy = SamplingConfig(self.cfg.max_new_tokens, 0.0)
-        engine = BuiltinEngine(model, keep_going=lambda any_left: not runtime.all_agree(not any_left))
+        engine = BuiltinEngine(model, keep_going=runtime.any_rank)
         prompts = mine or items[:1]  # a rank without prompts still joins every collective
         completions = engine.generate([p.ids for p in prompts], greedy, self.stop_ids)
         sums = torch.zeros(3, dtype=torch.float64)
