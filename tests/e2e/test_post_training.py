@@ -153,3 +153,34 @@ def test_grpo_stops_only_between_rollouts_and_resumes_exactly(sft, tmp_path):
     polytrain("grpo", config, *common, "--set", f'run.output_dir="{split}"', "--resume")
     losses = [[m["loss"] for m in metrics(run) if "loss" in m] for run in (whole, split)]
     assert len(losses[0]) == 4 and losses[0] == losses[1]
+
+
+def test_precomputed_reference_gives_the_reference_model_losses(sft, tmp_path):
+    """`--precompute-reference` writes the starting model's log-probs into the data; training on that file with
+    dpo.reference = "precomputed" matches training against the frozen reference model."""
+    lines = (EXAMPLES / "data" / "pref_train.jsonl").read_text().splitlines()[:32]
+    (tmp_path / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+    common = ["--set", f'init.from_run="{sft["teacher"]}"', "--set", f'data.train_path="{tmp_path / "pairs.jsonl"}"',
+              "--set", "train.steps=3", "--set", "eval.every=0", "--set", 'data.eval_path=""']
+    config = str(EXAMPLES / "dpo_tiny.toml")
+    out = tmp_path / "with_ref.jsonl"
+    polytrain("dpo", config, *common, "--set", f'run.output_dir="{tmp_path / "pre"}"', "--precompute-reference",
+              str(out))
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 32 and all(r["ref_chosen_logp"] < 0 and r["ref_rejected_logp"] < 0 for r in records)
+    polytrain("dpo", config, *common, "--set", f'run.output_dir="{tmp_path / "model"}"')
+    polytrain("dpo", config, *common, "--set", f'run.output_dir="{tmp_path / "stored"}"',
+              "--set", f'data.train_path="{out}"', "--set", 'dpo.reference="precomputed"')
+    by_model, stored = (metrics(tmp_path / name) for name in ("model", "stored"))
+    losses = [[m["loss"] for m in run if "loss" in m] for run in (by_model, stored)]
+    assert len(losses[0]) == 3 and losses[1] == pytest.approx(losses[0], rel=1e-5)
+
+    missing = polytrain("dpo", config, *common, "--set", f'run.output_dir="{tmp_path / "missing"}"',
+                        "--set", 'dpo.reference="precomputed"', check=False)
+    assert missing.returncode == 2 and "lack ref_chosen_logp / ref_rejected_logp (first: pair 1)" in missing.stderr
+    # held-out pairs need their reference log-probs too (before, evaluation crashed with a traceback)
+    no_eval_ref = polytrain("dpo", config, *common, "--set", f'run.output_dir="{tmp_path / "eval"}"',
+                            "--set", f'data.train_path="{out}"', "--set", 'dpo.reference="precomputed"',
+                            "--set", f'data.eval_path="{EXAMPLES / "data" / "pref_eval.jsonl"}"', check=False)
+    assert no_eval_ref.returncode == 2 and "pref_eval.jsonl lack ref_chosen_logp" in no_eval_ref.stderr
+    assert "Traceback" not in no_eval_ref.stderr

@@ -171,3 +171,28 @@ def test_stop_strings_cut_the_completion_after_the_token_that_completes_them(cha
     cut, finished, text = objective._apply_stop_strings(tokens, False, "abxycd")
     assert tokenizer.decode(cut) == "abxy" and finished and text == "ab"
     assert objective._apply_stop_strings(tokens[:3], False, "abx") == (tokens[:3], False, "abx")
+
+
+def test_each_prompt_is_scored_by_its_named_teacher_else_by_the_mean(chat):
+    import contextlib
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+
+    from polytrain.algorithms.distill import mean_teacher_logprobs
+    from polytrain.train.objectives.distill import DistillObjective
+
+    torch.manual_seed(0)
+    logits = {"math": torch.randn(2, 3, 5), "code": torch.randn(2, 3, 5)}
+    objective = DistillObjective.__new__(DistillObjective)
+    objective.teachers = {name: (lambda ids, position_ids, x=x: x) for name, x in logits.items()}
+    objective.trainer = SimpleNamespace(autocast=contextlib.nullcontext)
+    batch = SimpleNamespace(input_ids=torch.zeros(2, 3, dtype=torch.long), position_ids=None)
+    rollouts = [SimpleNamespace(prompt=SimpleNamespace(teacher="code")), SimpleNamespace(prompt=SimpleNamespace(
+        teacher=None))]
+    got = objective.teacher_logprobs(rollouts, batch)
+    logp = {name: F.log_softmax(x, dim=-1) for name, x in logits.items()}
+    assert torch.allclose(got[0], logp["code"][0])
+    assert torch.allclose(got[1], mean_teacher_logprobs(list(logp.values()))[1])
+    rollouts[0].prompt.teacher = None
+    assert torch.allclose(objective.teacher_logprobs(rollouts, batch), mean_teacher_logprobs(list(logp.values())))

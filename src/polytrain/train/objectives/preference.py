@@ -95,13 +95,17 @@ class DPOObjective(PairObjective):
 
     def load_data(self) -> None:
         super().load_data()
-        if self.cfg.reference == "precomputed":
-            missing = [i for i, p in enumerate(self.train_items) if p.ref_chosen is None or p.ref_rejected is None]
+        if self.cfg.reference != "precomputed":
+            return
+        data = self.config.data
+        for items, path, key in ((self.train_items, data.train_path, "train_path"),
+                                 (self.eval_items or [], data.eval_path, "eval_path")):
+            missing = [i for i, p in enumerate(items) if p.ref_chosen is None or p.ref_rejected is None]
             if missing:
                 raise ConfigError(
-                    f"dpo.reference = \"precomputed\" but {len(missing)} pairs of {self.config.data.train_path} lack "
-                    "ref_chosen_logp / ref_rejected_logp (first: item {missing[0]}); write them with "
-                    "`polytrain dpo CONFIG --precompute-reference OUT.jsonl`"
+                    f"dpo.reference = \"precomputed\" but {len(missing)} pairs of {path} lack ref_chosen_logp / "
+                    f"ref_rejected_logp (first: pair {missing[0] + 1}); write them with `polytrain dpo CONFIG "
+                    f"--set data.train_path=\"{path}\" --precompute-reference OUT.jsonl` and set data.{key} = OUT.jsonl"
                 )
 
     def after_parallelize(self, model: nn.Module) -> None:
