@@ -25,6 +25,9 @@ class MLA(nn.Module):
     """Applied to the rotary key that every head shares. Identity unless heads are split across ranks (tensor
     parallelism), where its gradient, summed over local heads only, must be summed over the ranks too."""
 
+    pad_values: bool = True
+    """Pad values to the query head size so SDPA can use its fused kernels (see forward); off = the plain shapes."""
+
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
@@ -84,7 +87,13 @@ class MLA(nn.Module):
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
         k = torch.cat([k_nope, k_rot.unsqueeze(1).expand(-1, q.shape[1], -1, -1)], dim=-1)
 
+        # Fused attention kernels (flash on CPU and GPU) need one head size for q, k and v; MLA's values are
+        # narrower (V3: 128 vs 192), which would send SDPA to its unfused path (CPU, seq 1024: 7x slower forward +
+        # backward). Zero columns appended to v give zero output columns, sliced off again: exact.
+        v_dim = v.shape[-1]
+        if self.pad_values and v_dim < q.shape[-1]:
+            v = F.pad(v, (0, q.shape[-1] - v_dim))
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None and seq > 1, scale=self.softmax_scale
-        )
+        )[..., :v_dim]
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
