@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -39,8 +40,7 @@ QUICK = dict(MODEL, vocab_size=4096, hidden_size=128, intermediate_size=256, moe
              num_hidden_layers=3, q_lora_rank=64, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
              v_head_dim=16, n_routed_experts=8, num_experts_per_tok=2, num_attention_heads=4)
 LR, BETAS, EPS, WEIGHT_DECAY = 1e-4, (0.9, 0.95), 1e-8, 0.0
-PEER_SETTINGS = [{"experts": "grouped_mm", "attention": "sdpa"}, {"experts": "batched_mm", "attention": "sdpa"},
-                 {"experts": "eager", "attention": "sdpa"}]
+PEER_EXPERTS = ("grouped_mm", "batched_mm", "eager")  # transformers' MoE experts implementations
 
 
 def batches(vocab: int, rows: int, seq: int, count: int, seed: int = 0):
@@ -116,6 +116,9 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    if args.memory_limit_gib:  # an allocation past it fails in this process instead of waking the OOM killer
+        limit = int(args.memory_limit_gib * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     setting = json.loads(args.worker)
     baseline = peak_rss()
     if setting["framework"] == "polytrain":
@@ -148,15 +151,17 @@ def worker(args: argparse.Namespace) -> None:
 def launch(args: argparse.Namespace, setting: dict) -> dict:
     command = [sys.executable, __file__, "--worker", json.dumps(setting), "--hf-dir", args.hf_dir,
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--rows", str(args.rows),
-               "--seq", str(args.seq), "--threads", str(args.threads), "--precision", args.precision]
+               "--seq", str(args.seq), "--threads", str(args.threads), "--precision", args.precision,
+               "--memory-limit-gib", str(args.memory_limit_gib)]
     command += ["--quick"] if args.quick else []
     command += ["--profile"] if (args.profile and setting["framework"] == "polytrain") or args.profile_all else []
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT / "src"),
            "TRANSFORMERS_VERBOSITY": "error"}
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=3600)
     if result.returncode != 0:
-        killed = result.returncode in (-9, 137)
-        reason = "killed (out of memory)" if killed else f"exit {result.returncode}: {result.stderr.strip()[-300:]}"
+        memory = result.returncode in (-9, 137) or "memory" in result.stderr[-2000:].lower()
+        reason = (f"out of memory (address-space limit {args.memory_limit_gib} GiB)" if memory
+                  else f"exit {result.returncode}: {result.stderr.strip()[-300:]}")
         return {"failed": reason, "peak_rss": 0}
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -173,10 +178,14 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per run")
     parser.add_argument("--repeats", type=int, default=2, help="runs per setting (alternating)")
     parser.add_argument("--rows", type=int, default=1, help="sequences per step")
-    parser.add_argument("--seq", type=int, default=1024, help="tokens per sequence")
+    parser.add_argument("--seq", type=int, default=2048, help="tokens per sequence")
+    parser.add_argument("--memory-limit-gib", type=float, default=18.0,
+                        help="address-space limit of each run (a run that needs more fails cleanly)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                         help="fp32, or bf16 autocast over fp32 weights (both sides)")
+    parser.add_argument("--peers", default=",".join(PEER_EXPERTS),
+                        help="transformers experts implementations to run, comma-separated")
     parser.add_argument("--quick", action="store_true", help="a small model (a smoke test of this script)")
     parser.add_argument("--profile", action="store_true", help="profile polytrain's last step (top ops by time)")
     parser.add_argument("--profile-all", action="store_true", help="profile every setting's last step")
@@ -197,7 +206,12 @@ def main() -> None:
     from polytrain.plan.flops import flops_per_token
 
     config = preset("tiny", **(QUICK if args.quick else MODEL))
-    settings = [{"framework": "polytrain"}, *({"framework": "transformers", **s} for s in PEER_SETTINGS)]
+    peers = [name for name in args.peers.split(",") if name]
+    unknown = sorted(set(peers) - set(PEER_EXPERTS))
+    if unknown:
+        raise SystemExit(f"--peers: unknown {', '.join(unknown)} (choose from {', '.join(PEER_EXPERTS)})")
+    settings = [{"framework": "polytrain"}, *({"framework": "transformers", "experts": e, "attention": "sdpa"}
+                                              for e in peers)]
     runs: dict[str, list[dict]] = {name_of(s): [] for s in settings}
     with tempfile.TemporaryDirectory() as tmp:
         model = build_model(config, "cpu", seed=0)
@@ -259,6 +273,8 @@ def main() -> None:
     print(f"polytrain vs fastest transformers setting ({fastest}): x{summary['speedup_vs_fastest_peer']:.2f} "
           f"tokens/s, x{summary['memory_ratio_vs_fastest_peer']:.2f} peak memory; step-0 loss difference "
           f"{summary['step0_loss_abs_diff']:.2e}")
+    if summary["step0_loss_abs_diff"] > 1e-4:
+        raise SystemExit(f"step-0 losses disagree by {summary['step0_loss_abs_diff']:.2e}: not the same model")
 
 
 if __name__ == "__main__":

@@ -51,15 +51,18 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 grad_hidden[start : start + rows] = grad @ weight.to(grad.dtype)
             if want_weight:
                 grad_weight += (grad.t() @ h.to(grad.dtype)).to(grad_weight.dtype)
-        ctx.save_for_backward(grad_hidden, grad_weight)
+        # kept as attributes, not saved tensors: backward hands them over (scaled in place), so autograd can adopt
+        # the [V, H] weight gradient as .grad instead of copying it
+        ctx.grads = [grad_hidden, grad_weight]
         return total
 
     @staticmethod
     def backward(ctx, grad_total: torch.Tensor):
-        grad_hidden, grad_weight = ctx.saved_tensors
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:
+            raise RuntimeError("the fused output-head loss was backpropagated twice (its gradients are consumed)")
         scale = grad_total.float()
-        return (None if grad_hidden is None else grad_hidden * scale.to(grad_hidden.dtype),
-                None if grad_weight is None else grad_weight * scale.to(grad_weight.dtype), None, None)
+        return (*(None if g is None else g.mul_(scale.to(g.dtype)) for g in grads), None, None)
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
