@@ -46,6 +46,9 @@ class ParallelConfig:
         [], "Selective: modules recomputed inside every block: mla_up_proj (q_b_proj, kv_b_proj), norm.",
         choices=AC_MODULES,
     )
+    compile: bool = option(False, "torch.compile each decoder block (regional: one compile per block kind, reused "
+                           "across layers). Costs a compile at the first step (minutes on a small CPU); fuses the "
+                           "elementwise work between matmuls.")
     reshard_after_forward: bool = option(True, "FSDP: free gathered parameters after forward (ZeRO-3); false keeps "
                                          "them until backward (ZeRO-2-like, more memory, less communication).")
     param_dtype: Literal["fp32", "bf16"] = option("fp32", "FSDP mixed precision: dtype of gathered parameters.")
