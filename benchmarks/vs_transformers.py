@@ -56,7 +56,7 @@ def peak_rss() -> int:
     return host_memory()[1]
 
 
-def run_polytrain(args: argparse.Namespace, hf_dir: str):
+def run_polytrain(args: argparse.Namespace, hf_dir: str, compiled: bool = False):
     import torch
 
     from polytrain.algorithms.sft import StepTokens, sft_loss
@@ -71,6 +71,10 @@ def run_polytrain(args: argparse.Namespace, hf_dir: str):
     checkpoint = HFCheckpoint(hf_dir)
     model = build_model(checkpoint.model_config, "cpu", seed=None)
     load_hf_weights(model, checkpoint)
+    if compiled:
+        from polytrain.parallel.compile import apply_compile
+
+        apply_compile(model)  # what parallel.compile = true does; compiles during the warm-up step
     model.train()
     train = TrainConfig(lr=LR, adam_beta1=BETAS[0], adam_beta2=BETAS[1], adam_eps=EPS, weight_decay=WEIGHT_DECAY)
     optimizer = build_optimizer(model, train)  # what the trainer builds: fused AdamW where torch has it
@@ -122,7 +126,7 @@ def worker(args: argparse.Namespace) -> None:
     setting = json.loads(args.worker)
     baseline = peak_rss()
     if setting["framework"] == "polytrain":
-        step = run_polytrain(args, args.hf_dir)
+        step = run_polytrain(args, args.hf_dir, setting.get("compile", False))
     else:
         step = run_transformers(args, args.hf_dir, setting)
     config = QUICK if args.quick else MODEL
@@ -168,7 +172,7 @@ def launch(args: argparse.Namespace, setting: dict) -> dict:
 
 def name_of(setting: dict) -> str:
     if setting["framework"] == "polytrain":
-        return "polytrain"
+        return "polytrain (parallel.compile)" if setting.get("compile") else "polytrain"
     return f"transformers ({setting['experts']} experts, {setting['attention']})"
 
 
@@ -186,6 +190,8 @@ def main() -> None:
                         help="fp32, or bf16 autocast over fp32 weights (both sides)")
     parser.add_argument("--peers", default=",".join(PEER_EXPERTS),
                         help="transformers experts implementations to run, comma-separated")
+    parser.add_argument("--compile", action="store_true", help="also run polytrain with parallel.compile (regional "
+                        "torch.compile; the compile happens in the warm-up step)")
     parser.add_argument("--quick", action="store_true", help="a small model (a smoke test of this script)")
     parser.add_argument("--profile", action="store_true", help="profile polytrain's last step (top ops by time)")
     parser.add_argument("--profile-all", action="store_true", help="profile every setting's last step")
@@ -210,8 +216,8 @@ def main() -> None:
     unknown = sorted(set(peers) - set(PEER_EXPERTS))
     if unknown:
         raise SystemExit(f"--peers: unknown {', '.join(unknown)} (choose from {', '.join(PEER_EXPERTS)})")
-    settings = [{"framework": "polytrain"}, *({"framework": "transformers", "experts": e, "attention": "sdpa"}
-                                              for e in peers)]
+    settings = [{"framework": "polytrain"}, *([{"framework": "polytrain", "compile": True}] if args.compile else []),
+                *({"framework": "transformers", "experts": e, "attention": "sdpa"} for e in peers)]
     runs: dict[str, list[dict]] = {name_of(s): [] for s in settings}
     with tempfile.TemporaryDirectory() as tmp:
         model = build_model(config, "cpu", seed=0)
@@ -247,8 +253,11 @@ def main() -> None:
                        "loss_step0": results[0]["losses"][0], "losses": results[0]["losses"],
                        "profile": next((r["profile"] for r in results if r["profile"]), None)}
     ours = table["polytrain"]
-    peers = {k: v for k, v in table.items() if k != "polytrain"}
+    peers = {k: v for k, v in table.items() if not k.startswith("polytrain")}
     fastest = min(peers, key=lambda k: peers[k]["step_time_s"])
+    versus = {k: {"speedup": table[fastest]["step_time_s"] / v["step_time_s"],
+                  "memory_ratio": v["peak_rss_gib"] / table[fastest]["peak_rss_gib"]}
+              for k, v in table.items() if k.startswith("polytrain")}
     summary = {
         "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {args.threads} threads",
         "model": {"parameters": params, **(QUICK if args.quick else MODEL)},
@@ -257,7 +266,8 @@ def main() -> None:
         "model_flops_per_token": per_token, "results": table, "peer_fastest": fastest,
         "speedup_vs_fastest_peer": table[fastest]["step_time_s"] / ours["step_time_s"],
         "memory_ratio_vs_fastest_peer": ours["peak_rss_gib"] / table[fastest]["peak_rss_gib"],
-        "step0_loss_abs_diff": max(abs(v["loss_step0"] - ours["loss_step0"]) for v in peers.values()),
+        "versus_fastest_peer": versus,
+        "step0_loss_abs_diff": max(abs(v["loss_step0"] - ours["loss_step0"]) for v in table.values()),
         "failed": failed,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -270,9 +280,10 @@ def main() -> None:
         print(f"{name:52} {reason}")
     print(f"measured {args.precision} matmul peak {peak / 1e9:.1f} GFLOP/s; model {per_token / 1e6:.1f} MFLOP/token; "
           f"{params / 1e6:.1f}M parameters")
-    print(f"polytrain vs fastest transformers setting ({fastest}): x{summary['speedup_vs_fastest_peer']:.2f} "
-          f"tokens/s, x{summary['memory_ratio_vs_fastest_peer']:.2f} peak memory; step-0 loss difference "
-          f"{summary['step0_loss_abs_diff']:.2e}")
+    for name, ratios in versus.items():
+        print(f"{name} vs the fastest transformers setting ({fastest}): x{ratios['speedup']:.2f} tokens/s, "
+              f"x{ratios['memory_ratio']:.2f} peak memory")
+    print(f"largest step-0 loss difference between settings: {summary['step0_loss_abs_diff']:.2e}")
     if summary["step0_loss_abs_diff"] > 1e-4:
         raise SystemExit(f"step-0 losses disagree by {summary['step0_loss_abs_diff']:.2e}: not the same model")
 

@@ -33,4 +33,4 @@ def test_vs_transformers_quick_run_agrees_at_step_zero(tmp_path):
     assert len(ours["losses"]) == 2 and ours["losses"][1] == pytest.approx(peer["losses"][1], abs=1e-4)
     assert ours["losses"][1] != pytest.approx(ours["losses"][0], abs=1e-3)
     assert ours["tokens_per_s"] > 0 and ours["peak_rss_gib"] > 0.1
-    assert "polytrain vs fastest transformers setting" in result.stdout
+    assert "polytrain vs the fastest transformers setting" in result.stdout
