@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from polytrain.models import output_head
 from polytrain.models.output_head import IGNORE, OutputHead, chunk_rows, fused_linear_cross_entropy
 
 
@@ -84,3 +85,22 @@ def test_no_grad_needed_computes_only_the_loss():
     with torch.no_grad():
         got = fused_linear_cross_entropy(h, w, labels, 4 * 50 * 4)
     torch.testing.assert_close(got, reference(h, w, labels).detach())
+
+
+def test_chunked_label_logprobs_match_log_softmax_with_gradients(monkeypatch):
+    head = OutputHead(16, 50)
+    torch.nn.init.normal_(head.weight)
+    h, _, labels = inputs()
+    h3, labels3 = h.view(1, 37, 16), labels.view(1, 37)
+    weights = torch.randn(1, 37)
+    expected = torch.log_softmax(h3 @ head.weight.t(), -1).gather(-1, labels3.clamp(min=0)[..., None])[..., 0]
+    expected = expected.masked_fill(labels3 == IGNORE, 0.0)
+    (expected * weights).sum().backward()
+    want_h, want_w = h.grad.clone(), head.weight.grad.clone()
+    h.grad = head.weight.grad = None
+    monkeypatch.setattr(output_head, "CHUNK_BYTES", 4 * 50 * 5)  # 5 rows per chunk: 8 chunks
+    got = head.label_logprobs(h3, labels3)
+    (got * weights).sum().backward()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h.grad, want_h, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(head.weight.grad, want_w, rtol=1e-5, atol=1e-5)

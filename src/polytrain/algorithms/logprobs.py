@@ -18,9 +18,10 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def batch_logprobs(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """Per-token log-probabilities of `batch.labels` under `model` (one sequence per row, right padding)."""
-    logits = model(batch.input_ids, position_ids=batch.position_ids, token_mask=batch.doc_ids >= 0)
-    return token_logprobs(logits, batch.labels)
+    """Per-token log-probabilities of `batch.labels` under `model` (one sequence per row, right padding), through
+    the output head's chunked path (no full-vocabulary logits tensor)."""
+    hidden = model.hidden_states(batch.input_ids, position_ids=batch.position_ids, token_mask=batch.doc_ids >= 0)
+    return model.lm_head.label_logprobs(hidden, batch.labels)
 
 
 def sequence_logprobs(token_logp: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

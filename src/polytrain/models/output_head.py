@@ -13,14 +13,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
+from torch.utils.checkpoint import checkpoint
 
 IGNORE = -100  # polytrain.data.dataset.IGNORE: no loss on this token
 CHUNK_BYTES = 256 * 2**20
 
 
-def chunk_rows(vocab: int, chunk_bytes: int = CHUNK_BYTES) -> int:
-    """Tokens per chunk so that one chunk's fp32 logits take at most `chunk_bytes`."""
-    return max(1, chunk_bytes // (4 * vocab))
+def chunk_rows(vocab: int, chunk_bytes: int | None = None) -> int:
+    """Tokens per chunk so that one chunk's fp32 logits take at most `chunk_bytes` (default CHUNK_BYTES)."""
+    return max(1, (CHUNK_BYTES if chunk_bytes is None else chunk_bytes) // (4 * vocab))
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
@@ -29,28 +30,40 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, rows: int) -> torch.Tensor:
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_hidden = torch.zeros_like(hidden) if want_hidden else None
-        grad_weight = torch.zeros_like(weight) if want_weight else None
+        grad_hidden = torch.empty_like(hidden) if want_hidden else None
+        grad_weight = None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        device_type = hidden.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
         for start in range(0, hidden.shape[0], rows):
             h, y = hidden[start : start + rows], labels[start : start + rows]
             valid = y != IGNORE
             target = y.clamp(min=0).unsqueeze(1)
-            logits = F.linear(h, weight).float()
-            lse = logits.logsumexp(dim=-1)
-            total += ((lse - logits.gather(1, target).squeeze(1)) * valid).sum()
+            # one fp32 buffer per chunk, updated in place: logits -> exp(logits - max) -> softmax -> its gradient
+            buffer = F.linear(h, weight).float()
+            target_logit = buffer.gather(1, target).squeeze(1)
+            peak = buffer.amax(dim=1, keepdim=True)
+            total_exp = buffer.sub_(peak).exp_().sum(dim=1, keepdim=True)
+            lse = (peak + total_exp.log()).squeeze(1)
+            total += ((lse - target_logit) * valid).sum()
             if not (want_hidden or want_weight):
                 continue
-            # d CE / d logits = softmax - one_hot, zero on ignored tokens; reuse the logits buffer
-            grad = logits.sub_(lse.unsqueeze(1)).exp_()
-            grad.scatter_add_(1, target, -torch.ones_like(target, dtype=grad.dtype))
-            grad.mul_(valid.unsqueeze(1))
-            grad = grad.to(h.dtype if not torch.is_autocast_enabled(h.device.type) else
-                           torch.get_autocast_dtype(h.device.type))
+            grad = buffer.div_(total_exp)  # d CE / d logits = softmax - one_hot, zero on ignored tokens
+            grad.scatter_add_(1, target, torch.full_like(target, -1, dtype=grad.dtype))
+            if not bool(valid.all()):
+                grad[~valid] = 0
+            grad = grad.to(dtype)
             if want_hidden:
-                grad_hidden[start : start + rows] = grad @ weight.to(grad.dtype)
+                grad_hidden[start : start + rows] = grad @ weight.to(dtype)
             if want_weight:
-                grad_weight += (grad.t() @ h.to(grad.dtype)).to(grad_weight.dtype)
+                if grad_weight is None:
+                    grad_weight = (grad.t() @ h.to(dtype)).to(weight.dtype)
+                elif dtype == weight.dtype:
+                    grad_weight.addmm_(grad.t(), h)
+                else:
+                    grad_weight += grad.t() @ h.to(dtype)
+        if want_weight and grad_weight is None:  # no tokens at all
+            grad_weight = torch.zeros_like(weight)
         # kept as attributes, not saved tensors: backward hands them over (scaled in place), so autograd can adopt
         # the [V, H] weight gradient as .grad instead of copying it
         ctx.grads = [grad_hidden, grad_weight]
@@ -66,7 +79,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                               chunk_bytes: int = CHUNK_BYTES) -> torch.Tensor:
+                               chunk_bytes: int | None = None) -> torch.Tensor:
     """Summed cross-entropy of `hidden` [N, H] @ `weight` [V, H].T against `labels` [N] (IGNORE = no loss), in fp32,
     without materialising more than `chunk_bytes` of logits."""
     return _FusedLinearCrossEntropy.apply(hidden, weight, labels, chunk_rows(weight.shape[0], chunk_bytes))
@@ -89,3 +102,28 @@ class OutputHead(nn.Linear):
             return fused_linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.weight, labels.reshape(-1))
         return F.cross_entropy(self(hidden).float().flatten(0, -2), labels.reshape(-1), ignore_index=IGNORE,
                                reduction="sum")
+
+    def label_logprobs(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """log p(label) per position, shaped like `labels` (0 where IGNORE), in fp32: what preference and RL
+        losses are built from. Chunked like `loss_sum`; with gradients, each chunk's logits are recomputed in
+        backward (activation checkpointing of the head), so no more than one chunk of logits is alive."""
+        if not self.fused or isinstance(self.weight, DTensor):
+            return _gather_logprobs(self(hidden), labels)
+        flat, flat_labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+        rows = chunk_rows(self.weight.shape[0])
+        pieces = []
+        for start in range(0, flat.shape[0], rows):
+            h, y = flat[start : start + rows], flat_labels[start : start + rows]
+            if torch.is_grad_enabled() and (h.requires_grad or self.weight.requires_grad):
+                pieces.append(checkpoint(self._chunk_logprobs, h, y, use_reentrant=False))
+            else:
+                pieces.append(self._chunk_logprobs(h, y))
+        return torch.cat(pieces).view(labels.shape)
+
+    def _chunk_logprobs(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return _gather_logprobs(F.linear(hidden, self.weight), labels)
+
+
+def _gather_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    logp = F.log_softmax(logits.float(), dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return logp.masked_fill(labels == IGNORE, 0.0)

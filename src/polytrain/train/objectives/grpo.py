@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from polytrain.algorithms.grpo import aggregate, clipped_surrogate, group_advantages, kl_estimate
-from polytrain.algorithms.logprobs import token_logprobs
+from polytrain.algorithms.logprobs import batch_logprobs
 from polytrain.data.chat import stop_token_ids
 from polytrain.data.dataset import IGNORE, Sample, make_sample
 from polytrain.data.packing import Batch, collate
@@ -251,8 +251,14 @@ class RolloutObjective(Objective):
                 for e, k in batch_routing([r.routing for r in rollouts], batch.input_ids.shape[1])]
 
     def logits(self, model: nn.Module, rollouts: list[Rollout], batch: Batch) -> torch.Tensor:
+        """Full-vocabulary logits (distillation compares whole distributions), routing replayed."""
         with replayed(model, self.routing_for(rollouts, batch)), self.trainer.autocast():
             return model(batch.input_ids, position_ids=batch.position_ids, token_mask=batch.doc_ids >= 0)
+
+    def logprobs(self, model: nn.Module, rollouts: list[Rollout], batch: Batch) -> torch.Tensor:
+        """log p of each label token (chunked output head: no full-vocabulary logits), routing replayed."""
+        with replayed(model, self.routing_for(rollouts, batch)), self.trainer.autocast():
+            return batch_logprobs(model, batch)
 
     def per_token(self, batch: Batch, rollouts: list[Rollout], attr: str) -> torch.Tensor:
         """A stored per-completion-token value laid out like `batch.labels` (0 elsewhere)."""
@@ -268,7 +274,7 @@ class RolloutObjective(Objective):
         model.eval()  # no expert-load counting for passes that are not trained on
         for micro in chunks(rollouts, self.config.train.micro_batch_size):
             batch = self.batch(micro)
-            logp = token_logprobs(self.logits(model, micro, batch), batch.labels).cpu()
+            logp = self.logprobs(model, micro, batch).cpu()
             for row, r in enumerate(micro):
                 setattr(r, attr, logp[row, r.span].clone())
         model.train(was_training)
@@ -376,7 +382,7 @@ class GRPOObjective(RolloutObjective):
     def loss(self, model: nn.Module, micro: list[Rollout], ctx: dict) -> tuple[torch.Tensor, dict, int]:
         cfg = self.cfg
         batch = self.batch(micro)
-        logp = token_logprobs(self.logits(model, micro, batch), batch.labels)
+        logp = self.logprobs(model, micro, batch)
         mask = (batch.labels != IGNORE).float()
         old = self.per_token(batch, micro, "old_logp") if micro[0].old_logp is not None else logp.detach()
         advantages = torch.tensor([r.advantage for r in micro], device=logp.device).unsqueeze(-1)
