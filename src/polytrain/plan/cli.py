@@ -128,9 +128,11 @@ def _fit_advice(job, chip, devices: int, result, engine_only: bool) -> str:
     closest = result.closest
     parts = [f"no layout fits {devices} x {chip.name} ({chip.hbm_gb:g} GB each)"]
     if closest is not None:
+        host = (f" and {closest.memory.host * chip.devices_per_node / 1e12:.1f} TB host memory per node (of "
+                f"{chip.host_memory_gb / 1e3:.3g} TB)" if closest.memory.host else "")
         parts.append(f"the leanest ({closest.layout.short()}, ZeRO-{closest.layout.zero}, offload "
                      f"{closest.layout.offload}, recompute {closest.layout.recompute}) needs "
-                     f"{closest.memory.device / GiB:.1f} GiB per device")
+                     f"{closest.memory.device / GiB:.1f} GiB per device{host}")
     needed = minimum_devices(job, chip, devices * 2, engine_only=engine_only)
     if needed:
         parts.append(f"it fits on {needed} devices")

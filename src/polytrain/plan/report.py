@@ -78,11 +78,11 @@ def render(job: Job, chip: Chip, devices: int, result: SearchResult, top: int) -
                   f"{USABLE_FRACTION:.0%} usable; compute efficiency {chip.compute_efficiency:g}, "
                   f"comm efficiency {chip.comm_efficiency:g}")
     console.print(f"searched {result.evaluated:,} layouts in {result.seconds:.1f} s: {len(result.plans):,} fit")
-    table = Table(*HEADERS, title=None, show_edge=False)
-    for row in table_rows(result.plans[:top]):
-        table.add_row(*row)
-    console.print(table)
     if result.plans:
+        table = Table(*HEADERS, title=None, show_edge=False)
+        for row in table_rows(result.plans[:top]):
+            table.add_row(*row)
+        console.print(table)
         console.print(breakdown(job, chip, result.plans[0]))
     return buffer.getvalue()
 

@@ -51,9 +51,15 @@ class SearchResult:
     """When nothing fits: the layout needing the least memory."""
 
 
+def pressure(memory: Memory, chip: Chip) -> float:
+    """Need over capacity of the tighter of device and host memory (<= 1: fits)."""
+    device = memory.device / (chip.memory_bytes * USABLE_FRACTION)
+    host = memory.host * chip.devices_per_node / (chip.host_memory_gb * 1e9 * HOST_USABLE_FRACTION)
+    return max(device, host)
+
+
 def fits(memory: Memory, chip: Chip) -> bool:
-    host_ok = memory.host * chip.devices_per_node <= chip.host_memory_gb * 1e9 * HOST_USABLE_FRACTION
-    return memory.device <= chip.memory_bytes * USABLE_FRACTION and host_ok
+    return pressure(memory, chip) <= 1
 
 
 def evaluate(job: Job, layout: Layout, chip: Chip) -> Plan:
@@ -122,7 +128,7 @@ def search(job: Job, devices: int, chip: Chip, *, engine_only: bool = True) -> S
     for layout in layouts:
         memory = device_memory(job, layout)
         if not fits(memory, chip):
-            if best_miss is None or memory.device < best_miss.memory.device:
+            if best_miss is None or pressure(memory, chip) < pressure(best_miss.memory, chip):
                 best_miss = Plan(layout, memory, step_time(job, layout, chip), False, ())
             continue
         fitting.append(Plan(layout, memory, step_time(job, layout, chip), True, tuple(layout.engine_gaps(job.model))))
