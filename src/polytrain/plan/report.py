@@ -73,10 +73,10 @@ def render(job: Job, chip: Chip, devices: int, result: SearchResult, top: int) -
     s = job_summary(job, chip, devices)
     console.print(f"{s['model']}: {_human(s['parameters_total'])} parameters ({_human(s['parameters_activated'])} "
                   f"activated), {job.algorithm}, seq {job.seq_len}, {_human(s['global_batch_tokens'])} tokens/step, "
-                  f"{job.flops.total / 1e9:,.0f} GFLOP/token (training)")
+                  f"{job.flops.total / 1e9:,.0f} GFLOP/token (training)", soft_wrap=True)
     console.print(f"{devices} x {chip.name} ({chip.description}); {chip.hbm_gb:g} GB/device, "
                   f"{USABLE_FRACTION:.0%} usable; compute efficiency {chip.compute_efficiency:g}, "
-                  f"comm efficiency {chip.comm_efficiency:g}")
+                  f"comm efficiency {chip.comm_efficiency:g}", soft_wrap=True)
     console.print(f"searched {result.evaluated:,} layouts in {result.seconds:.1f} s: {len(result.plans):,} fit")
     if result.plans:
         table = Table(*HEADERS, title=None, show_edge=False)
