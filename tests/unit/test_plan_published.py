@@ -64,3 +64,19 @@ def test_deepseek_v4_pro_post_training_on_1024_910c_same_order_as_reported():
     assert 0.349 / 3 < best.time.mfu < 0.349 * 3
     assert 27 / 3 < best.time.step < 27 * 3
     assert not best.engine_gaps  # polytrain's own engine can run the layout it recommends
+
+
+def test_deepseek_v3_grpo_on_256_h100_near_nemo_rl_154_s_per_step():
+    # NeMo-RL v0.4 performance summary: DeepSeek-V3 GRPO on 256 H100, on-policy, max seq 1,536 (mean generation 745),
+    # 512 samples per step, training TP1 CP1 EP16 PP16: 154 s/step. 2x: the rollout is modelled on the training
+    # layout (NeMo-RL generates with vLLM at TP32) from HBM bandwidth plus DeepEP's all-to-all latency, and runs
+    # to the longest response.
+    job = Job(preset("deepseek-v3-671b"), 1536, 512 * 1536, algorithm="grpo", prompt_len=128, response_len=1408)
+    layout = Layout(dp=16, pp=16, ep=16, zero=1, recompute="full")
+    chip = load_chip("h100")
+    plan = evaluate(job, layout, chip)
+    from polytrain.plan.timing import grpo_phases
+
+    phases = grpo_phases(job, layout, chip, plan.time)
+    assert 154 / 2 < phases.step < 154 * 2
+    assert phases.rollout > 10 * phases.update  # rollout dominates RL steps

@@ -86,3 +86,26 @@ def test_calibrate_from_bench_json_sets_the_efficiency(tmp_path):
     path.write_text(json.dumps(bench))
     with pytest.raises(ConfigError, match="wrong --hardware"):
         calibrate(str(path), load_chip("cpu"))
+
+
+def test_dpo_adds_the_reference_model_and_its_forward():
+    layout = Layout(dp=64, pp=8, ep=64, zero=3, recompute="full")
+    sft = evaluate(Job(preset("deepseek-v3-671b"), 4096, 4_000_000), layout, load_chip("h800"))
+    dpo = evaluate(Job(preset("deepseek-v3-671b"), 4096, 4_000_000, algorithm="dpo"), layout, load_chip("h800"))
+    assert dpo.memory.rl > 0 and dpo.time.compute == pytest.approx(sft.time.compute * 4 / 3)
+
+
+def test_calibrate_from_a_run_directory(tmp_path):
+    from polytrain.config import config_to_toml, load_config
+    from polytrain.plan.flops import flops_per_token
+    from tests.conftest import EXAMPLES
+
+    config = load_config(EXAMPLES / "sft_tiny.toml")
+    (tmp_path / "config.toml").write_text(config_to_toml(config))
+    records = [{"step": s, "loss": 1.0, "tokens_per_s": 1000.0 if s < 3 else 20000.0} for s in range(1, 9)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (tmp_path / "summary.json").write_text(json.dumps({"layout": "2 processes: dp_replicate 1 x dp_shard 2"}))
+    chip, note = calibrate(str(tmp_path), load_chip("cpu"))
+    per_device = 20000.0 * flops_per_token(config.model, config.data.max_seq_len).total / 2  # warm-up steps skipped
+    assert chip.compute_efficiency == pytest.approx(per_device / 1e12, rel=1e-3)
+    assert "2 process" in note

@@ -36,7 +36,7 @@ class Memory:
     (activations, logits, buffers) and the end-of-backward one (gradients, the last layer's recomputation,
     buffers); gradients held in persistent buffers (ZeRO-1 / 2) count in both."""
     rl: float
-    """GRPO: reference model, rollout KV cache and weight-sync buffer."""
+    """DPO: the reference model; GRPO: reference model, rollout KV cache and weight-sync buffer."""
     host: float
     """Host memory per device holding offloaded state."""
     stage: int
@@ -72,23 +72,32 @@ def layer_activation_bytes(config: ModelConfig, layer: int, seq_len: int, b: int
     if c.is_v4:
         n, d = c.hc_mult, c.head_dim
         ratio = c.compress_ratio(layer)
-        # two hyper-connections: fp32 flattened streams + their normalised copy, the streams kept by the mixes
-        hyper = 2 * (8 * n * h + b * n * h + 4 * (2 + n) * n)
-        attn = norm(h) + norm(c.q_lora_rank) + b * heads * d * 2 + norm(d)  # q_latent, q, normalised q, kv
+        # two hyper-connections, each: the streams (+ their fp32 copy when b < 4) and their normalised fp32 copy;
+        # the Sinkhorn-Knopp iterations keep every intermediate n x n matrix and its sums; the merge keeps the
+        # sub-layer output, post and comb
+        sinkhorn = c.hc_sinkhorn_iters * 2 * 4 * (n * n + n)
+        merge = b * h + 4 * (n * n + n)
+        hyper = 2 * (b * n * h + (4 if b < 4 else 0) * n * h + 4 * n * h + 4 * (2 + n) * n + sinkhorn + merge)
+        attn = norm(h) + norm(c.q_lora_rank) + norm(d)  # input, query latent and kv norms
+        attn += 3 * b * heads * d  # q, its unweighted-norm output and the rotated q
         entries = seq_len // ratio if ratio else 0
         if fused:
             attn += b * heads * d + 4 * heads  # output, log-sum-exp
-        else:
-            attn += b * heads * (seq_len + entries) + 1 + b * heads * d  # probabilities (+ bool mask), output
-        attn += b * heads * d  # o_a input (grouped) and o_b input
-        attn += b * c.o_groups * c.o_lora_rank
+        else:  # logits (amax keeps them), probabilities, the visibility mask, output
+            attn += 2 * b * heads * (seq_len + entries + 1) + (seq_len + entries) + b * heads * d
+        attn += b * heads * d + b * c.o_groups * c.o_lora_rank  # grouped o_a input, o_b input
         if ratio:
-            width = d * (2 if ratio == c.compress_ratio_csa else 1)
-            attn += b * 2 * width + 4 * width  # compressor kv / gate projections, softmax weights
-            if ratio == c.compress_ratio_csa:
-                n_idx = c.index_n_heads
-                attn += b * n_idx * c.index_head_dim + 4 * n_idx
-                attn += (4 * n_idx * entries) if not fused else 0  # reference indexer keeps [S, H, T] scores
+            csa = ratio == c.compress_ratio_csa
+
+            def compressor(width: float) -> float:  # kv / gate projections, pooled windows, softmax weights
+                return (b * 2 + 4 + (2 * b + 4 if csa else 0)) * width
+
+            attn += compressor(d * (2 if csa else 1))
+            if csa:
+                n_idx, d_idx = c.index_n_heads, c.index_head_dim
+                attn += compressor(2 * d_idx) + 3 * b * n_idx * d_idx + 4 * n_idx  # its compressor, q, weights
+                if not fused:  # the reference indexer keeps [S, H, T] scores: product, ReLU, scaled
+                    attn += 3 * 4 * n_idx * entries
                 attn += 8 * c.index_topk
     else:
         hyper = 0.0
@@ -104,8 +113,9 @@ def layer_activation_bytes(config: ModelConfig, layer: int, seq_len: int, b: int
         return hyper + attn + norm(h) + 4 * b * c.intermediate_size / tp
     k, moe_i = c.num_experts_per_tok, c.moe_intermediate_size
     router = 5 * c.n_routed_experts + 32 * k
-    routed = b * k * (2 * h + 4 * moe_i) + 40 * k  # gathered inputs, gate|up, silu, product, outputs
-    shared = 4 * b * moe_i * c.n_shared_experts
+    clamped = c.swiglu_limit > 0  # V4 clamps gate and up: two more tensors kept (and the routed gate|up view)
+    routed = b * k * (2 * h + (7 if clamped else 4) * moe_i) + 40 * k  # inputs, gate|up, silu, product, outputs
+    shared = (6 if clamped else 4) * b * moe_i * c.n_shared_experts
     return hyper + attn + norm(h) + router + routed + shared
 
 
@@ -225,7 +235,11 @@ def _stage_memory(job: Job, layout: Layout, stage: int) -> Memory:
         buffers += 2 * tokens * c.num_experts_per_tok * c.hidden_size * b
     if layout.pp > 1:
         buffers += 2 * tokens * c.hidden_size * b * (c.hc_mult if c.is_v4 else 1)  # p2p send / receive
-    rl = _rl_memory(job, layout, local_dense + local_experts) if job.algorithm == "grpo" else 0.0
+    rl = 0.0
+    if job.algorithm == "grpo":
+        rl = _rl_memory(job, layout, local_dense + local_experts)
+    elif job.algorithm == "dpo":  # the frozen reference model, bf16, sharded like the policy under ZeRO-3
+        rl = 2 * (local_dense + local_experts) / (layout.dp * layout.cp if layout.zero == 3 else 1)
     in_flight = _in_flight(layout, m, stage)
     forward_end = activations + logits
     # backward of the last micro-batch: the other in-flight micro-batches' activations are already gone in 1F1B

@@ -114,6 +114,8 @@ def step_time(job: Job, layout: Layout, chip: Chip) -> StepTime:
     linear_peak = chip.peak_flops(job.precision) if job.precision != "bf16" else peak
     per_device = tokens / devices
     compute = per_device * (flops.linear / (linear_peak * eff) + flops.attention_core / (peak * eff))
+    if job.algorithm == "dpo":  # + the reference model's forward over the same pairs (none when precomputed)
+        compute *= 4 / 3
     recompute = {"none": 0.0, "selective": 0.5 / 3, "full": 1 / 3}[layout.recompute] * compute
     m = microbatches(job, layout)
     bubble = bubble_fraction(layout, m) * (compute + recompute)
@@ -182,12 +184,16 @@ class GRPOPhases:
 
 DECODE_EFFICIENCY = 0.5
 """Share of HBM bandwidth a decode step reaches while streaming weights and the KV cache."""
+DECODE_A2A_LATENCY_S = 0.4e-3
+"""Dispatch + combine latency per MoE layer of one decode step with expert parallelism: DeepEP's low-latency kernels
+(128 tokens, EP8-256) take 77-194 us to dispatch and 114-360 us to combine (DeepEP README)."""
 
 
 def grpo_phases(job: Job, layout: Layout, chip: Chip, update: StepTime) -> GRPOPhases:
     """Rollout: decode is memory-bound: every decode step streams the device's share of the weights its tokens
     touch (all dense weights; the experts its batch routes to) and the KV cache, or is compute-bound when the batch
-    is large. Log-probs: two forwards (old policy, reference) over every sample. Weight sync: each device reads
+    is large, plus the all-to-all latency of every MoE layer; generation runs to the longest response.
+    Log-probs: two forwards (old policy, reference) over every sample. Weight sync: each device reads
     and rewrites its bf16 weights and exchanges them once over the intra-node links."""
     c = job.model
     length = job.prompt_len + job.response_len
@@ -203,7 +209,10 @@ def grpo_phases(job: Job, layout: Layout, chip: Chip, update: StepTime) -> GRPOP
     memory_time = (weight_bytes + kv_bytes) / (chip.hbm_tbps * 1e12 * DECODE_EFFICIENCY)
     flops_time = batch * job.flops.total / 3 / (layout.tp * layout.ep * layout.pp) / (
         chip.peak_flops("bf16") * chip.compute_efficiency)
-    rollout = job.response_len * max(memory_time, flops_time) * layout.pp / max(1, min(layout.pp, batch))
+    moe_layers = sum(1 for x in job.shape.layer_experts if x)
+    latency = moe_layers * DECODE_A2A_LATENCY_S if layout.ep > 1 else 0.0
+    # a token passes every stage in turn: a decode step costs all stages' time, whatever the pipelining
+    rollout = job.response_len * (max(memory_time, flops_time) * layout.pp + latency)
     rollout += samples * job.prompt_len * job.flops.total / 3 / devices / (chip.peak_flops("bf16")
                                                                            * chip.compute_efficiency)  # prefill
     log_probs = 2 * (update.compute / 3)  # two forwards, no backward
