@@ -109,3 +109,17 @@ def test_calibrate_from_a_run_directory(tmp_path):
     per_device = 20000.0 * flops_per_token(config.model, config.data.max_seq_len).total / 2  # warm-up steps skipped
     assert chip.compute_efficiency == pytest.approx(per_device / 1e12, rel=1e-3)
     assert "2 process" in note
+
+
+def test_model_from_a_toml_file_and_context_parallel_costs_time(tmp_path):
+    from polytrain.plan.cli import _model
+
+    path = tmp_path / "model.toml"
+    path.write_text('[model]\npreset = "deepseek-v4-flash"\nnum_hidden_layers = 8\ncompress_ratios = [0, 0, 4, 128, '
+                    '4, 128, 4, 128, 0]\n')
+    config = _model(str(path))
+    assert config.num_hidden_layers == 8 and config.hidden_size == 4096
+    job = Job(config, 65536, 65536 * 64)
+    plain = evaluate(job, Layout(dp=64, ep=64, recompute="full"), load_chip("h100"))
+    split = evaluate(job, Layout(dp=16, cp=4, ep=64, recompute="full"), load_chip("h100"))
+    assert split.time.tensor_parallel > 0 and split.memory.activations < plain.memory.activations

@@ -96,7 +96,7 @@ def breakdown(job: Job, chip: Chip, plan: Plan) -> str:
              f"transient {m.transient / GiB:.1f}" + (f", RL {m.rl / GiB:.1f}" if m.rl else "")
              + f" -> peak {m.device / GiB:.1f} GiB" + (f"; host {m.host / GiB:.1f} GiB/device" if m.host else ""),
              f"  step {t.step:.2f} s: compute {t.compute:.2f}, recompute {t.recompute:.2f}, bubble {t.bubble:.2f}, "
-             f"all-to-all {t.expert_all_to_all:.2f}, TP {t.tensor_parallel:.2f}, PP p2p {t.pipeline_p2p:.2f}, "
+             f"all-to-all {t.expert_all_to_all:.2f}, TP/CP {t.tensor_parallel:.2f}, PP p2p {t.pipeline_p2p:.2f}, "
              f"DP {t.data_parallel:.2f}, offload {t.offload:.2f}, optimizer {t.optimizer:.2f} (exposed)"]
     if job.algorithm == "grpo":
         g = grpo_phases(job, plan.layout, chip, t)

@@ -8,8 +8,8 @@ Assumptions (stated once, used everywhere):
   a group that fits in one node uses the intra-node links, otherwise the inter-node ones;
 - overlap: data-parallel gradient / parameter collectives hide behind compute (only what exceeds the compute time,
   plus the last bucket, 5%, is exposed); the MoE all-to-all is hidden behind compute only under the DualPipe
-  schedules (their forward / backward chunk pairing), otherwise fully exposed; tensor-parallel collectives and
-  host transfers of offloaded state are exposed.
+  schedules (their forward / backward chunk pairing), otherwise fully exposed; tensor- and context-parallel
+  collectives and host transfers of offloaded state are exposed.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ class StepTime:
     bubble: float
     expert_all_to_all: float
     tensor_parallel: float
+    """Tensor- and context-parallel collectives (exposed)."""
     pipeline_p2p: float
     data_parallel: float
     offload: float
@@ -138,6 +139,11 @@ def step_time(job: Job, layout: Layout, chip: Chip) -> StepTime:
     if layout.tp > 1:  # 2 all-gathers + 2 reduce-scatters per layer forward, the same backward
         per_layer = 8 * _collective(mb_tokens * c.hidden_size * b, layout.tp, _bandwidth(chip, layout.tp, 1))
         tp_time = per_layer * layers_per_stage * m
+    if layout.cp > 1:  # context parallel: all-gather the compact keys / values forward, reduce-scatter their grads
+        kv_width = c.head_dim if c.is_v4 else c.kv_lora_rank + c.qk_rope_head_dim
+        sequence = layout.micro_batch * job.seq_len
+        per_layer = 2 * _collective(sequence * kv_width * b, layout.cp, _bandwidth(chip, layout.cp, layout.tp))
+        tp_time += per_layer * layers_per_stage * m
     p2p = 0.0
     if layout.pp > 1:
         width = c.hidden_size * (c.hc_mult if c.is_v4 else 1)
