@@ -7,6 +7,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from polytrain.models import preset
+from polytrain.models.attention import MLA
 from polytrain.models.params import count_parameters
 from polytrain.models.transformer import build_model
 from polytrain.plan.flops import flops_per_token
@@ -49,9 +50,12 @@ def _grouped_mm_flops(a, b, *args, out_shape=None, **kwargs):
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-v3", "tiny-v4"])
-def test_counts_every_matmul_of_the_cpu_model(name):
+def test_counts_every_matmul_of_the_cpu_model(name, monkeypatch):
     """torch's FLOP counter on a forward of the real model, x 3, equals our count with polytrain's dense reference
-    attention: every matrix product is accounted for, none invented (the two agree exactly)."""
+    attention: every matrix product is accounted for, none invented (the two agree exactly). MLA's value padding
+    for the fused attention kernel is off: the counter has no formula for the CPU flash kernel, and model FLOPs
+    do not include the padding."""
+    monkeypatch.setattr(MLA, "pad_values", False)
     config = preset(name)
     model = build_model(config, "cpu")
     batch, seq = 2, 64
