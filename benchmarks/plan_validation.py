@@ -35,7 +35,7 @@ def rows() -> list[dict]:
                                         ("tiny", "selective", 4, 256), ("tiny-v4", "none", 2, 256),
                                         ("tiny-v4", "full", 2, 256)]:
         config = preset(name, **PRESETS[name])
-        job = Job(config, seq, rows_ * seq, activation_bytes=4, fused_attention=False, mtp=False)
+        job = Job(config, seq, rows_ * seq, activation_bytes=4, fused_attention=not config.is_v4, mtp=False)
         predicted = device_memory(job, Layout(micro_batch=rows_, recompute=recompute)).device
         measured = measured_peak(name, recompute, rows_, seq)
         out.append({"case": f"peak MiB, {name} (widened), AC {recompute}, {rows_} x {seq}",

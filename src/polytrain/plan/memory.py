@@ -19,6 +19,7 @@ from polytrain.models.config import ModelConfig
 from polytrain.plan.layout import Job, Layout
 
 GiB = 2**30
+HEAD_CHUNK_BYTES = 256 * 2**20  # models/output_head.py CHUNK_BYTES
 
 
 @dataclass(frozen=True)
@@ -101,13 +102,13 @@ def layer_activation_bytes(config: ModelConfig, layer: int, seq_len: int, b: int
                 attn += 8 * c.index_topk
     else:
         hyper = 0.0
-        qk, nope, dv = c.qk_head_dim, c.qk_nope_head_dim, c.v_head_dim
+        qk, dv = c.qk_head_dim, c.v_head_dim
         attn = norm(h) + norm(c.kv_lora_rank) + (norm(c.q_lora_rank) if c.q_lora_rank else 0)
-        attn += b * heads * (nope + dv)  # kv_b output (values are a view of it)
+        # values are zero-padded to the query head size (one head size lets SDPA use its fused kernel)
         if fused:
-            attn += b * heads * (2 * qk + dv) + 4 * heads  # q, k, output, log-sum-exp
+            attn += 4 * b * heads * qk + 4 * heads  # q, k, padded v, padded output, log-sum-exp
         else:
-            attn += b * heads * 2 * qk + b * heads * seq_len  # scaled q, k; softmax probabilities
+            attn += 3 * b * heads * qk + b * heads * seq_len  # scaled q, k, padded v; softmax probabilities
         attn += b * heads * dv  # o_proj input
     if not c.is_moe_layer(layer):
         return hyper + attn + norm(h) + 4 * b * c.intermediate_size / tp
@@ -226,8 +227,12 @@ def _stage_memory(job: Job, layout: Layout, stage: int) -> Memory:
     buffers = 0.0
     if stage == layout.pp - 1:
         heads = 1 + (c.num_nextn_predict_layers if job.mtp else 0)
-        # logits (b) and their fp32 copy kept for the loss; the fp32 gradient during backward
-        logits = tokens * c.vocab_size / layout.tp * ((b + 4) * heads + 4)
+        if layout.tp > 1:  # plain head: logits (b) and their fp32 copy kept for the loss, the fp32 gradient
+            logits = tokens * c.vocab_size / layout.tp * ((b + 4) * heads + 4)
+        else:  # fused, chunked head (models/output_head.py): one chunk of fp32 logits (and its cast) at a time,
+            # each head's input gradient kept, and the head's weight gradient allocated in forward
+            chunk = min(HEAD_CHUNK_BYTES, tokens * c.vocab_size * 4) * (1 + (b / 4 if b < 4 else 0))
+            logits = chunk + heads * tokens * c.hidden_size * b + 4 * c.vocab_size * c.hidden_size
     if layout.zero == 3 and layout.dp * layout.cp > 1:
         biggest = job.biggest_layer(layout.tp, layout.ep)
         buffers += 2 * biggest * w  # the gathered layer and the prefetched next one
