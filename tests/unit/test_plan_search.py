@@ -82,7 +82,10 @@ def test_calibrate_from_bench_json_sets_the_efficiency(tmp_path):
     chip, _ = calibrate(str(path), load_chip("cpu"))
     assert chip.compute_efficiency == pytest.approx(0.25)
     assert "calibrated" in chip.sources["compute_efficiency"]
-    bench["achieved_flops_per_s"] = 5e12  # more than the peak: wrong chip
+    bench.update(world_size=4, achieved_flops_per_s=4 * 0.25e12, peak_flops_per_s=4e12)  # whole-job figures
+    path.write_text(json.dumps(bench))
+    assert calibrate(str(path), load_chip("cpu"))[0].compute_efficiency == pytest.approx(0.25)
+    bench.update(world_size=1, achieved_flops_per_s=5e12)  # more than the peak: wrong chip
     path.write_text(json.dumps(bench))
     with pytest.raises(ConfigError, match="wrong --hardware"):
         calibrate(str(path), load_chip("cpu"))

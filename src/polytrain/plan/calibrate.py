@@ -14,13 +14,15 @@ from polytrain.plan.hardware import Chip
 
 
 def _from_bench(data: dict, chip: Chip) -> tuple[float, str]:
-    """`polytrain bench --json`: achieved_flops_per_s is per device (as mfu = achieved / peak)."""
+    """`polytrain bench --json`: achieved_flops_per_s and tokens_per_s are for the whole job (its peak is the
+    per-device peak x world_size), so per device they are divided by world_size."""
     missing = [k for k in ("achieved_flops_per_s", "world_size") if k not in data]
     if missing:
         raise ConfigError(f"bench result lacks {', '.join(missing)} (expected `polytrain bench --json` output)")
-    achieved = float(data["achieved_flops_per_s"])
-    note = (f"polytrain bench on {data.get('device', '?')} ({data.get('backend', '?')}, {data['world_size']} "
-            f"process(es)): {achieved / 1e12:.3g} TFLOP/s per device, {data.get('tokens_per_s', 0):,.0f} tokens/s")
+    world = max(1, int(data["world_size"]))
+    achieved = float(data["achieved_flops_per_s"]) / world
+    note = (f"polytrain bench on {data.get('device', '?')} ({data.get('backend', '?')}, {world} process(es)): "
+            f"{achieved / 1e12:.3g} TFLOP/s per device, {data.get('tokens_per_s', 0):,.0f} tokens/s in all")
     return achieved, note
 
 
