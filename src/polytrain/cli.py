@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from polytrain import __version__
 from polytrain.backends import DEVICE_CHOICES
 from polytrain.errors import PolytrainError
+from polytrain.plan import cli as plan_cli
 
 SFT_EPILOG = """\
 examples:
@@ -175,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
     export.add_argument("--max-shard-gb", type=float, default=5.0, help="largest shard size in GiB")
     export.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    plan_cli.add_parser(commands)
     return parser
 
 
@@ -330,7 +332,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {**dict.fromkeys(TRAINING_COMMANDS, _cmd_train), "bench": _cmd_bench, "generate": _cmd_generate,
-            "plot": _cmd_plot, "model": _cmd_model, "convert": _cmd_convert, "export": _cmd_export}
+            "plot": _cmd_plot, "model": _cmd_model, "convert": _cmd_convert, "export": _cmd_export,
+            "plan": plan_cli.run}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

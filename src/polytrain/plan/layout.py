@@ -1,0 +1,158 @@
+"""What the planner plans: a job (model, sequence length, batch, algorithm) and a layout (how the devices split it)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from dataclasses import fields as dataclass_fields
+from functools import cached_property
+from typing import Literal
+
+from polytrain.models.config import ModelConfig
+
+SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zbv", "dualpipev", "dualpipe")
+ENGINE_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zbv", "dualpipev")
+RECOMPUTE = ("none", "selective", "full")
+OFFLOAD = ("none", "optimizer", "all")
+
+
+@dataclass(frozen=True)
+class Job:
+    model: ModelConfig
+    seq_len: int
+    global_batch_tokens: int
+    algorithm: Literal["sft", "dpo", "grpo"] = "sft"
+    precision: Literal["bf16", "fp16", "fp8"] = "bf16"
+    """Dtype of the matrix products (fp8: linear layers at the FP8 peak, attention in bf16)."""
+    activation_bytes: int = 2
+    """Bytes per stored activation element (2: bf16 autocast; 4: fp32 as on the CPU)."""
+    moment_bytes: int = 4
+    """Bytes per AdamW moment (4: fp32; 2: bf16 moments as DeepSeek-V3 trained)."""
+    fused_attention: bool = True
+    """Flash-style attention (no seq x seq matrix kept); False: polytrain's reference attention on the CPU."""
+    mtp: bool = True
+    # GRPO
+    group_size: int = 8
+    prompt_len: int = 1024
+    response_len: int = 2048
+
+    @cached_property
+    def key(self) -> str:
+        """Identifies the job for caches (ModelConfig is mutable, so the job is not hashable)."""
+        fields = {f.name: getattr(self, f.name) for f in dataclass_fields(self) if f.name != "model"}
+        return json.dumps([asdict(self.model), sorted(fields.items())], sort_keys=True, default=str)
+
+    @cached_property
+    def shape(self):  # -> ModelShape (imported lazily: layout.py stays free of model building)
+        from polytrain.plan.shapes import model_shape
+
+        return model_shape(self.model)
+
+    @cached_property
+    def flops(self):  # -> Flops of one token of this job
+        from polytrain.plan.flops import flops_per_token
+
+        return flops_per_token(self.model, self.seq_len, mtp=self.mtp)
+
+    @cached_property
+    def stage_params(self) -> dict[tuple, object]:
+        """Per-job cache: (pp, stage) -> (dense, expert) parameters, filled on demand (and the largest layer)."""
+        return {}
+
+    def biggest_layer(self, tp: int, ep: int) -> float:
+        key = ("biggest", tp, ep)
+        if key not in self.stage_params:
+            self.stage_params[key] = self.shape.biggest_layer(tp, ep)
+        return self.stage_params[key]
+
+    def params_of_stage(self, pp: int, stage: int) -> tuple[int, int]:
+        key = (pp, stage)
+        if key not in self.stage_params:
+            dense, experts = self.shape.stage_params(pp, stage)
+            if not self.mtp and stage == pp - 1:
+                dense, experts = dense - self.shape.mtp_dense, experts - self.shape.mtp_experts
+            self.stage_params[key] = (dense, experts)
+        return self.stage_params[key]
+
+    @property
+    def global_batch_sequences(self) -> int:
+        return max(1, self.global_batch_tokens // self.seq_len)
+
+
+@dataclass(frozen=True)
+class Layout:
+    dp: int = 1
+    """Data-parallel size: devices / (tp x pp x cp). Dense weights are ZeRO-sharded over dp x cp."""
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    """Expert-parallel size. polytrain draws it from the data-parallel ranks and keeps experts whole on the
+    tensor-parallel ranks (expert-data-parallel group dp x cp / ep); with `experts_over_tp` (Megatron's expert
+    tensor parallel 1, MindSpeed's --moe-tp-extend-ep) it spans dp x tp x cp ranks (group (dp x tp x cp) / ep)."""
+    experts_over_tp: bool = False
+    cp: int = 1
+    zero: int = 3
+    """1: optimizer state sharded; 2: + gradients; 3: + parameters (FSDP)."""
+    offload: str = "none"
+    """optimizer: master weights and moments in host memory (swap-optimizer); all: parameters, gradients and
+    optimizer state in host memory (FSDP CPU offload)."""
+    recompute: str = "none"
+    micro_batch: int = 1
+    """Sequences per micro-batch."""
+    schedule: str = "1f1b"
+    notes: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def devices(self) -> int:
+        return self.dp * self.tp * self.pp * self.cp
+
+    @property
+    def expert_dp(self) -> int:
+        ranks = self.dp * self.cp * (self.tp if self.experts_over_tp else 1)
+        return max(1, ranks // self.ep)
+
+    def with_(self, **changes) -> Layout:
+        return replace(self, **changes)
+
+    def short(self) -> str:
+        parts = [f"DP{self.dp}"]
+        for name in ("tp", "pp", "ep", "cp"):
+            value = getattr(self, name)
+            if value > 1:
+                parts.append(f"{name.upper()}{value}")
+        return " ".join(parts)
+
+    def problems(self, model: ModelConfig) -> list[str]:
+        """Why the layout cannot run this model at all (empty: it can)."""
+        out = []
+        if model.n_routed_experts % self.ep:
+            out.append(f"ep {self.ep} does not divide the {model.n_routed_experts} routed experts")
+        ranks = self.dp * self.cp * (self.tp if self.experts_over_tp else 1)
+        if ranks % self.ep:
+            out.append(f"ep {self.ep} does not divide the {ranks} ranks experts spread over")
+        if model.num_attention_heads % self.tp:
+            out.append(f"tp {self.tp} does not divide the {model.num_attention_heads} attention heads")
+        if self.pp > model.num_hidden_layers:
+            out.append(f"pp {self.pp} exceeds the {model.num_hidden_layers} layers")
+        if self.schedule in ("dualpipe", "dualpipev") and self.pp > 1 and self.pp % 2:
+            out.append("DualPipe needs an even number of stages")
+        if self.offload == "all" and self.zero != 3:
+            out.append("offload=all needs zero 3")
+        return out
+
+    def engine_gaps(self, model: ModelConfig) -> list[str]:
+        """What polytrain's engine does not run yet (the layout may still be valid for other frameworks)."""
+        gaps = []
+        if self.cp > 1:
+            gaps.append("context parallel (cp > 1)")
+        if self.tp > 1 and model.is_v4:
+            gaps.append("tensor parallel for DeepSeek-V4")
+        if self.experts_over_tp or self.dp % self.ep:
+            gaps.append("ep drawn from tensor-parallel ranks (polytrain takes ep from dp_shard)")
+        if self.zero == 1:
+            gaps.append("ZeRO-1 (polytrain shards with FSDP: zero 2 or 3)")
+        if self.offload == "optimizer":
+            gaps.append("optimizer-only offload (polytrain offloads parameters, gradients and optimizer together)")
+        if self.schedule not in ENGINE_SCHEDULES:
+            gaps.append(f"the {self.schedule} schedule")
+        return gaps

@@ -1,0 +1,272 @@
+"""Memory per device of a training job under a layout: model states, activations, buffers, RL extras.
+
+Model states, bytes per parameter (w = 2-byte working weights, g = 4-byte fp32 gradients, o = fp32 master + two
+moments = 4 + 2 x moment_bytes), sharded over the data-parallel group G of the weight (dense: dp x cp; routed
+experts: the expert-data-parallel group (dp x tp x cp) / ep):
+  ZeRO-1: w + g + o / G          ZeRO-2: w + (g + o) / G          ZeRO-3 (FSDP): (g + o) / G, fp32 master = weight
+ZeRO-3 also holds the gathered working copy of the layer being computed and the next one (prefetch).
+Offload `optimizer` moves o to host memory; `all` moves everything sharded to host memory.
+
+Activations are counted tensor by tensor from what autograd keeps in polytrain's blocks (models/attention.py,
+hybrid_attention.py, moe.py, hyper_connections.py), per token and layer; see `layer_activation_bytes`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from polytrain.models.config import ModelConfig
+from polytrain.plan.layout import Job, Layout
+
+GiB = 2**30
+HEAD_CHUNK_BYTES = 256 * 2**20  # models/output_head.py CHUNK_BYTES
+
+
+@dataclass(frozen=True)
+class Memory:
+    """Bytes on the most loaded device (and in host memory per device)."""
+
+    parameters: float
+    gradients: float
+    optimizer: float
+    activations: float
+    transient: float
+    """Working set that comes and goes: gathered ZeRO-3 weights, one layer's recomputation, logits, buffers."""
+    peak: float
+    """Device bytes at the peak: parameters + optimizer state + the larger of the end-of-forward working set
+    (activations, logits, buffers) and the end-of-backward one (gradients, the last layer's recomputation,
+    buffers); gradients held in persistent buffers (ZeRO-1 / 2) count in both."""
+    rl: float
+    """DPO: the reference model; GRPO: reference model, rollout KV cache and weight-sync buffer."""
+    host: float
+    """Host memory per device holding offloaded state."""
+    stage: int
+    """The pipeline stage this is (the most loaded one)."""
+
+    @property
+    def device(self) -> float:
+        return self.peak
+
+    def as_dict(self) -> dict[str, float]:
+        return {**{k: v for k, v in asdict(self).items()}, "device": self.device}
+
+
+def _norm(d: float, b: int) -> float:
+    """RMSNorm of width d: fp32 input copy + normalised value + the output its consumer keeps."""
+    return (4 + b) * d + b * d
+
+
+def layer_activation_bytes(config: ModelConfig, layer: int, seq_len: int, b: int, *, fused: bool = True,
+                           tp: int = 1, recompute_norms: bool = False) -> float:
+    """Bytes autograd keeps per token of one decoder layer without recomputation.
+
+    b: bytes per activation element. fused: flash-style attention (keeps q, k, v, output, log-sum-exp); otherwise
+    the reference attention keeps the seq x seq probabilities. tp divides the per-head tensors.
+    recompute_norms: RMSNorm internals are recomputed (only input and output kept).
+    """
+    c, h = config, config.hidden_size
+    heads = c.num_attention_heads / tp
+
+    def norm(d: float) -> float:
+        return 2 * b * d if recompute_norms else _norm(d, b)
+
+    if c.is_v4:
+        n, d = c.hc_mult, c.head_dim
+        ratio = c.compress_ratio(layer)
+        # two hyper-connections, each: the streams (+ their fp32 copy when b < 4) and their normalised fp32 copy;
+        # the Sinkhorn-Knopp iterations keep every intermediate n x n matrix and its sums; the merge keeps the
+        # sub-layer output, post and comb
+        sinkhorn = c.hc_sinkhorn_iters * 2 * 4 * (n * n + n)
+        merge = b * h + 4 * (n * n + n)
+        hyper = 2 * (b * n * h + (4 if b < 4 else 0) * n * h + 4 * n * h + 4 * (2 + n) * n + sinkhorn + merge)
+        attn = norm(h) + norm(c.q_lora_rank) + norm(d)  # input, query latent and kv norms
+        attn += 3 * b * heads * d  # q, its unweighted-norm output and the rotated q
+        entries = seq_len // ratio if ratio else 0
+        if fused:
+            attn += b * heads * d + 4 * heads  # output, log-sum-exp
+        else:  # logits (amax keeps them), probabilities, the visibility mask, output
+            attn += 2 * b * heads * (seq_len + entries + 1) + (seq_len + entries) + b * heads * d
+        attn += b * heads * d + b * c.o_groups * c.o_lora_rank  # grouped o_a input, o_b input
+        if ratio:
+            csa = ratio == c.compress_ratio_csa
+
+            def compressor(width: float) -> float:  # kv / gate projections, pooled windows, softmax weights
+                return (b * 2 + 4 + (2 * b + 4 if csa else 0)) * width
+
+            attn += compressor(d * (2 if csa else 1))
+            if csa:
+                n_idx, d_idx = c.index_n_heads, c.index_head_dim
+                attn += compressor(2 * d_idx) + 3 * b * n_idx * d_idx + 4 * n_idx  # its compressor, q, weights
+                if not fused:  # the reference indexer keeps [S, H, T] scores: product, ReLU, scaled
+                    attn += 3 * 4 * n_idx * entries
+                attn += 8 * c.index_topk
+    else:
+        hyper = 0.0
+        qk, dv = c.qk_head_dim, c.v_head_dim
+        attn = norm(h) + norm(c.kv_lora_rank) + (norm(c.q_lora_rank) if c.q_lora_rank else 0)
+        # values are zero-padded to the query head size (one head size lets SDPA use its fused kernel)
+        if fused:
+            attn += 4 * b * heads * qk + 4 * heads  # q, k, padded v, padded output, log-sum-exp
+        else:
+            attn += 3 * b * heads * qk + b * heads * seq_len  # scaled q, k, padded v; softmax probabilities
+        attn += b * heads * dv  # o_proj input
+    if not c.is_moe_layer(layer):
+        return hyper + attn + norm(h) + 4 * b * c.intermediate_size / tp
+    k, moe_i = c.num_experts_per_tok, c.moe_intermediate_size
+    router = 5 * c.n_routed_experts + 32 * k
+    clamped = c.swiglu_limit > 0  # V4 clamps gate and up: two more tensors kept (and the routed gate|up view)
+    routed = b * k * (2 * h + (7 if clamped else 4) * moe_i) + 40 * k  # inputs, gate|up, silu, product, outputs
+    shared = (6 if clamped else 4) * b * moe_i * c.n_shared_experts
+    return hyper + attn + norm(h) + router + routed + shared
+
+
+def _in_flight(layout: Layout, microbatches: int, stage: int) -> float:
+    """Micro-batches whose activations a stage holds at its peak, in units of the stage's layers."""
+    p, m = layout.pp, microbatches
+    if p == 1:
+        return 1.0
+    if layout.schedule == "gpipe":
+        return float(m)
+    if layout.schedule == "interleaved_1f1b":
+        return min(m, p - stage) * (1 + (p - 1) / (2 * p))
+    if layout.schedule == "dualpipe":
+        return float(min(m, p + 1))  # DualPipe README: p + 1 micro-batches of a stage
+    if layout.schedule == "dualpipev":
+        return min(m, p + 1) / 2  # p + 1 micro-batches of one of the rank's two half-size chunks
+    return float(min(m, p - stage))
+
+
+_CACHE: dict[tuple, tuple[float, float, int]] = {}
+
+
+def _stage_activations(job: Job, layout: Layout, stage: int) -> tuple[float, float, int]:
+    """(bytes kept per token by the stage's layers under the layout's recompute choice, excluding the layer
+    inputs kept by checkpointed blocks; the largest layer's bytes per token (its recomputation working set);
+    number of layers). Cached: the search evaluates thousands of layouts over the same few stage splits."""
+    c = job.model
+    key = (job.key, layout.pp, stage, layout.tp, layout.cp, layout.recompute, job.mtp)
+    if key not in _CACHE:
+        layers = list(job.shape.stage_layers(layout.pp)[stage])
+        if stage == layout.pp - 1 and job.mtp:
+            layers += range(c.num_hidden_layers, c.num_hidden_layers + c.num_nextn_predict_layers)
+        seq = job.seq_len // layout.cp
+
+        def per_layer(i: int, norms: bool = False) -> float:
+            return layer_activation_bytes(c, i, seq, job.activation_bytes, fused=job.fused_attention, tp=layout.tp,
+                                          recompute_norms=norms)
+
+        full = [per_layer(i) for i in layers]
+        if layout.recompute == "none":
+            kept = sum(full)
+        elif layout.recompute == "selective":
+            # polytrain's selective: every other block whole (ac_every = 2), the others with their norms recomputed
+            kept = sum(per_layer(i, True) for j, i in enumerate(layers) if j % 2)
+        else:
+            kept = 0.0
+        _CACHE[key] = (kept, max(full, default=0.0), len(layers))
+    return _CACHE[key]
+
+
+def microbatches(job: Job, layout: Layout) -> int:
+    """Micro-batches per data-parallel rank per step."""
+    per_rank = job.global_batch_sequences / (layout.dp * layout.micro_batch)
+    return max(1, round(per_rank))
+
+
+def device_memory(job: Job, layout: Layout) -> Memory:
+    """The most loaded device's memory: the first stage (embedding, the most micro-batches in flight, the extra
+    layers of an uneven split) or the last (output head, MTP modules, logits); middle stages hold less."""
+    stages = {0, layout.pp - 1}
+    return max((_stage_memory(job, layout, s) for s in stages), key=lambda m: m.device)
+
+
+def _stage_memory(job: Job, layout: Layout, stage: int) -> Memory:
+    c = job.model
+    dense, experts = job.params_of_stage(layout.pp, stage)
+    local_dense = dense / layout.tp
+    local_experts = experts / layout.ep
+    if layout.schedule == "dualpipe":  # DualPipe keeps two copies of the parameters
+        local_dense, local_experts = 2 * local_dense, 2 * local_experts
+    groups = ((local_dense, layout.dp * layout.cp), (local_experts, layout.expert_dp))
+    w, g, o = 2.0, 4.0, 4.0 + 2 * job.moment_bytes
+    params = grads = optim = host = 0.0
+    for count, group in groups:
+        if layout.zero == 1:
+            p_b, g_b, o_b = w, g, o / group
+        elif layout.zero == 2:
+            p_b, g_b, o_b = w, g / group, o / group
+        else:
+            p_b, g_b, o_b = 0.0, g / group, o / group
+        if layout.offload in ("optimizer", "all"):
+            host += count * o_b
+            o_b = 0.0
+        if layout.offload == "all":
+            host += count * g_b
+            g_b = 0.0
+        params += count * p_b
+        grads += count * g_b
+        optim += count * o_b
+
+    b = job.activation_bytes
+    tokens = layout.micro_batch * job.seq_len / layout.cp
+    seq_tokens = tokens / (layout.tp if layout.tp > 1 else 1)  # sequence parallel splits the residual stream
+    kept_per_token, working_per_token, layer_count = _stage_activations(job, layout, stage)
+    stream = (c.hc_mult if c.is_v4 else 1) * c.hidden_size * b  # a layer's input, kept under full recompute
+    if layout.recompute == "full":
+        kept = layer_count * stream * seq_tokens
+    elif layout.recompute == "selective":
+        kept = kept_per_token * tokens + (layer_count + 1) // 2 * stream * seq_tokens
+    else:
+        kept = kept_per_token * tokens
+    working = working_per_token * tokens if layout.recompute != "none" else 0.0
+    m = microbatches(job, layout)
+    activations = kept * _in_flight(layout, m, stage)
+    if stage == 0 or layout.pp == 1:
+        activations += tokens * c.hidden_size * b  # embedding output
+    logits = 0.0
+    buffers = 0.0
+    if stage == layout.pp - 1:
+        heads = 1 + (c.num_nextn_predict_layers if job.mtp else 0)
+        if layout.tp > 1:  # plain head: logits (b) and their fp32 copy kept for the loss, the fp32 gradient
+            logits = tokens * c.vocab_size / layout.tp * ((b + 4) * heads + 4)
+        else:  # fused, chunked head (models/output_head.py): one chunk of fp32 logits (and its cast) at a time,
+            # each head's input gradient kept, and the head's weight gradient allocated in forward
+            chunk = min(HEAD_CHUNK_BYTES, tokens * c.vocab_size * 4) * (1 + (b / 4 if b < 4 else 0))
+            logits = chunk + heads * tokens * c.hidden_size * b + 4 * c.vocab_size * c.hidden_size
+    if layout.zero == 3 and layout.dp * layout.cp > 1:
+        biggest = job.biggest_layer(layout.tp, layout.ep)
+        buffers += 2 * biggest * w  # the gathered layer and the prefetched next one
+    if layout.ep > 1:  # all-to-all send / receive buffers of one MoE layer
+        buffers += 2 * tokens * c.num_experts_per_tok * c.hidden_size * b
+    if layout.pp > 1:
+        buffers += 2 * tokens * c.hidden_size * b * (c.hc_mult if c.is_v4 else 1)  # p2p send / receive
+    rl = 0.0
+    if job.algorithm == "grpo":
+        rl = _rl_memory(job, layout, local_dense + local_experts)
+    elif job.algorithm == "dpo":  # the frozen reference model, bf16, sharded like the policy under ZeRO-3
+        rl = 2 * (local_dense + local_experts) / (layout.dp * layout.cp if layout.zero == 3 else 1)
+    in_flight = _in_flight(layout, m, stage)
+    forward_end = activations + logits
+    # backward of the last micro-batch: the other in-flight micro-batches' activations are already gone in 1F1B
+    backward_end = working + (activations * (1 - 1 / in_flight) if in_flight > 1 else 0.0)
+    persistent = layout.zero in (1, 2) and layout.offload != "all"
+    dynamic = grads + max(forward_end, backward_end) if persistent else max(forward_end, grads + backward_end)
+    peak = params + optim + rl + buffers + dynamic
+    return Memory(params, grads, optim, activations, working + logits + buffers, peak, rl, host, stage)
+
+
+def _rl_memory(job: Job, layout: Layout, local_params: float) -> float:
+    """GRPO extras on a device: a bf16 reference model laid out like the policy (sharded as ZeRO-3 would: it is
+    only read), the rollout KV cache of this device's share of the samples, and one weight-sync bucket."""
+    c = job.model
+    reference = 2 * local_params / (layout.dp * layout.cp if layout.zero == 3 else 1)
+    samples = max(1, job.global_batch_tokens // (job.prompt_len + job.response_len)) / layout.dp
+    length = job.prompt_len + job.response_len
+    if c.is_v4:
+        per_token_layer = c.head_dim * 2  # one shared key/value head (plus compressed entries, ignored)
+    else:
+        per_token_layer = (c.kv_lora_rank + c.qk_rope_head_dim) * 2  # MLA caches the latent and the rotary key
+    layers = c.num_hidden_layers / layout.pp
+    kv_cache = samples * length * per_token_layer * layers
+    sync_bucket = 512 * 2**20
+    return reference + kv_cache + sync_bucket

@@ -1,0 +1,136 @@
+"""What `polytrain plan` prints: a table of the best layouts, the best one's breakdown, JSON, and a job config."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import tomli_w
+
+from polytrain.models.config import PRESETS
+from polytrain.models.params import count_parameters
+from polytrain.plan.hardware import Chip
+from polytrain.plan.layout import Job, Layout
+from polytrain.plan.memory import GiB
+from polytrain.plan.search import USABLE_FRACTION, Plan, SearchResult
+from polytrain.plan.timing import grpo_phases
+from polytrain.schema import to_dict
+
+
+def _human(n: float) -> str:
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.3g}{unit}"
+    return f"{n:.3g}"
+
+
+def job_summary(job: Job, chip: Chip, devices: int) -> dict[str, Any]:
+    counts = count_parameters(job.model)
+    return {
+        "model": job.model.preset, "architecture": job.model.architecture,
+        "parameters_total": counts.main_total + counts.mtp_total, "parameters_activated": counts.main_active,
+        "hardware": chip.name, "devices": devices, "seq_len": job.seq_len,
+        "global_batch_tokens": job.global_batch_sequences * job.seq_len, "algorithm": job.algorithm,
+        "precision": job.precision, "flops_per_token": job.flops.as_dict(),
+        "device_memory_gib": round(chip.memory_bytes / GiB, 2), "usable_fraction": USABLE_FRACTION,
+    }
+
+
+def plan_dict(job: Job, plan: Plan, chip: Chip) -> dict[str, Any]:
+    out = plan.as_dict()
+    if job.algorithm == "grpo":
+        out["grpo_phases_s"] = {k: round(v, 4) for k, v in grpo_phases(job, plan.layout, chip, plan.time)
+                                .as_dict().items()}
+    return out
+
+
+def layout_cell(layout: Layout) -> str:
+    return layout.short() + (f" {layout.schedule}" if layout.pp > 1 else "")
+
+
+def table_rows(plans: list[Plan]) -> list[list[str]]:
+    rows = []
+    for i, plan in enumerate(plans, 1):
+        lay, mem, t = plan.layout, plan.memory, plan.time
+        host = f" +{mem.host / GiB:.0f} host" if mem.host else ""
+        rows.append([str(i), layout_cell(lay), f"ZeRO-{lay.zero}", lay.offload, lay.recompute, str(lay.micro_batch),
+                     f"{mem.device / GiB:.1f}{host}", f"{t.step:.2f}", f"{t.tokens_per_s_per_device:,.0f}",
+                     f"{t.mfu:.1%}", _human(t.tokens_per_day), "yes" if not plan.engine_gaps else "no"])
+    return rows
+
+
+HEADERS = ["#", "layout", "ZeRO", "offload", "recompute", "mbs", "GiB/device", "step s", "tok/s/dev", "MFU",
+           "tokens/day", "polytrain"]
+
+
+def render(job: Job, chip: Chip, devices: int, result: SearchResult, top: int) -> str:
+    from io import StringIO
+
+    from rich.console import Console
+    from rich.table import Table
+
+    buffer = StringIO()
+    console = Console(file=buffer, width=160, highlight=False, color_system=None)
+    s = job_summary(job, chip, devices)
+    console.print(f"{s['model']}: {_human(s['parameters_total'])} parameters ({_human(s['parameters_activated'])} "
+                  f"activated), {job.algorithm}, seq {job.seq_len}, {_human(s['global_batch_tokens'])} tokens/step, "
+                  f"{job.flops.total / 1e9:,.0f} GFLOP/token (training)", soft_wrap=True)
+    console.print(f"{devices} x {chip.name} ({chip.description}); {chip.hbm_gb:g} GB/device, "
+                  f"{USABLE_FRACTION:.0%} usable; compute efficiency {chip.compute_efficiency:g}, "
+                  f"comm efficiency {chip.comm_efficiency:g}", soft_wrap=True)
+    console.print(f"searched {result.evaluated:,} layouts in {result.seconds:.1f} s: {len(result.plans):,} fit")
+    if result.plans:
+        table = Table(*HEADERS, title=None, show_edge=False)
+        for row in table_rows(result.plans[:top]):
+            table.add_row(*row)
+        console.print(table)
+        console.print(breakdown(job, chip, result.plans[0]))
+    return buffer.getvalue()
+
+
+def breakdown(job: Job, chip: Chip, plan: Plan) -> str:
+    m, t = plan.memory, plan.time
+    lines = [f"best: {layout_cell(plan.layout)}, ZeRO-{plan.layout.zero}, offload {plan.layout.offload}, recompute "
+             f"{plan.layout.recompute}, micro-batch {plan.layout.micro_batch}",
+             f"  memory/device (stage {m.stage}): parameters {m.parameters / GiB:.1f}, gradients "
+             f"{m.gradients / GiB:.1f}, optimizer {m.optimizer / GiB:.1f}, activations {m.activations / GiB:.1f}, "
+             f"transient {m.transient / GiB:.1f}" + (f", RL {m.rl / GiB:.1f}" if m.rl else "")
+             + f" -> peak {m.device / GiB:.1f} GiB" + (f"; host {m.host / GiB:.1f} GiB/device" if m.host else ""),
+             f"  step {t.step:.2f} s: compute {t.compute:.2f}, recompute {t.recompute:.2f}, bubble {t.bubble:.2f}, "
+             f"all-to-all {t.expert_all_to_all:.2f}, TP/CP {t.tensor_parallel:.2f}, PP p2p {t.pipeline_p2p:.2f}, "
+             f"DP {t.data_parallel:.2f}, offload {t.offload:.2f}, optimizer {t.optimizer:.2f} (exposed)"]
+    if job.algorithm == "grpo":
+        g = grpo_phases(job, plan.layout, chip, t)
+        lines.append(f"  GRPO step {g.step:.1f} s: rollout {g.rollout:.1f}, log-probs {g.log_probs:.1f}, update "
+                     f"{g.update:.1f}, weight sync {g.weight_sync:.2f}")
+    if plan.engine_gaps:
+        lines.append("  not yet in polytrain's engine: " + "; ".join(plan.engine_gaps))
+    return "\n".join(lines)
+
+
+def emit_config(job: Job, plan: Plan) -> str:
+    """A `polytrain sft` job config running `plan` (data paths are placeholders to fill in)."""
+    lay = plan.layout
+    model: dict[str, Any] = ({"preset": job.model.preset} if job.model.preset in PRESETS
+                             else {k: v for k, v in to_dict(job.model).items() if k != "preset"})
+    parallel: dict[str, Any] = {
+        "dp_shard": lay.dp, "ep": lay.ep, "tp": lay.tp, "pp": lay.pp,
+        "reshard_after_forward": lay.zero == 3, "param_dtype": "bf16", "cpu_offload": lay.offload == "all",
+        "activation_checkpointing": lay.recompute,
+    }
+    if lay.pp > 1:
+        parallel["pp_schedule"] = lay.schedule
+    if lay.recompute == "selective":
+        parallel.update(ac_every=2, ac_modules=["mla_up_proj", "norm"])
+    config = {
+        "run": {"algorithm": "sft", "output_dir": f"runs/{job.model.preset}-{lay.devices}x", "precision": "bf16"},
+        "model": model,
+        "data": {"train_path": "data/train.jsonl", "tokenizer": "path/to/tokenizer.json", "max_seq_len": job.seq_len,
+                 "packing": not job.model.is_v4},
+        "train": {"global_batch_size": job.global_batch_sequences, "micro_batch_size": lay.micro_batch},
+        "parallel": parallel,
+    }
+    header = (f"# polytrain plan: {lay.devices} devices, {layout_cell(lay)}, predicted "
+              f"{plan.time.tokens_per_s_per_device:,.0f} tokens/s/device, {plan.time.mfu:.1%} MFU, "
+              f"{plan.memory.device / GiB:.1f} GiB/device peak.\n# Fill in data.train_path and data.tokenizer; "
+              "launch with torchrun --nproc-per-node ... -m polytrain sft THIS.toml\n")
+    return header + tomli_w.dumps(config)

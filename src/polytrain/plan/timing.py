@@ -1,0 +1,227 @@
+"""Step time of a job under a layout on a chip: compute, pipeline bubble, exposed communication, optimizer.
+
+Assumptions (stated once, used everywhere):
+- matrix work splits evenly over the devices (balanced routing, even pipeline stages) and runs at
+  `chip.compute_efficiency` of the dense peak; recomputation adds forward work (full: one forward, polytrain's
+  selective: half of one);
+- collectives move bytes at `chip.comm_efficiency` of the link bandwidth, with the bus-bandwidth factor (n - 1) / n;
+  a group that fits in one node uses the intra-node links, otherwise the inter-node ones;
+- overlap: data-parallel gradient / parameter collectives hide behind compute (only what exceeds the compute time,
+  plus the last bucket, 5%, is exposed); the MoE all-to-all is hidden behind compute only under the DualPipe
+  schedules (their forward / backward chunk pairing), otherwise fully exposed; tensor- and context-parallel
+  collectives and host transfers of offloaded state are exposed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from polytrain.plan.hardware import Chip
+from polytrain.plan.layout import Job, Layout
+from polytrain.plan.memory import microbatches
+
+HOST_LINK_GBPS = 25.0  # assumption: effective PCIe Gen4 x16 / Gen5 host <-> device bandwidth per device
+DP_EXPOSED_TAIL = 0.05
+
+
+@dataclass(frozen=True)
+class StepTime:
+    compute: float
+    recompute: float
+    bubble: float
+    expert_all_to_all: float
+    tensor_parallel: float
+    """Tensor- and context-parallel collectives (exposed)."""
+    pipeline_p2p: float
+    data_parallel: float
+    offload: float
+    optimizer: float
+    tokens_per_step: float
+    devices: int
+    flops_per_token: float
+    peak_flops: float
+
+    @property
+    def step(self) -> float:
+        return (self.compute + self.recompute + self.bubble + self.expert_all_to_all + self.tensor_parallel
+                + self.pipeline_p2p + self.data_parallel + self.offload + self.optimizer)
+
+    @property
+    def tokens_per_s_per_device(self) -> float:
+        return self.tokens_per_step / self.step / self.devices
+
+    @property
+    def mfu(self) -> float:
+        """Model FLOPs (no recomputation) per second per device over the dense BF16 peak."""
+        return self.tokens_per_s_per_device * self.flops_per_token / self.peak_flops
+
+    @property
+    def tokens_per_day(self) -> float:
+        return self.tokens_per_step / self.step * 86400
+
+    def as_dict(self) -> dict[str, float]:
+        return {**asdict(self), "step": self.step, "tokens_per_s_per_device": self.tokens_per_s_per_device,
+                "mfu": self.mfu, "tokens_per_day": self.tokens_per_day}
+
+
+def _bandwidth(chip: Chip, group: int, stride: int) -> float:
+    """Bytes/s per device for a collective over `group` ranks spaced `stride` apart."""
+    in_node = group * stride <= chip.devices_per_node
+    return (chip.intra_node_gbps if in_node else chip.inter_node_gbps) * 1e9 * chip.comm_efficiency
+
+
+def _collective(size: float, group: int, bandwidth: float) -> float:
+    return 0.0 if group <= 1 else size * (group - 1) / group / bandwidth
+
+
+def _all_to_all(job: Job, layout: Layout, chip: Chip, tokens: float, element_bytes: int) -> float:
+    """One dispatch (or combine) of `tokens` tokens to their top-k experts over the expert-parallel group. Each
+    token goes to k experts; across nodes at most to the routing's node limit (group-limited routing: topk_group
+    groups), the copies inside a node forwarded over the intra-node links (DeepSeek-V3 section 3.2.2)."""
+    c = job.model
+    k = c.num_experts_per_tok
+    nodes = layout.ep * layout.tp / chip.devices_per_node
+    remote = (layout.ep - 1) / layout.ep
+    if nodes <= 1:
+        return tokens * k * c.hidden_size * element_bytes * remote / _bandwidth(chip, layout.ep, layout.tp)
+    node_copies = min(k, nodes, c.topk_group if c.n_group > 1 else k) * (nodes - 1) / nodes
+    inter = tokens * node_copies * c.hidden_size * element_bytes / (chip.inter_node_gbps * 1e9 * chip.comm_efficiency)
+    intra = tokens * k * c.hidden_size * element_bytes / (chip.intra_node_gbps * 1e9 * chip.comm_efficiency)
+    return max(inter, intra)
+
+
+def bubble_fraction(layout: Layout, m: int) -> float:
+    """Idle time over busy time of a pipeline with m micro-batches (F = 1, B = 2, W = 1 units)."""
+    p = layout.pp
+    if p == 1:
+        return 0.0
+    return {
+        "gpipe": (p - 1) / m,
+        "1f1b": (p - 1) / m,
+        "interleaved_1f1b": (p - 1) / (2 * m),
+        "zbv": (p - 1) / (3 * m),
+        "dualpipev": 2 * (p - 1) / (3 * m) / 2,
+        "dualpipe": 2 * (p / 2 - 1) / (3 * m),
+    }[layout.schedule]
+
+
+def step_time(job: Job, layout: Layout, chip: Chip) -> StepTime:
+    c = job.model
+    flops = job.flops
+    tokens = job.global_batch_sequences * job.seq_len
+    devices = layout.devices
+    peak = chip.peak_flops("bf16")
+    eff = chip.compute_efficiency
+    linear_peak = chip.peak_flops(job.precision) if job.precision != "bf16" else peak
+    per_device = tokens / devices
+    compute = per_device * (flops.linear / (linear_peak * eff) + flops.attention_core / (peak * eff))
+    if job.algorithm == "dpo":  # + the reference model's forward over the same pairs (none when precomputed)
+        compute *= 4 / 3
+    recompute = {"none": 0.0, "selective": 0.5 / 3, "full": 1 / 3}[layout.recompute] * compute
+    m = microbatches(job, layout)
+    bubble = bubble_fraction(layout, m) * (compute + recompute)
+
+    b = 2  # activations travel in bf16
+    mb_tokens = layout.micro_batch * job.seq_len / layout.cp
+    shape = job.shape
+    layers_per_stage = c.num_hidden_layers / layout.pp + (c.num_nextn_predict_layers if job.mtp else 0) / layout.pp
+    moe_share = sum(1 for x in shape.layer_experts if x) / c.num_hidden_layers
+    # expert all-to-all: dispatch + combine in forward and backward (again in the recomputed forward)
+    a2a = 0.0
+    if layout.ep > 1:
+        per_a2a = _all_to_all(job, layout, chip, mb_tokens / layout.tp, 1 if job.precision == "fp8" else b)
+        per_a2a += _all_to_all(job, layout, chip, mb_tokens / layout.tp, b)  # combine in bf16
+        passes = 2 + (1 if layout.recompute == "full" else 0)
+        a2a = passes * per_a2a * m * layers_per_stage * moe_share
+        if layout.schedule in ("dualpipe", "dualpipev") and layout.pp > 1:
+            a2a = max(0.0, a2a - compute)  # overlapped with the paired chunk's compute
+    tp_time = 0.0
+    if layout.tp > 1:  # 2 all-gathers + 2 reduce-scatters per layer forward, the same backward
+        per_layer = 8 * _collective(mb_tokens * c.hidden_size * b, layout.tp, _bandwidth(chip, layout.tp, 1))
+        tp_time = per_layer * layers_per_stage * m
+    if layout.cp > 1:  # context parallel: all-gather the compact keys / values forward, reduce-scatter their grads
+        kv_width = c.head_dim if c.is_v4 else c.kv_lora_rank + c.qk_rope_head_dim
+        sequence = layout.micro_batch * job.seq_len
+        per_layer = 2 * _collective(sequence * kv_width * b, layout.cp, _bandwidth(chip, layout.cp, layout.tp))
+        tp_time += per_layer * layers_per_stage * m
+    p2p = 0.0
+    if layout.pp > 1:
+        width = c.hidden_size * (c.hc_mult if c.is_v4 else 1)
+        p2p = 2 * m * mb_tokens * width * b / layout.tp / (chip.inter_node_gbps * 1e9 * chip.comm_efficiency)
+
+    local_dense = max(job.params_of_stage(layout.pp, s)[0] for s in range(layout.pp)) / layout.tp
+    local_experts = max(job.params_of_stage(layout.pp, s)[1] for s in range(layout.pp)) / layout.ep
+    dp_time = 0.0
+    per_param = 4 + 2 + (2 if layout.zero == 3 else 0)  # fp32 reduce-scatter, bf16 all-gather(s)
+    for count, group, stride in ((local_dense, layout.dp * layout.cp, layout.tp * layout.pp),
+                                 (local_experts, layout.expert_dp, layout.ep * layout.pp)):
+        dp_time += _collective(count * per_param, group, _bandwidth(chip, group, stride))
+    dp_exposed = max(0.0, dp_time - compute) + DP_EXPOSED_TAIL * dp_time
+
+    local = local_dense / (layout.dp * layout.cp) + local_experts / layout.expert_dp
+    offload = 0.0
+    host = HOST_LINK_GBPS * 1e9
+    if layout.offload == "optimizer":  # gradients down, updated bf16 weights up, update on the host
+        offload = local * (4 + 2) / host + local * 16 / (50e9)
+    elif layout.offload == "all":  # + parameters up for forward and backward, gradients down
+        offload = local * (4 + 2 * 2) / host + local * 16 / (50e9)
+    optimizer = 0.0 if layout.offload != "none" else local * 16 * 3 / (chip.hbm_tbps * 1e12)
+    return StepTime(compute, recompute, bubble, a2a, tp_time, p2p, dp_exposed, offload, optimizer, tokens, devices,
+                    flops.total, peak)
+
+
+@dataclass(frozen=True)
+class GRPOPhases:
+    """One GRPO step on co-located devices (MindSpeed-RL's time_all without overlap): sampling, the old-policy and
+    reference log-probabilities, the policy update, and the weight sync from trainer to sampler layout."""
+
+    rollout: float
+    log_probs: float
+    update: float
+    weight_sync: float
+
+    @property
+    def step(self) -> float:
+        return self.rollout + self.log_probs + self.update + self.weight_sync
+
+    def as_dict(self) -> dict[str, float]:
+        return {**asdict(self), "step": self.step}
+
+
+DECODE_EFFICIENCY = 0.5
+"""Share of HBM bandwidth a decode step reaches while streaming weights and the KV cache."""
+DECODE_A2A_LATENCY_S = 0.4e-3
+"""Dispatch + combine latency per MoE layer of one decode step with expert parallelism: DeepEP's low-latency kernels
+(128 tokens, EP8-256) take 77-194 us to dispatch and 114-360 us to combine (DeepEP README)."""
+
+
+def grpo_phases(job: Job, layout: Layout, chip: Chip, update: StepTime) -> GRPOPhases:
+    """Rollout: decode is memory-bound: every decode step streams the device's share of the weights its tokens
+    touch (all dense weights; the experts its batch routes to) and the KV cache, or is compute-bound when the batch
+    is large, plus the all-to-all latency of every MoE layer; generation runs to the longest response.
+    Log-probs: two forwards (old policy, reference) over every sample. Weight sync: each device reads
+    and rewrites its bf16 weights and exchanges them once over the intra-node links."""
+    c = job.model
+    length = job.prompt_len + job.response_len
+    samples = max(1, job.global_batch_tokens // length)
+    devices = layout.devices
+    dense = max(job.params_of_stage(layout.pp, s)[0] for s in range(layout.pp)) / layout.tp
+    experts = max(job.params_of_stage(layout.pp, s)[1] for s in range(layout.pp)) / layout.ep
+    batch = samples / (layout.dp * layout.cp)  # sequences decoded together by one model replica
+    touched = 1 - (1 - c.num_experts_per_tok / c.n_routed_experts) ** batch  # share of experts a step reads
+    weight_bytes = 2 * (dense + experts * touched)
+    kv_per_token = (c.head_dim * 2 if c.is_v4 else (c.kv_lora_rank + c.qk_rope_head_dim) * 2)
+    kv_bytes = batch * length / 2 * kv_per_token * c.num_hidden_layers / layout.pp
+    memory_time = (weight_bytes + kv_bytes) / (chip.hbm_tbps * 1e12 * DECODE_EFFICIENCY)
+    flops_time = batch * job.flops.total / 3 / (layout.tp * layout.ep * layout.pp) / (
+        chip.peak_flops("bf16") * chip.compute_efficiency)
+    moe_layers = sum(1 for x in job.shape.layer_experts if x)
+    latency = moe_layers * DECODE_A2A_LATENCY_S if layout.ep > 1 else 0.0
+    # a token passes every stage in turn: a decode step costs all stages' time, whatever the pipelining
+    rollout = job.response_len * (max(memory_time, flops_time) * layout.pp + latency)
+    rollout += samples * job.prompt_len * job.flops.total / 3 / devices / (chip.peak_flops("bf16")
+                                                                           * chip.compute_efficiency)  # prefill
+    log_probs = 2 * (update.compute / 3)  # two forwards, no backward
+    sync = 2 * (dense + experts) * 2 / (chip.hbm_tbps * 1e12) + (dense + experts) * 2 / (
+        chip.intra_node_gbps * 1e9 * chip.comm_efficiency)
+    return GRPOPhases(rollout, log_probs, update.step, sync)
