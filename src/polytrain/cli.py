@@ -9,6 +9,7 @@ import textwrap
 from collections.abc import Sequence
 
 from polytrain import __version__
+from polytrain.audit import cli as audit_cli
 from polytrain.backends import DEVICE_CHOICES
 from polytrain.errors import PolytrainError
 
@@ -148,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
     export.add_argument("--max-shard-gb", type=float, default=5.0, help="largest shard size in GiB")
     export.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    audit_cli.add_parser(commands)
     return parser
 
 
@@ -274,7 +276,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {**dict.fromkeys(TRAINING_COMMANDS, _cmd_train), "generate": _cmd_generate, "plot": _cmd_plot,
-            "model": _cmd_model, "convert": _cmd_convert, "export": _cmd_export}
+            "model": _cmd_model, "convert": _cmd_convert, "export": _cmd_export, "audit": audit_cli.run}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
