@@ -167,6 +167,8 @@ class Fixer:
             target = cst.Call(self.expr(self.express("torch.device")),
                               [cst.Arg(self.expr(self.dev(".type"))), cst.Arg(index)])
         func = node.func.with_changes(attr=cst.Name("to"))
+        if not node.args:  # `.cuda( )`: no stray space before the new argument
+            node = node.with_changes(whitespace_before_args=cst.SimpleWhitespace(""))
         if rest:
             return node.with_changes(func=func, args=[cst.Arg(target), *rest])
         return node.with_changes(func=func, args=[cst.Arg(target)])

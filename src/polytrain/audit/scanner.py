@@ -371,6 +371,10 @@ class Scanner(cst.CSTVisitor):
                 self.string_context[operand] = ("compare", None)
 
     # ------------------------------------------------------------------ strings
+    def visit_Expr(self, node: cst.Expr) -> None:
+        if isinstance(node.value, (cst.SimpleString, cst.FormattedString)):  # docstrings, string statements
+            self.string_context[node.value] = ("docstring", None)
+
     def _string_rule(self, value: str, context: str) -> Rule | None:
         for candidate in (context, "any") if context != "any" else ("any",):
             for pattern, rule in self.strings.get(candidate, ()):
@@ -385,6 +389,8 @@ class Scanner(cst.CSTVisitor):
         if value is None or not self.any_string.search(value):
             return
         context, call = self.string_context.get(node, ("any", None))
+        if context == "docstring":
+            return
         rule = self._string_rule(value, context)
         if rule is None:
             return
@@ -398,6 +404,8 @@ class Scanner(cst.CSTVisitor):
                 parts[0].value != self.device_fstring or not isinstance(parts[1], cst.FormattedStringExpression):
             return
         context, _ = self.string_context.get(node, ("any", None))
+        if context == "docstring":
+            return
         rule = self._string_rule(f"{self.device_fstring}0", context)
         if rule is None:
             return
