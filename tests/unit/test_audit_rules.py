@@ -207,3 +207,21 @@ def test_rules_table_is_checked_on_load():
         parse_rules({**good, "rule": [{**rule, "severity": "auto-fix"}]})
     with pytest.raises(ValueError, match="unknown keys"):
         parse_rules({**good, "rule": [{**rule, "sevrity": "manual"}]})
+
+
+def test_positions_agree_with_libcst_position_provider():
+    import libcst as cst
+    from libcst.metadata import MetadataWrapper, PositionProvider
+
+    from polytrain.audit.positions import node_positions
+    from polytrain.audit.scanner import Scanner
+
+    for positive, _ in CASES.values():
+        module = cst.parse_module(textwrap.dedent("def wrap():\n    pass\n\n" + positive))
+        scanner = Scanner(RULES, module)
+        module.visit(scanner)
+        mine = node_positions(module, [h.node for h in scanner.hits])
+        reference = MetadataWrapper(module, unsafe_skip_copy=True).resolve(PositionProvider)
+        for hit in scanner.hits:
+            where = reference[hit.node]
+            assert mine[hit.node] == (where.start.line, where.start.column, where.end.line, where.end.column)

@@ -17,9 +17,9 @@ from functools import lru_cache
 from pathlib import Path
 
 import libcst as cst
-from libcst.metadata import MetadataWrapper, PositionProvider
 
 from polytrain.audit.fixer import Fixer
+from polytrain.audit.positions import node_positions
 from polytrain.audit.rules import PARSE_ERROR, SEVERITIES, Rule, RuleSet, load_rules
 from polytrain.audit.scanner import Scanner
 from polytrain.errors import PolytrainError
@@ -121,11 +121,11 @@ def audit_python(source: bytes, path: str, rules: RuleSet, fix: bool = False, pr
                 raise RuntimeError(f"{path}: the fix produced code that does not parse: {err}") from err
             result.original, result.new_source = source, new_code
             done = {id(h) for h in applied}
-    positions = MetadataWrapper(module, unsafe_skip_copy=True).resolve(PositionProvider)
+    positions = node_positions(module, [h.node for h in scanner.hits])
     for hit in scanner.hits:
-        where = positions[hit.node]
-        finding = _finding(hit.rule, path, (where.start.line, where.start.column + 1),
-                           (where.end.line, where.end.column + 1), hit.severity, hit.note, subject=hit.subject)
+        line, col, end_line, end_col = positions[hit.node]
+        finding = _finding(hit.rule, path, (line, col + 1), (end_line, end_col + 1), hit.severity, hit.note,
+                           subject=hit.subject)
         finding.fixed = id(hit) in done
         result.findings.append(finding)
     result.findings.sort(key=lambda f: (f.line, f.col, f.rule))
