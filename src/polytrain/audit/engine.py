@@ -101,9 +101,9 @@ def audit_python(source: bytes, path: str, rules: RuleSet, fix: bool = False, pr
     try:
         module = cst.parse_module(source)
     except (cst.ParserSyntaxError, UnicodeDecodeError, LookupError, SyntaxError) as err:
-        line = getattr(err, "raw_line", 1) or 1
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        result.findings.append(_finding(PARSE_ERROR, path, (line, 1), (line, 1),
+        line, col = getattr(err, "raw_line", 1) or 1, getattr(err, "raw_column", 0) + 1
+        reason = getattr(err, "message", "") or str(err).strip().split("\n")[0] or type(err).__name__
+        result.findings.append(_finding(PARSE_ERROR, path, (line, col), (line, col),
                                         message=f"not parsed, so not audited: {reason}"))
         return result
     scanner = Scanner(rules, module)

@@ -130,7 +130,9 @@ def unified_diff(result: AuditResult) -> str:
             continue
         old = file.original.decode("utf-8", "replace").splitlines(keepends=True)
         new = file.new_source.decode("utf-8", "replace").splitlines(keepends=True)
-        out.extend(difflib.unified_diff(old, new, f"a/{file.path}", f"b/{file.path}"))
+        name = Path(file.path).as_posix()
+        before, after = (name, name) if Path(name).is_absolute() else (f"a/{name}", f"b/{name}")
+        out.extend(difflib.unified_diff(old, new, before, after))
     return "".join(out)
 
 
