@@ -225,3 +225,19 @@ def test_positions_agree_with_libcst_position_provider():
         for hit in scanner.hits:
             where = reference[hit.node]
             assert mine[hit.node] == (where.start.line, where.start.column, where.end.line, where.end.column)
+
+
+def test_fast_walk_finds_what_the_libcst_visitor_finds():
+    import libcst as cst
+
+    from polytrain.audit.scanner import Scanner
+    from tests.conftest import EXAMPLES
+
+    sources = [p for pair in CASES.values() for p in pair] + [(EXAMPLES / "audit" / "train_cuda.py").read_text()]
+    for source in sources:
+        module = cst.parse_module(textwrap.dedent(source))
+        walked = Scanner(RULES, module).scan()
+        visited = Scanner(RULES, module)
+        module.visit(visited)
+        assert [(h.rule.id, h.node, h.severity, h.fix is None) for h in walked.hits] == \
+            [(h.rule.id, h.node, h.severity, h.fix is None) for h in visited.hits]

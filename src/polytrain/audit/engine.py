@@ -106,8 +106,7 @@ def audit_python(source: bytes, path: str, rules: RuleSet, fix: bool = False, pr
         result.findings.append(_finding(PARSE_ERROR, path, (line, col), (line, col),
                                         message=f"not parsed, so not audited: {reason}"))
         return result
-    scanner = Scanner(rules, module)
-    module.visit(scanner)
+    scanner = Scanner(rules, module).scan()
     if not scanner.hits:
         return result
     done: set[int] = set()

@@ -11,6 +11,7 @@ computed afterwards, and only for modules with hits (libcst's PositionProvider c
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +21,9 @@ from libcst.helpers import get_full_name_for_node
 
 from polytrain.audit.rules import Rule, RuleSet
 
+# Fields that hold only whitespace, comments and punctuation: the walk does not descend into them.
+PUNCTUATION_FIELDS = {"lpar", "rpar", "comma", "dot", "semicolon", "leading_lines", "lines_after_decorators", "header",
+                      "footer", "trailing_whitespace", "equal", "colon"}
 IMPORT_ERRORS = {"ImportError", "ModuleNotFoundError", "Exception", "BaseException", "OSError"}
 DEVICE_VAR_NAMES = ("device", "default_device", "accel_device")
 BACKEND_CALLS = {"torch.distributed.init_process_group": 0, "torch.distributed.new_group": 2}
@@ -104,6 +108,35 @@ class Scanner(cst.CSTVisitor):
         self.name_uses: dict[str, int] = {}  # module-level imported name -> references
         self.hit_uses: dict[str, int] = {}  # ... of which replaced by a fix
         self.module_import_nodes: dict[str, cst.ImportAlias] = {}
+
+    def scan(self) -> Scanner:
+        """Walk the module calling visit_<Node> / leave_<Node> like libcst's `module.visit(self)`, but without
+        rebuilding every node on the way back (libcst's visitor does, even for read-only visitors): about 5x faster.
+        Children are visited in field order, which is source order except decorators (after the function body)."""
+        self._walk(self.module)
+        return self
+
+    def _walk(self, node: cst.CSTNode) -> None:
+        cls = type(node)
+        plan = _PLANS.get(cls)
+        if plan is None:
+            fields = tuple(f.name for f in dataclasses.fields(cls)
+                           if not f.name.startswith("whitespace") and f.name not in PUNCTUATION_FIELDS)
+            plan = _PLANS[cls] = (getattr(Scanner, f"visit_{cls.__name__}", None),
+                                  getattr(Scanner, f"leave_{cls.__name__}", None), fields)
+        visit, leave, fields = plan
+        if visit is not None and visit(self, node) is False:
+            return
+        for name in fields:
+            child = getattr(node, name)
+            if isinstance(child, cst.CSTNode):
+                self._walk(child)
+            elif isinstance(child, (tuple, list)):
+                for item in child:
+                    if isinstance(item, cst.CSTNode):
+                        self._walk(item)
+        if leave is not None:
+            leave(self, node)
 
     # ------------------------------------------------------------------ names
     def _bind(self, name: str, qualname: str | None) -> None:
@@ -420,6 +453,9 @@ class Scanner(cst.CSTVisitor):
         """Module-level imports of matched names whose every use a fix replaces (they would be left unused)."""
         return {alias for name, alias in self.module_import_nodes.items()
                 if self.name_uses.get(name, 0) > 0 and self.hit_uses.get(name, 0) == self.name_uses[name]}
+
+
+_PLANS: dict[type, tuple[Any, Any, tuple[str, ...]]] = {}
 
 
 def _strings_in(node: cst.BaseExpression) -> list[str]:
