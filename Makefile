@@ -37,6 +37,7 @@ bench: $(VENV)/.test
 	$(PY) benchmarks/convert_memory.py
 	$(PY) benchmarks/parallel_memory.py
 	$(PY) benchmarks/export_memory.py
+	$(PY) benchmarks/audit_speed.py
 
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check src tests scripts benchmarks

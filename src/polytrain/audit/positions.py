@@ -3,24 +3,29 @@
 libcst's PositionProvider records a CodeRange for every node of the module while it regenerates the code (it costs
 about twice the parse). The auditor needs positions for the handful of nodes it reports, so this code-generation
 state tracks a character offset only, records offsets for the requested nodes only (with the same syntactic-position
-rules as PositionProvider), and converts them to (line, column) at the end. The tests check it agrees with
-PositionProvider.
+rules as PositionProvider), stops once the last of them is generated, and converts offsets to (line, column). The
+tests check it agrees with PositionProvider.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_right
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 import libcst as cst
 from libcst._nodes.internal import CodegenState
+
+
+class _AllFound(Exception):
+    pass
 
 
 class _OffsetState(CodegenState):
     def __init__(self, module: cst.Module, targets: set[cst.CSTNode]) -> None:
         super().__init__(default_indent=module.default_indent, default_newline=module.default_newline)
         self.targets = targets
+        self.remaining = set(targets)
         self.offset = 0
         self.found: dict[cst.CSTNode, tuple[int, int]] = {}
         self.open: list[tuple[cst.CSTNode, int]] = []
@@ -41,6 +46,12 @@ class _OffsetState(CodegenState):
         if self.open and self.open[-1][0] is node:
             _, start = self.open.pop()
             self.found.setdefault(node, (start, self.offset))
+            self._done(node)
+
+    def _done(self, node: cst.CSTNode) -> None:
+        self.remaining.discard(node)
+        if not self.remaining:
+            raise _AllFound
 
     @contextmanager
     def record_syntactic_position(self, node: cst.CSTNode, *, start_node: cst.CSTNode | None = None,
@@ -59,12 +70,14 @@ class _OffsetState(CodegenState):
         if end_node is not None and end_node in self.found:
             end = self.found[end_node][1]
         self.found[node] = (start, end)
+        self._done(node)
 
 
 def node_positions(module: cst.Module, nodes: Iterable[cst.CSTNode]) -> dict[cst.CSTNode, tuple[int, int, int, int]]:
     """{node: (line, column, end line, end column)}: lines 1-based, columns 0-based (as libcst's CodeRange)."""
     state = _OffsetState(module, set(nodes))
-    module._codegen(state)
+    with suppress(_AllFound):  # every requested node is placed: the rest of the module is not needed
+        module._codegen(state)
     code = "".join(state.tokens)
     starts = [0]
     index = code.find("\n")
