@@ -56,7 +56,8 @@ CASES = {
     "PA201": ("y = model(x).cuda()", "y = x.cuda_count + x.to_cuda_later"),
     "PA202": ('import torch\nd = torch.device("cuda", 0)', 'import torch\nd = torch.device("cpu")'),
     "PA203": ('y = x.to("cuda")', 'y = x.to("cpu")'),
-    "PA204": ('DEVICE = "cuda"', 'msg = "cudaMalloc failed"\nhint = "use cuda for speed"\n"""cuda"""'),
+    "PA204": ('DEVICE = "cuda"', 'msg = "cudaMalloc failed"\nhint = "use cuda for speed"\n"""cuda"""\n'
+              'ok = hasattr(torch, "cuda")'),
     "PA205": ('name = "cuda:%d" % rank', 'name = "cuda-toolkit"'),
     "PA206": ('if device.type == "cuda":\n    pass', 'if device.type == "cpu":\n    pass'),
     "PA207": ("if x.is_cuda:\n    pass", "if x.is_cpu:\n    pass"),

@@ -87,8 +87,12 @@ class AuditResult:
 
 def _finding(rule: Rule, path: str, start: tuple[int, int], end: tuple[int, int], severity: str | None = None,
              note: str = "", message: str | None = None, subject: str = "") -> Finding:
+    replacement, ascend = rule.replacement, rule.ascend
+    if subject and "<name>" in replacement + ascend:  # torch.accelerator.<name>() -> ...memory_allocated()
+        name = subject.rsplit(".", 1)[-1]
+        replacement, ascend = replacement.replace("<name>", name), ascend.replace("<name>", name)
     return Finding(rule.id, rule.name, severity or rule.severity, path, start[0], start[1], end[0], end[1],
-                   message or rule.message, rule.replacement, rule.ascend, note, subject)
+                   message or rule.message, replacement, ascend, note, subject)
 
 
 def audit_python(source: bytes, path: str, rules: RuleSet, fix: bool = False, prefilter: bool = True) -> FileResult:

@@ -26,6 +26,7 @@ PUNCTUATION_FIELDS = {"lpar", "rpar", "comma", "dot", "semicolon", "leading_line
                       "footer", "trailing_whitespace", "equal", "colon"}
 IMPORT_ERRORS = {"ImportError", "ModuleNotFoundError", "Exception", "BaseException", "OSError"}
 DEVICE_VAR_NAMES = ("device", "default_device", "accel_device")
+ATTRIBUTE_FUNCTIONS = {"getattr", "hasattr", "setattr", "delattr"}
 BACKEND_CALLS = {"torch.distributed.init_process_group": 0, "torch.distributed.new_group": 2}
 MODULE_SCOPE = 0
 
@@ -361,6 +362,8 @@ class Scanner(cst.CSTVisitor):
         positional = [a for a in node.args if a.keyword is None and not a.star]
         if qualname == "torch.device" and positional:
             self.string_context[positional[0].value] = ("torch.device", node)
+        if isinstance(func, cst.Name) and func.value in ATTRIBUTE_FUNCTIONS and len(positional) > 1:
+            self.string_context[positional[1].value] = ("docstring", None)  # hasattr(x, "cuda"): a name, not a device
         if isinstance(func, cst.Attribute) and func.attr.value == "to" and positional:
             self.string_context.setdefault(positional[0].value, ("device", node))
         if qualname in BACKEND_CALLS and len(positional) > BACKEND_CALLS[qualname]:
@@ -382,9 +385,9 @@ class Scanner(cst.CSTVisitor):
                 self.skip.add(func.attr)
         rule = self.call_rules.get(qualname) if qualname else None
         if rule is not None:
-            self._call_rule(rule, node)
+            self._call_rule(rule, node, qualname)
 
-    def _call_rule(self, rule: Rule, node: cst.Call) -> None:
+    def _call_rule(self, rule: Rule, node: cst.Call, qualname: str) -> None:
         if rule.kind == "call-kwargs":
             names = [a.keyword.value for a in node.args if a.keyword is not None and a.keyword.value in rule.kwargs]
             if names:
@@ -396,7 +399,7 @@ class Scanner(cst.CSTVisitor):
         cuda_kwargs = [a for a in node.args if a.keyword is not None and a.keyword.value in rule.kwargs and
                        not (isinstance(a.value, cst.Name) and a.value.value in ("False", "None"))]
         if cuda_kwargs or any(any(p.search(s) for p in sources) for s in strings):
-            self.hits.append(Hit(rule, node, rule.severity, subject=get_full_name_for_node(node.func) or ""))
+            self.hits.append(Hit(rule, node, rule.severity, subject=qualname))
 
     def visit_Comparison(self, node: cst.Comparison) -> None:
         for operand in (node.left, *(c.comparator for c in node.comparisons)):
@@ -422,7 +425,7 @@ class Scanner(cst.CSTVisitor):
         if value is None or not self.any_string.search(value):
             return
         context, call = self.string_context.get(node, ("any", None))
-        if context == "docstring":
+        if context == "docstring":  # docstrings, string statements, attribute names
             return
         rule = self._string_rule(value, context)
         if rule is None:
