@@ -220,7 +220,8 @@ def _batches(items: list[str], size: int) -> Iterable[list[str]]:
 def audit_paths(paths: Sequence[str], rules: RuleSet | None = None, fix: bool = False, jobs: int | None = None,
                 prefilter: bool = True) -> AuditResult:
     """Audit every file under `paths` with `rules` (default: all shipped rules), `jobs` worker processes
-    (default: the CPUs this process may use). Fixed sources are returned, not written (see write_fixes)."""
+    (default: the CPUs this process may use; below SERIAL_BELOW files, this process). Worker processes load the
+    shipped rules and keep those with the ids of `rules`. Fixed sources are returned, not written (write_fixes)."""
     rules = rules or load_rules()
     files = find_files(paths, rules)
     if jobs is None:
