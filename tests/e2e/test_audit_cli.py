@@ -134,6 +134,12 @@ def test_diff_writes_nothing_and_fix_writes(project, capsys):
     assert model.read_text().endswith("    return net.to(device)\n")
 
 
+def test_target_npu_adds_the_ascend_equivalent(project, capsys):
+    _, plain, _ = audit(capsys, str(project / "pkg" / "attn.py"))
+    _, npu, _ = audit(capsys, str(project / "pkg" / "attn.py"), "--target", "npu")
+    assert "Ascend:" not in plain and "      Ascend: torch_npu.npu_fusion_attention" in npu
+
+
 def test_list_rules_and_help(capsys):
     code, out, _ = audit(capsys, "--list-rules", "--select", "PA3")
     assert code == 0 and "PA301" in out and "PA101" not in out

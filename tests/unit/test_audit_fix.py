@@ -141,3 +141,9 @@ def test_imports_still_used_elsewhere_are_kept():
     fixed = fix(source)
     assert fixed.startswith("from torch.cuda.amp import autocast\nimport torch\n")
     assert "with torch.amp.autocast(device.type):" in fixed and fixed.endswith("ctx = autocast\n")
+
+
+def test_device_type_arguments_become_device_type():
+    fixed = fix('import torch\nfrom torch.distributed.device_mesh import init_device_mesh\n'
+                'mesh = init_device_mesh("cuda", (2, 4))\nwith torch.autocast("cuda"):\n    pass\n')
+    assert 'mesh = init_device_mesh(device.type, (2, 4))\nwith torch.autocast(device.type):\n' in fixed
