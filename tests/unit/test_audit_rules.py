@@ -79,7 +79,8 @@ CASES = {
     "PA406": ("from apex.normalization import FusedRMSNorm", "from torch.nn import RMSNorm"),
     "PA407": ("import amp_C", "import amp_Common"),
     "PA408": ("import transformer_engine.pytorch as te", "import transformers"),
-    "PA409": ("import triton\nimport triton.language as tl", "import tritonclient"),
+    "PA409": ("import triton\nimport triton.language as tl\nfrom fla.ops import chunk_gla",
+              "import tritonclient\nimport flatbuffers\nflags = parse_flags()"),
     "PA410": ("import deep_ep", "import deep_epsilon"),
     "PA411": ("from grouped_gemm import ops", "from mylib.grouped_gemm import ops"),
     "PA412": ("import bitsandbytes as bnb", "import bits"),
@@ -112,6 +113,14 @@ def test_rule_fires_on_its_pattern(rule_id):
 @pytest.mark.parametrize("rule_id", sorted(CASES))
 def test_rule_quiet_on_near_miss(rule_id):
     assert rule_ids(CASES[rule_id][1]) == []
+
+
+def test_whole_word_triggers_skip_look_alike_words():
+    from polytrain.audit.engine import _trigger_pattern
+
+    pattern = _trigger_pattern(RULES, "python")
+    assert pattern.search(b"from fla.ops import x") and pattern.search(b"import triton")
+    assert not pattern.search(b"flags = flatten(x)  # inflate the flash drive")
 
 
 def test_prefilter_never_hides_a_finding():
@@ -206,6 +215,10 @@ def test_rules_table_is_checked_on_load():
         parse_rules({**good, "rule": [{**rule, "triggers": ["nccl"]}]})
     with pytest.raises(ValueError, match="auto-fix rules, and only they"):
         parse_rules({**good, "rule": [{**rule, "severity": "auto-fix"}]})
+    with pytest.raises(ValueError, match="as a whole part"):
+        parse_rules({**good, "rule": [{**rule, "triggers": ["cud"], "whole_word": True}]})  # a substring only
+    assert parse_rules({**good, "rule": [{**rule, "kind": "import", "match": ["fla.ops"], "triggers": ["fla"],
+                                          "whole_word": True}]}).rules[0].whole_word
     with pytest.raises(ValueError, match="unknown keys"):
         parse_rules({**good, "rule": [{**rule, "sevrity": "manual"}]})
 

@@ -38,6 +38,7 @@ class Rule:
     context: str = "any"
     kwargs: tuple[str, ...] = ()
     sources: tuple[str, ...] = ()
+    whole_word: bool = False
     fix: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
 
     @property
@@ -81,10 +82,12 @@ class RuleSet:
     def trigger_pattern(self) -> re.Pattern[bytes] | None:
         """One case-insensitive regex of every selected rule's triggers, or None when a rule has none (file rules
         have none: they match by suffix)."""
-        words = sorted({t for r in self.rules if r.kind not in ("file",) for t in r.triggers})
+        words = sorted({(t, r.whole_word) for r in self.rules if r.kind not in ("file",) for t in r.triggers})
         if not words:
             return None
-        return re.compile("|".join(re.escape(w) for w in words).encode(), re.IGNORECASE)
+        alternatives = [rf"(?<![A-Za-z0-9_]){re.escape(w)}(?![A-Za-z0-9_])" if whole else re.escape(w)
+                        for w, whole in words]
+        return re.compile("|".join(alternatives).encode(), re.IGNORECASE)
 
 
 def _as_tuple(value: Any, what: str) -> tuple[str, ...]:
@@ -108,7 +111,8 @@ def parse_rules(data: dict[str, Any]) -> RuleSet:
                     severity=entry["severity"], message=entry["message"], replacement=entry["replacement"],
                     triggers=_as_tuple(entry.get("triggers"), where), ascend=entry.get("ascend", ""),
                     context=entry.get("context", "any"), kwargs=_as_tuple(entry.get("kwargs"), where),
-                    sources=_as_tuple(entry.get("sources"), where), fix=dict(entry.get("fix", {})))
+                    sources=_as_tuple(entry.get("sources"), where), whole_word=bool(entry.get("whole_word", False)),
+                    fix=dict(entry.get("fix", {})))
         if rule.id in seen or rule.name in seen:
             raise ValueError(f"{where}: duplicate id or name")
         seen |= {rule.id, rule.name}
@@ -122,8 +126,13 @@ def parse_rules(data: dict[str, Any]) -> RuleSet:
             # Sound pre-filter: any use of a dotted name spells every one of its parts in the file (in the import or
             # in the attribute chain), so one trigger inside each pattern is enough.
             for pattern in rule.match:
-                if not any(t.lower() in pattern.lower() for t in rule.triggers):
-                    raise ValueError(f"{where}: pattern {pattern!r} contains none of the triggers {rule.triggers}")
+                parts = pattern.lower().split(".") if rule.whole_word else [pattern.lower()]
+                if not any(t.lower() == p or (not rule.whole_word and t.lower() in p)
+                           for t in rule.triggers for p in parts):
+                    raise ValueError(f"{where}: pattern {pattern!r} contains none of the triggers {rule.triggers}"
+                                     + (" as a whole part" if rule.whole_word else ""))
+        elif rule.whole_word:
+            raise ValueError(f"{where}: whole_word is only for rules that match dotted names")
         for pattern in rule.match if rule.kind in ("string", "shell") else ():
             re.compile(pattern)
         rules.append(rule)
