@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import textwrap
 from collections.abc import Sequence
@@ -59,6 +60,17 @@ TRAINING_COMMANDS = {
                 "reverse KL to the teachers (as a loss, or as a policy-gradient advantage).", ""),
 }
 
+BENCH_EPILOG = """\
+Runs the job's real training step (same Trainer, layout and precision as `polytrain sft|dpo|... CONFIG`) in a
+throw-away run directory: --warmup untimed steps, then --steps timed ones. MFU is model FLOPs (polytrain.plan.flops,
+no recomputation counted) over the peak: a measured large-matmul peak unless --peak-flops gives the spec figure.
+Multi-device: launch with torchrun like any job. Figures are for the whole job; rank 0 prints and writes them.
+examples:
+  polytrain bench examples/sft_tiny.toml --steps 20 --json runs/bench_cpu.json
+  polytrain bench examples/sft_tiny.toml --set run.precision=\"bf16\" --json runs/bench_bf16.json
+  polytrain bench --compare runs/bench_cpu.json runs/bench_bf16.json
+"""
+
 GENERATE_EPILOG = """\
 examples:
   polytrain generate runs/tiny --prompt "What is 12 + 30?"
@@ -97,6 +109,21 @@ def build_parser() -> argparse.ArgumentParser:
                                "starting model's log-probabilities (then train with dpo.reference = \"precomputed\" "
                                "and data.train_path = OUT.jsonl: no second model in memory)")
         _add_device(train)
+
+    bench = commands.add_parser("bench", help="measure a job's training throughput, MFU and memory",
+                                description="Measure tokens/s, step time, FLOP/s, MFU and peak memory of a job.",
+                                epilog=BENCH_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench.add_argument("config", nargs="?", help="job config (TOML); run.algorithm picks the objective (sft default)")
+    bench.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override one config value (repeatable)")
+    bench.add_argument("--steps", type=int, default=10, help="timed optimizer steps (default 10)")
+    bench.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    bench.add_argument("--peak-flops", type=float, metavar="FLOP/S", help="peak of the whole job for MFU (default: "
+                       "a measured matmul peak x devices)")
+    bench.add_argument("--json", metavar="OUT", help="also write the figures to OUT (JSON)")
+    bench.add_argument("--compare", nargs="+", metavar="RESULT.json", help="print bench results side by side (no "
+                       "run)")
+    _add_device(bench)
 
     gen = commands.add_parser("generate", help="sample answers from a trained run",
                               description="Answer prompts with the newest checkpoint of a run (KV-cache sampler).",
@@ -213,6 +240,35 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from polytrain.config import load_config
+
+    if args.compare:
+        from polytrain.bench.compare import compare_table
+
+        print(compare_table(args.compare))
+        return 0
+    if not args.config:
+        raise PolytrainError("polytrain bench: give a job config (TOML), e.g. `polytrain bench examples/sft_tiny.toml`"
+                             ", or --compare A.json B.json")
+    overrides = [*args.overrides, *([f'run.device="{args.device}"'] if args.device else [])]
+    config = load_config(args.config, overrides)
+    from polytrain.bench.runner import bench_job
+
+    result = bench_job(config, _objective(config.run.algorithm), args.steps, args.warmup, args.peak_flops,
+                       progress=lambda line: print(line, file=sys.stderr))
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun: rank 0 reports
+        return 0
+    text = json.dumps(result, indent=2)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(text + "\n")
+    print(text)
+    return 0
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     from polytrain.rollout.from_run import RunChat
     from polytrain.rollout.generate import SamplingConfig
@@ -275,8 +331,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {**dict.fromkeys(TRAINING_COMMANDS, _cmd_train), "generate": _cmd_generate, "plot": _cmd_plot,
-            "model": _cmd_model, "convert": _cmd_convert, "export": _cmd_export, "audit": audit_cli.run}
+COMMANDS = {**dict.fromkeys(TRAINING_COMMANDS, _cmd_train), "bench": _cmd_bench, "generate": _cmd_generate,
+            "plot": _cmd_plot, "model": _cmd_model, "convert": _cmd_convert, "export": _cmd_export,
+            "audit": audit_cli.run}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

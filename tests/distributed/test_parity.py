@@ -46,10 +46,10 @@ def test_full_activation_checkpointing_with_fsdp(reference, tmp_path):
     assert_parity(single, tmp_path / "ac")
 
 
-def test_selective_checkpointing_of_mla_up_projections_and_norms(reference, tmp_path):
+def test_selective_checkpointing_of_mla_up_projections_norms_experts_and_mlps(reference, tmp_path):
     job, single = reference
     run(job, tmp_path / "sac", 1, 'parallel.activation_checkpointing="selective"', "parallel.ac_every=2",
-        'parallel.ac_modules=["mla_up_proj", "norm"]')
+        'parallel.ac_modules=["mla_up_proj", "norm", "experts", "mlp"]')
     assert_parity(single, tmp_path / "sac")
 
 

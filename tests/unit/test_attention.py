@@ -115,3 +115,34 @@ def test_left_padded_batch_matches_unpadded_prompt():
     cache = model.new_cache(1, 12)
     together = model(padded, position_ids=positions, cache=cache, valid=valid)[:, -1]
     torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_absorbed_decode_equals_expanded_decode_with_left_padding(monkeypatch):
+    """Decode steps attend in latent space (kv_b_proj never runs on the cache) and give the expanded path's logits,
+    padding masks included."""
+    model = build_model(preset("tiny"), "cpu", seed=5)
+    model.eval()
+    prompts = torch.randint(1, 100, (2, 6))
+    valid = torch.ones(2, 6, dtype=torch.bool)
+    valid[1, :2] = False
+    positions = (valid.long().cumsum(1) - 1).clamp(min=0)
+    steps = torch.randint(1, 100, (2, 4))
+    expansions = []
+    hook = model.layers[0].self_attn.kv_b_proj.register_forward_hook(lambda m, i, o: expansions.append(i[0].shape))
+
+    def decode() -> torch.Tensor:
+        cache = model.new_cache(2, 12)
+        out = [model(prompts, position_ids=positions, cache=cache, valid=valid)[:, -1]]
+        for t in range(steps.shape[1]):
+            pos = positions[:, -1:] + t + 1
+            out.append(model(steps[:, t : t + 1], position_ids=pos, cache=cache)[:, -1])
+        return torch.stack(out, dim=1)
+
+    with torch.no_grad():
+        absorbed = decode()
+        assert len(expansions) == 1  # the prefill only
+        monkeypatch.setattr(MLA, "absorb_for_decode", False)
+        expanded = decode()
+        assert len(expansions) == 1 + 1 + steps.shape[1]
+    hook.remove()
+    torch.testing.assert_close(absorbed, expanded, rtol=1e-5, atol=1e-5)

@@ -6,7 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from polytrain.data.dataset import IGNORE, Sample
 from polytrain.data.packing import Batch
@@ -40,8 +39,8 @@ class StepTokens:
 
 
 def token_loss_sum(model: CausalLM, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    logits = model.lm_head(hidden)
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
+    """Summed cross-entropy of the output head on `hidden` (fused and chunked: see models.output_head)."""
+    return model.lm_head.loss_sum(hidden, labels)
 
 
 def sft_loss(

@@ -5,6 +5,11 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
+import torch
+
 from polytrain.backends.base import Backend, Capabilities, MemoryStats
 from polytrain.backends.cpu import CPUBackend
 from polytrain.backends.cuda import CUDABackend
@@ -14,7 +19,18 @@ from polytrain.errors import BackendError, closest
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "npu", "privateuse1")
 
-__all__ = ["DEVICE_CHOICES", "Backend", "Capabilities", "MemoryStats", "detect", "get_backend"]
+__all__ = ["DEVICE_CHOICES", "Backend", "Capabilities", "MemoryStats", "detect", "get_backend", "kernel"]
+BY_DEVICE_TYPE = {cls.device_type: cls for cls in (CPUBackend, CUDABackend, NPUBackend)}
+
+
+@functools.cache
+def kernel(name: str, device_type: str) -> Callable[..., torch.Tensor] | None:
+    """The device kernel `name` for tensors on `device_type` (see Backend.kernels), or None: the caller then uses
+    its portable reference. How models reach device kernels without naming a device."""
+    backend = BY_DEVICE_TYPE.get(device_type)
+    if backend is None or not backend.is_available():
+        return None
+    return backend().kernels().get(name)
 
 
 def detect() -> Backend:

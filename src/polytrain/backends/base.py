@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import resource
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -118,6 +119,11 @@ class Backend:
 
     def describe(self) -> str:
         return f"{self.name} ({self.device_type}, {self.dist_backend})"
+
+    def kernels(self) -> dict[str, Callable[..., torch.Tensor]]:
+        """This device's implementations of polytrain's replaceable ops (see `polytrain.backends.kernel`):
+        "grouped_mm"(x [M, K], weight [E, K, N], offsets int32 [E] cumulative rows) -> [M, N], differentiable."""
+        return {"grouped_mm": torch._grouped_mm} if self.capabilities.grouped_mm else {}
 
 
 class AcceleratorBackend(Backend):

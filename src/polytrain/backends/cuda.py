@@ -7,6 +7,11 @@ import torch
 from polytrain.backends.base import AcceleratorBackend, Capabilities
 
 
+def _torch_at_least(major: int, minor: int) -> bool:
+    version = torch.__version__.split("+")[0].split(".")
+    return (int(version[0]), int(version[1])) >= (major, minor)
+
+
 class CUDABackend(AcceleratorBackend):
     name = "cuda"
     device_type = "cuda"
@@ -27,7 +32,8 @@ class CUDABackend(AcceleratorBackend):
             bf16=torch.cuda.is_bf16_supported(),
             fp16=True,
             fp8=(major, minor) >= (8, 9),
-            grouped_mm=hasattr(torch, "_grouped_mm") and major >= 9,
+            # torch._grouped_mm: Hopper and newer; Ampere too from torch 2.9
+            grouped_mm=hasattr(torch, "_grouped_mm") and (major >= 9 or (major == 8 and _torch_at_least(2, 9))),
             device_memory_stats=True,
             fused_attention=major >= 8,
         )

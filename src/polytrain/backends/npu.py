@@ -7,6 +7,7 @@ torch_npu releases do not back `torch.accelerator.memory_*`, so memory figures c
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 
 import torch
 
@@ -23,6 +24,35 @@ def import_torch_npu() -> None:
             f"--device npu needs torch_npu, which is not importable here ({err}). "
             "Install the torch_npu build matching your torch and CANN versions, or choose --device cpu|cuda|auto."
         ) from None
+
+
+class NPUGroupedMatmul(torch.autograd.Function):
+    """Grouped GEMM on Ascend: x [M, K] (rows sorted by group), weight [E, K, N], offsets [E] cumulative row counts.
+
+    Forward and the input gradient split x's rows by group (group_type 0); the weight gradient splits the shared
+    K-by-rows product by group (group_type 2), giving one [K, N] block per expert. group_list_type 0 = cumulative.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        import torch_npu
+
+        group_list = offsets.to(torch.int64)
+        ctx.save_for_backward(x, weight, group_list)
+        return torch_npu.npu_grouped_matmul([x], [weight], group_list=group_list, split_item=3, group_type=0,
+                                            group_list_type=0)[0]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        import torch_npu
+
+        x, weight, group_list = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_x = torch_npu.npu_grouped_matmul([grad], [weight.transpose(1, 2).contiguous()], group_list=group_list,
+                                             split_item=3, group_type=0, group_list_type=0)[0]
+        grad_w = torch_npu.npu_grouped_matmul([x.t().contiguous()], [grad], group_list=group_list, split_item=3,
+                                             group_type=2, group_list_type=0)[0]
+        return grad_x, grad_w.view_as(weight), None
 
 
 class NPUBackend(AcceleratorBackend):
@@ -47,10 +77,13 @@ class NPUBackend(AcceleratorBackend):
             bf16=True,
             fp16=True,
             fp8=False,  # 910B / 910C have no FP8 compute
-            grouped_mm=True,  # torch_npu maps aten::_grouped_mm to npu_grouped_matmul
+            grouped_mm=True,  # torch_npu.npu_grouped_matmul (see kernels)
             device_memory_stats=True,
             fused_attention=True,  # torch_npu.npu_fusion_attention
         )
+
+    def kernels(self) -> dict[str, Callable[..., torch.Tensor]]:
+        return {"grouped_mm": NPUGroupedMatmul.apply}
 
     def describe(self) -> str:
         return f"npu ({torch.npu.device_count()} x {torch.npu.get_device_name()}, hccl)"

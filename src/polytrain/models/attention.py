@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from polytrain.models.config import ModelConfig
 from polytrain.models.kv_cache import KVCache
@@ -24,6 +25,11 @@ class MLA(nn.Module):
     shared_key_hook: Callable[[torch.Tensor], torch.Tensor] | None = None
     """Applied to the rotary key that every head shares. Identity unless heads are split across ranks (tensor
     parallelism), where its gradient, summed over local heads only, must be summed over the ranks too."""
+
+    absorb_for_decode: bool = True
+    """Decode steps (one new token, with a cache) attend in the latent space (see `_absorbed`)."""
+    pad_values: bool = True
+    """Pad values to the query head size so SDPA can use its fused kernels (see forward); off = the plain shapes."""
 
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -78,13 +84,49 @@ class MLA(nn.Module):
             k_rot = self.shared_key_hook(k_rot)
         if cache is not None:
             latent, k_rot = cache.update(self.layer_idx, latent, k_rot)
+            if seq == 1 and self.absorb_for_decode and not isinstance(self.kv_b_proj.weight, DTensor):
+                return self._absorbed(q_nope, q, latent, k_rot, mask)
         keys_len = latent.shape[1]
 
         kv = self.kv_b_proj(latent).view(batch, keys_len, -1, self.qk_nope_head_dim + self.v_head_dim).transpose(1, 2)
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
         k = torch.cat([k_nope, k_rot.unsqueeze(1).expand(-1, q.shape[1], -1, -1)], dim=-1)
 
+        # Fused attention kernels (flash on CPU and GPU) need one head size for q, k and v; MLA's values are
+        # narrower (V3: 128 vs 192), which would send SDPA to its unfused path (CPU, seq 1024: 7x slower forward +
+        # backward). Zero columns appended to v give zero output columns, sliced off again: exact.
+        v_dim = v.shape[-1]
+        if self.pad_values and v_dim < q.shape[-1]:
+            v = F.pad(v, (0, q.shape[-1] - v_dim))
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None and seq > 1, scale=self.softmax_scale
-        )
+        )[..., :v_dim]
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+
+    def _absorbed(
+        self, q_nope: torch.Tensor, q: torch.Tensor, latent: torch.Tensor, k_rot: torch.Tensor,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Attention of new queries over the cached latents without expanding them into per-head keys and values.
+
+        kv_b_proj maps the latent c to each head's key (no position part) W_uk c and value W_uv c, so
+        q_nope . (W_uk c) = (W_uk^T q_nope) . c and sum_s p_s W_uv c_s = W_uv (sum_s p_s c_s): the queries are
+        absorbed into latent space and the output projected out of it once. A decode step then costs
+        O(S * (kv_lora_rank + rope_dim)) per head instead of re-expanding all S cached latents
+        (S * kv_lora_rank * heads * (nope + v)) every step.
+        """
+        batch, heads, seq, _ = q_nope.shape
+        weight = self.kv_b_proj.weight.view(heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        w_uk, w_uv = weight.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
+        q_latent = torch.einsum("bhtd,hdc->bhtc", q_nope, w_uk)
+        q_rot = q[..., self.qk_nope_head_dim :]
+        # heads folded into the query rows: every head reads the same cached latents (no per-head copies)
+        scores = (q_latent.reshape(batch, heads * seq, -1) @ latent.transpose(1, 2)
+                  + q_rot.reshape(batch, heads * seq, -1) @ k_rot.transpose(1, 2)).view(batch, heads, seq, -1)
+        scores = scores.float() * self.softmax_scale
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        probs = scores.softmax(dim=-1).to(latent.dtype)
+        context = (probs.view(batch, heads * seq, -1) @ latent).view(batch, heads, seq, -1)
+        out = torch.einsum("bhtc,hvc->bhtv", context, w_uv)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))

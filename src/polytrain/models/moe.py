@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from polytrain.backends import kernel
 from polytrain.models.config import ModelConfig
 from polytrain.models.layers import SwiGLU, swiglu
 
@@ -156,21 +157,23 @@ def grouped_swiglu_reference(
     return torch.cat(outputs) if outputs else x.new_zeros(0, down.shape[1])
 
 
+@torch.compiler.disable  # torch 2.13's fake grouped_mm accepts only bf16: keep the kernel call out of graphs
 def grouped_swiglu(
     x: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, limit: float = 0.0
 ) -> torch.Tensor:
     """SwiGLU of expert-sorted tokens `x` [M, H]; expert e owns the next `counts[e]` rows.
 
-    gate_up [E, 2I, H] and down [E, H, I] hold every expert's weights. Uses `torch._grouped_mm` (one kernel for all
-    experts) where torch has it, otherwise `grouped_swiglu_reference`.
+    gate_up [E, 2I, H] and down [E, H, I] hold every expert's weights. Uses the device's grouped GEMM (one kernel
+    for all experts: `Backend.kernels()["grouped_mm"]`) where it has one, otherwise `grouped_swiglu_reference`.
     """
-    if not hasattr(torch, "_grouped_mm") or x.dtype not in (torch.float32, torch.bfloat16):
+    grouped_mm = kernel("grouped_mm", x.device.type)
+    if grouped_mm is None or x.dtype not in (torch.float32, torch.bfloat16):
         return grouped_swiglu_reference(x, counts.tolist(), gate_up, down, limit)
     offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
     dtype = x.dtype
-    hidden = _ContiguousGrad.apply(torch._grouped_mm(x, gate_up.to(dtype).transpose(-2, -1), offs=offsets))
+    hidden = _ContiguousGrad.apply(grouped_mm(x, gate_up.to(dtype).transpose(-2, -1), offsets))
     gate, up = hidden.chunk(2, dim=-1)
-    out = torch._grouped_mm(swiglu(gate, up, limit), down.to(dtype).transpose(-2, -1), offs=offsets)
+    out = grouped_mm(swiglu(gate, up, limit), down.to(dtype).transpose(-2, -1), offsets)
     return _ContiguousGrad.apply(out)
 
 

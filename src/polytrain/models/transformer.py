@@ -16,6 +16,7 @@ from polytrain.models.config import ModelConfig
 from polytrain.models.kv_cache import KVCache
 from polytrain.models.layers import RMSNorm, SwiGLU
 from polytrain.models.moe import GroupedExperts, MoE, Router
+from polytrain.models.output_head import OutputHead
 from polytrain.models.rope import RotaryEmbedding
 
 
@@ -129,7 +130,7 @@ class CausalLM(nn.Module):
         self.rotary = RotaryEmbedding(config)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = OutputHead(config.hidden_size, config.vocab_size)
         self.mtp = nn.ModuleList(
             MTPModule(config, config.num_hidden_layers + k) for k in range(config.num_nextn_predict_layers)
         )

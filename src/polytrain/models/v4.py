@@ -12,6 +12,7 @@ from polytrain.models.hybrid_attention import Compressor, HybridAttention
 from polytrain.models.hyper_connections import HyperConnection, HyperHead, merge
 from polytrain.models.layers import RMSNorm
 from polytrain.models.moe import GroupedExperts, HashRouter, MoE, Router
+from polytrain.models.output_head import OutputHead
 from polytrain.models.rope import RotaryEmbedding
 from polytrain.models.transformer import TrainOutput, shift_left
 
@@ -72,7 +73,7 @@ class V4CausalLM(nn.Module):
         self.layers = nn.ModuleList(V4Block(config, i) for i in range(config.num_hidden_layers))
         self.hc_head = HyperHead(config)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = OutputHead(config.hidden_size, config.vocab_size)
         self.mtp = nn.ModuleList(
             V4MTPModule(config, config.num_hidden_layers + k) for k in range(config.num_nextn_predict_layers)
         )

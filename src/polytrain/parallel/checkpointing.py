@@ -1,8 +1,10 @@
 """Activation checkpointing: recompute activations in backward instead of keeping them.
 
 full: every block. selective: every `ac_every`-th block, plus, inside every block, the modules named in
-`ac_modules` (mla_up_proj: the q_b / kv_b up-projections that expand MLA's latents; norm: RMSNorms), the
-per-module recomputation Megatron calls --recompute-modules.
+`ac_modules` (mla_up_proj: the q_b / kv_b up-projections that expand MLA's latents; norm: RMSNorms; experts: the
+routed experts, whose gathered token copies and [tokens x top-k, 2 x moe_intermediate] hidden states are an MoE
+layer's largest activations; mlp: dense MLPs and shared experts), the per-module recomputation Megatron calls
+--recompute-modules.
 """
 
 from __future__ import annotations
@@ -10,7 +12,8 @@ from __future__ import annotations
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
 
-from polytrain.models.layers import RMSNorm
+from polytrain.models.layers import RMSNorm, SwiGLU
+from polytrain.models.moe import GroupedExperts
 from polytrain.parallel.config import ParallelConfig
 
 
@@ -21,8 +24,11 @@ def _wrap(module: nn.Module) -> nn.Module:
 def _wrap_children(parent: nn.Module, wanted: set[str]) -> int:
     count = 0
     for name, child in list(parent.named_children()):
-        if ("mla_up_proj" in wanted and name in ("q_b_proj", "kv_b_proj")) or (
-            "norm" in wanted and isinstance(child, RMSNorm)
+        if (
+            ("mla_up_proj" in wanted and name in ("q_b_proj", "kv_b_proj"))
+            or ("norm" in wanted and isinstance(child, RMSNorm))
+            or ("experts" in wanted and isinstance(child, GroupedExperts))
+            or ("mlp" in wanted and isinstance(child, SwiGLU))
         ):
             setattr(parent, name, _wrap(child))
             count += 1

@@ -8,7 +8,7 @@ from typing import Literal
 from polytrain.errors import ConfigError
 from polytrain.schema import option
 
-AC_MODULES = ("mla_up_proj", "norm")
+AC_MODULES = ("mla_up_proj", "norm", "experts", "mlp")
 
 
 @dataclass
@@ -43,9 +43,13 @@ class ParallelConfig:
     )
     ac_every: int = option(2, "Selective: checkpoint every N-th block (0 = no whole blocks).", ge=0)
     ac_modules: list[str] = option(
-        [], "Selective: modules recomputed inside every block: mla_up_proj (q_b_proj, kv_b_proj), norm.",
+        [], "Selective: modules recomputed inside every block: mla_up_proj (q_b_proj, kv_b_proj), norm, experts "
+        "(routed experts), mlp (dense MLP and shared experts).",
         choices=AC_MODULES,
     )
+    compile: bool = option(False, "torch.compile each decoder block (regional: one compile per block kind, reused "
+                           "across layers). Costs a compile at the first step (minutes on a small CPU); fuses the "
+                           "elementwise work between matmuls.")
     reshard_after_forward: bool = option(True, "FSDP: free gathered parameters after forward (ZeRO-3); false keeps "
                                          "them until backward (ZeRO-2-like, more memory, less communication).")
     param_dtype: Literal["fp32", "bf16"] = option("fp32", "FSDP mixed precision: dtype of gathered parameters.")

@@ -68,6 +68,7 @@ def apply_fsdp(model: nn.Module, dense_mesh: DeviceMesh, experts_mesh: DeviceMes
     if not model.config.tie_word_embeddings:
         # its own unit: losses call model.lm_head outside the root forward (e.g. on MTP hidden states)
         fully_shard(model.lm_head, mesh=dense_mesh, reshard_after_forward=cfg.reshard_after_forward, **options)
+        register_fsdp_forward_method(model.lm_head, "loss_sum")
     fully_shard(model, mesh=dense_mesh, reshard_after_forward=False, **options)
     for method in ("forward_train", "hidden_states"):
         register_fsdp_forward_method(model, method)

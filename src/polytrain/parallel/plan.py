@@ -4,6 +4,7 @@ Pipeline parallelism splits the result into stages (each FSDP-wrapped on its own
 1. tensor parallelism (DTensor plans on the tp mesh)
 2. expert parallelism (routed experts sharded by expert over the ep mesh)
 3. activation checkpointing (wraps blocks / modules; before FSDP so FSDP sees the wrappers)
+   then, with parallel.compile, torch.compile on each block (regional compilation)
 4. FSDP2 over the data-parallel dims (experts over expert-data-parallel dims)
 """
 
@@ -14,6 +15,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from polytrain.parallel.checkpointing import apply_activation_checkpointing
+from polytrain.parallel.compile import apply_compile
 from polytrain.parallel.config import ParallelConfig
 from polytrain.parallel.ep import apply_expert_parallel
 from polytrain.parallel.fsdp import apply_fsdp, apply_fsdp_to_stage
@@ -33,6 +35,8 @@ def apply_parallelism(
     """(the module to optimise and checkpoint, the pipeline when pp > 1)."""
     if meshes is None:
         apply_activation_checkpointing(model, cfg)
+        if cfg.compile:
+            apply_compile(model)
         return model, None
     dims = meshes.dims
     if dims.tp > 1:
@@ -42,6 +46,8 @@ def apply_parallelism(
         apply_expert_parallel(model, meshes.moe["ep"])
         experts_mesh = _dp_mesh(meshes.moe, dims.dp_replicate, "efsdp")
     apply_activation_checkpointing(model, cfg)
+    if cfg.compile:
+        apply_compile(model)
     dense_mesh = _dp_mesh(meshes.dense, dims.dp_replicate, "dp_shard")
     if dims.pp > 1:
         def wrap(stage: nn.Module) -> None:

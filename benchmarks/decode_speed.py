@@ -1,0 +1,77 @@
+"""Generation speed with and without MLA's absorbed decode path (the KV cache holds latents; a decode step either
+re-expands every cached latent into per-head keys / values, or attends in latent space).
+
+Model: a DeepSeek-V3-style layout with V3's attention shapes scaled down (8 heads, kv_lora_rank 512 as in V3,
+nope 128, rope 64, v 128), batch 8, a 512-token prompt, 128 new tokens, greedy. Prints decode tokens/s per mode
+and the largest logit difference between them.
+
+Usage: python benchmarks/decode_speed.py [--out benchmarks/results/decode_speed.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from polytrain.models import build_model, preset
+from polytrain.models.attention import MLA
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = dict(vocab_size=4096, hidden_size=512, num_hidden_layers=4, first_k_dense_replace=4, intermediate_size=1024,
+             num_attention_heads=8, q_lora_rank=256, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
+             v_head_dim=128, num_nextn_predict_layers=0, max_position_embeddings=4096)
+
+
+def decode(model, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float, torch.Tensor]:
+    """(prefill seconds, decode seconds, logits of every decode step)."""
+    batch = prompt.shape[0]
+    cache = model.new_cache(batch, prompt.shape[1] + new_tokens)
+    start = time.perf_counter()
+    logits = model(prompt, cache=cache)[:, -1]
+    prefill = time.perf_counter() - start
+    outputs = []
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        token = logits.argmax(dim=-1, keepdim=True)
+        logits = model(token, cache=cache)[:, -1]
+        outputs.append(logits)
+    return prefill, time.perf_counter() - start, torch.stack(outputs, dim=1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--prompt", type=int, default=512)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "decode_speed.json"))
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    model = build_model(preset("tiny", **MODEL), "cpu", seed=0).eval()
+    prompt = torch.randint(0, MODEL["vocab_size"], (args.batch, args.prompt))
+    results, logits = {}, {}
+    with torch.no_grad():
+        decode(model, prompt[:, :32], 4)  # warm-up
+        for mode, absorb in (("expanded", False), ("absorbed", True)):
+            MLA.absorb_for_decode = absorb
+            prefill, seconds, logits[mode] = decode(model, prompt, args.new_tokens)
+            results[mode] = {"prefill_s": prefill, "decode_s": seconds,
+                             "decode_tokens_per_s": args.batch * args.new_tokens / seconds}
+    MLA.absorb_for_decode = True
+    summary = {"machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}", "model": MODEL,
+               "batch": args.batch, "prompt": args.prompt, "new_tokens": args.new_tokens, "results": results,
+               "speedup": results["absorbed"]["decode_tokens_per_s"] / results["expanded"]["decode_tokens_per_s"],
+               "max_logit_diff": (logits["absorbed"] - logits["expanded"]).abs().max().item()}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
+    for mode, row in results.items():
+        print(f"{mode:9} decode {row['decode_tokens_per_s']:8.1f} tokens/s  (prefill {row['prefill_s']:.2f} s)")
+    print(f"absorbed / expanded: x{summary['speedup']:.2f}; max logit difference {summary['max_logit_diff']:.2e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""`polytrain bench`: measured training throughput, FLOP/s, MFU and memory, comparable across backends."""

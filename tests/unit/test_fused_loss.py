@@ -1,0 +1,86 @@
+"""The fused, chunked output-head loss equals the plain one (loss and both gradients) and never keeps logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from polytrain.models.output_head import IGNORE, OutputHead, chunk_rows, fused_linear_cross_entropy
+
+
+def inputs(tokens: int = 37, hidden: int = 16, vocab: int = 50, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    h = torch.randn(tokens, hidden, generator=generator, requires_grad=True)
+    w = torch.randn(vocab, hidden, generator=generator, requires_grad=True)
+    labels = torch.randint(0, vocab, (tokens,), generator=generator)
+    labels[::5] = IGNORE
+    return h, w, labels
+
+
+def reference(h, w, labels):
+    return F.cross_entropy((h @ w.t()).float(), labels, ignore_index=IGNORE, reduction="sum")
+
+
+@pytest.mark.parametrize("chunk_bytes", [4 * 50 * 1, 4 * 50 * 8, 2**30], ids=["1-row", "8-rows", "one-chunk"])
+def test_fused_loss_and_gradients_match_plain_cross_entropy(chunk_bytes):
+    h, w, labels = inputs()
+    expected = reference(h, w, labels)
+    (2.5 * expected).backward()
+    want_h, want_w = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    got = fused_linear_cross_entropy(h, w, labels, chunk_bytes)
+    (2.5 * got).backward()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h.grad, want_h, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(w.grad, want_w, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_loss_under_bf16_autocast_is_close_to_fp32():
+    h, w, labels = inputs(tokens=64, hidden=32, vocab=80)
+    expected = reference(h, w, labels)
+    expected.backward()
+    want_w = w.grad.clone()
+    w.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fused_linear_cross_entropy(h, w, labels, 4 * 80 * 16)
+    got.backward()
+    assert got.dtype == torch.float32 and w.grad.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=2e-2, atol=0)
+    assert (w.grad - want_w).norm() / want_w.norm() < 2e-2
+
+
+def test_fused_loss_keeps_no_logits_for_backward():
+    """autograd saves no tensor of the fused loss; the plain path keeps the [N, V] logits."""
+    h, w, labels = inputs(tokens=40, hidden=8, vocab=300)
+    saved = []
+
+    def pack(t):
+        saved.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fused_linear_cross_entropy(h, w, labels, 4 * 300 * 8)
+    assert saved == []  # its gradients, [N, H] and [V, H], are computed in forward and handed over in backward
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        reference(h, w, labels)
+    assert (40, 300) in saved  # the check above can fail
+
+
+def test_output_head_plain_and_fused_paths_agree_and_chunk_size_follows_the_vocabulary():
+    head = OutputHead(16, 50)
+    torch.nn.init.normal_(head.weight)
+    h, _, labels = inputs()
+    fused = head.loss_sum(h.view(1, 37, 16), labels.view(1, 37))
+    head.fused = False
+    plain = head.loss_sum(h.view(1, 37, 16), labels.view(1, 37))
+    torch.testing.assert_close(fused, plain)
+    assert chunk_rows(129280) == 519 and chunk_rows(10**12) == 1
+
+
+def test_no_grad_needed_computes_only_the_loss():
+    h, w, labels = inputs()
+    with torch.no_grad():
+        got = fused_linear_cross_entropy(h, w, labels, 4 * 50 * 4)
+    torch.testing.assert_close(got, reference(h, w, labels).detach())
