@@ -10,6 +10,7 @@ import textwrap
 from collections.abc import Sequence
 
 from polytrain import __version__
+from polytrain.audit import cli as audit_cli
 from polytrain.backends import DEVICE_CHOICES
 from polytrain.errors import PolytrainError
 from polytrain.plan import cli as plan_cli
@@ -177,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--max-shard-gb", type=float, default=5.0, help="largest shard size in GiB")
     export.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     plan_cli.add_parser(commands)
+    audit_cli.add_parser(commands)
     return parser
 
 
@@ -333,7 +335,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 COMMANDS = {**dict.fromkeys(TRAINING_COMMANDS, _cmd_train), "bench": _cmd_bench, "generate": _cmd_generate,
             "plot": _cmd_plot, "model": _cmd_model, "convert": _cmd_convert, "export": _cmd_export,
-            "plan": plan_cli.run}
+            "plan": plan_cli.run, "audit": audit_cli.run}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
