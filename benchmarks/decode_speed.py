@@ -2,7 +2,7 @@
 re-expands every cached latent into per-head keys / values, or attends in latent space).
 
 Model: a DeepSeek-V3-style layout with V3's attention shapes scaled down (8 heads, kv_lora_rank 512 as in V3,
-nope 128, rope 64, v 128), batch 8, a 512-token prompt, 128 new tokens, greedy. Prints decode tokens/s per mode
+nope 128, rope 64, v 128), batch 8, a 256-token prompt, 64 new tokens, greedy. Prints decode tokens/s per mode
 and the largest logit difference between them.
 
 Usage: python benchmarks/decode_speed.py [--out benchmarks/results/decode_speed.json]
@@ -46,8 +46,8 @@ def decode(model, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--prompt", type=int, default=512)
-    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--prompt", type=int, default=256)
+    parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "decode_speed.json"))
     args = parser.parse_args()
     torch.manual_seed(0)

@@ -104,3 +104,25 @@ def test_chunked_label_logprobs_match_log_softmax_with_gradients(monkeypatch):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(h.grad, want_h, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(head.weight.grad, want_w, rtol=1e-5, atol=1e-5)
+
+
+def test_head_skips_positions_without_a_label():
+    """Half the labels ignored: the same loss and gradients as the plain head, with half the head's FLOPs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    head = OutputHead(16, 50)
+    torch.nn.init.normal_(head.weight)
+    h, _, labels = inputs(tokens=40)
+    labels[:20] = IGNORE
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fused = head.loss_sum(h, labels)
+    fused.backward()
+    want = 3 * 2 * int((labels != IGNORE).sum()) * 16 * 50  # logits, hidden gradient, weight gradient
+    assert counter.get_total_flops() == want
+    got_h, got_w = h.grad.clone(), head.weight.grad.clone()
+    h.grad = head.weight.grad = None
+    reference(h, head.weight, labels).backward()
+    torch.testing.assert_close(fused, reference(h, head.weight, labels), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_h, h.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_w, head.weight.grad, rtol=1e-5, atol=1e-5)

@@ -4,7 +4,8 @@ With DeepSeek's 129,280-token vocabulary the logits of one 4K sequence are 0.5 b
 autograd keeps them plus their gradient. `OutputHead.loss_sum` never holds more than one chunk of logits (at most
 `CHUNK_BYTES` of fp32): for each chunk it computes the logits, the log-sum-exp and the loss, and right away the
 chunk's gradients (softmax - one-hot, times the weight and the hidden states), which backward only scales. The
-FLOPs are those of the unfused head; the memory is one chunk instead of the whole sequence twice.
+memory is one chunk instead of the whole sequence twice. Positions without a label (prompts, padding) are dropped
+before the head: in SFT on chat data that skips a large share of the model's largest matmul.
 """
 
 from __future__ import annotations
@@ -99,7 +100,8 @@ class OutputHead(nn.Linear):
         """Summed next-token cross-entropy of hidden states [..., H] against labels [...] (IGNORE = no loss)."""
         # a tensor-parallel (DTensor) weight takes the plain path through forward (and its sharding hooks)
         if self.fused and not isinstance(self.weight, DTensor):
-            return fused_linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.weight, labels.reshape(-1))
+            flat, flat_labels = _trained_rows(hidden, labels)
+            return fused_linear_cross_entropy(flat, self.weight, flat_labels)
         return F.cross_entropy(self(hidden).float().flatten(0, -2), labels.reshape(-1), ignore_index=IGNORE,
                                reduction="sum")
 
@@ -110,6 +112,8 @@ class OutputHead(nn.Linear):
         if not self.fused or isinstance(self.weight, DTensor):
             return _gather_logprobs(self(hidden), labels)
         flat, flat_labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+        scored = (flat_labels != IGNORE).nonzero().squeeze(1)
+        flat, flat_labels = flat.index_select(0, scored), flat_labels.index_select(0, scored)
         rows = chunk_rows(self.weight.shape[0])
         pieces = []
         for start in range(0, flat.shape[0], rows):
@@ -118,10 +122,24 @@ class OutputHead(nn.Linear):
                 pieces.append(checkpoint(self._chunk_logprobs, h, y, use_reentrant=False))
             else:
                 pieces.append(self._chunk_logprobs(h, y))
-        return torch.cat(pieces).view(labels.shape)
+        out = torch.zeros(labels.numel(), dtype=torch.float32, device=labels.device)
+        if pieces:
+            out = out.index_put((scored,), torch.cat(pieces))
+        return out.view(labels.shape)
 
     def _chunk_logprobs(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return _gather_logprobs(F.linear(hidden, self.weight), labels)
+
+
+def _trained_rows(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The hidden states [M, H] and labels [M] of the positions that have a label: the head never computes the
+    logits of prompt or padding positions (in SFT on chat data, often half the tokens)."""
+    flat, flat_labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+    trained = flat_labels != IGNORE
+    if bool(trained.all()):
+        return flat, flat_labels
+    rows = trained.nonzero().squeeze(1)
+    return flat.index_select(0, rows), flat_labels.index_select(0, rows)
 
 
 def _gather_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

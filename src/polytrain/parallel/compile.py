@@ -2,8 +2,8 @@
 
 Blocks of one kind share their compiled code, so the compile cost is that of one dense and one MoE block however
 deep the model, and FSDP / activation-checkpointing wrappers stay outside the compiled regions. What it buys is
-fusion of the elementwise work between the matmuls (norms, SwiGLU, rotary, router scoring): measured on the tiny
-preset on CPU (README, "Performance").
+fusion of the elementwise work between the matmuls (norms, SwiGLU, rotary, router scoring); on a 2-core CPU it
+measured no gain (README, "Performance"), so it is off by default.
 """
 
 from __future__ import annotations
