@@ -101,11 +101,15 @@ def final_state(out: Path) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def assert_parity(reference: Path, parallel: Path, loss_rtol: float = 1e-5, param_atol: float = 1e-5) -> None:
+def assert_parity(reference: Path, parallel: Path, loss_rtol: float = 1e-5, param_atol: float = 1e-5,
+                  loss_atol: float = 1e-7) -> None:
+    """`loss_atol`: the single-process reference steps AdamW with torch's fused kernel, sharded runs with the
+    per-parameter one; the two round differently in the last fp32 bit, which a near-zero loss (distillation reaches
+    0.004) turns into a relative difference just above 1e-5 (measured: 4.3e-8 absolute; equal kernels match)."""
     ref_losses, par_losses = losses(reference), losses(parallel)
     assert len(ref_losses) == len(par_losses) == 5
     for step, (a, b) in enumerate(zip(ref_losses, par_losses), start=1):
-        assert abs(a - b) <= loss_rtol * abs(a), f"step {step}: loss {b} vs single-process {a}"
+        assert abs(a - b) <= loss_rtol * abs(a) + loss_atol, f"step {step}: loss {b} vs single-process {a}"
     # Adam is blind to a constant gradient scale, so check the gradients' size directly too
     for step, (a, b) in enumerate(zip(metric(reference, "grad_norm"), metric(parallel, "grad_norm")), start=1):
         assert abs(a - b) <= loss_rtol * abs(a), f"step {step}: grad norm {b} vs single-process {a}"
