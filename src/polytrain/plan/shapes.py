@@ -13,6 +13,7 @@ from functools import lru_cache
 from polytrain.models.config import ModelConfig
 from polytrain.models.params import component_of
 from polytrain.models.transformer import build_model
+from polytrain.parallel.pp import split_layers
 
 
 @dataclass(frozen=True)
@@ -38,15 +39,8 @@ class ModelShape:
         return max(d / tp + e / ep for d, e in zip(self.layer_dense, self.layer_experts))
 
     def stage_layers(self, pp: int) -> list[range]:
-        """Decoder layers of each pipeline stage: an even split, earlier stages taking the remainder."""
-        n = len(self.layer_dense)
-        base, extra = divmod(n, pp)
-        bounds, start = [], 0
-        for stage in range(pp):
-            size = base + (1 if stage < extra else 0)
-            bounds.append(range(start, start + size))
-            start += size
-        return bounds
+        """Decoder layers of each pipeline stage: the engine's even split (earlier stages take the remainder)."""
+        return split_layers(len(self.layer_dense), pp)
 
     def stage_params(self, pp: int, stage: int) -> tuple[int, int]:
         """(dense, expert) parameters of pipeline stage `stage` of `pp`: the first stage holds the embedding, the
