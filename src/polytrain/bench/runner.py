@@ -31,7 +31,7 @@ def bench_job(
     peak_flops: float | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Run `warmup` + `steps` optimizer steps of the job; return the figures (see README, "Benchmarks")."""
+    """Run `warmup` + `steps` optimizer steps of the job; return the figures (see README, "Performance")."""
     from polytrain.train.trainer import Trainer
 
     if steps < 2:
