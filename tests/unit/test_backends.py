@@ -71,3 +71,37 @@ def test_cli_device_npu_error_is_printed_without_traceback(tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.startswith("error: ")
+
+
+KEEP_MEMORY_PROBE = """
+import sys, torch
+from polytrain.backends.base import host_memory
+from polytrain.backends.cpu import keep_freed_host_memory
+print(keep_freed_host_memory() if sys.argv[1] == "keep" else False)
+block = torch.ones(64 * 2**20)  # 256 MiB, touched
+before = host_memory()[0]
+del block
+print((before - host_memory()[0]) // 2**20)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc: Linux only")
+@pytest.mark.parametrize("mode", ["keep", "default"])
+def test_cpu_training_keeps_freed_host_memory_for_the_next_step(mode, tmp_path):
+    """glibc hands a freed 256 MiB block back to the kernel (RSS drops); after keep_freed_host_memory it stays in
+    the process, so the next step's allocation is not page-faulted in again."""
+    env = {"PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", KEEP_MEMORY_PROBE, mode], capture_output=True, text=True, env=env,
+                         check=True).stdout.split()
+    took, released_mib = out[0] == "True", int(out[1])
+    if mode == "keep":
+        assert took and released_mib < 16
+    else:
+        assert not took and released_mib > 200
+
+
+def test_keeping_host_memory_can_be_turned_off(monkeypatch):
+    from polytrain.backends.cpu import keep_freed_host_memory
+
+    monkeypatch.setenv("POLYTRAIN_RELEASE_HOST_MEMORY", "1")
+    assert keep_freed_host_memory() is False

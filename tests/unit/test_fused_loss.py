@@ -51,6 +51,21 @@ def test_fused_loss_under_bf16_autocast_is_close_to_fp32():
     assert (w.grad - want_w).norm() / want_w.norm() < 2e-2
 
 
+def test_fused_loss_with_bf16_parameters_is_close_to_fp32():
+    """bf16 weights and hidden states without autocast: the GEMMs write bf16 gradients into place, in chunks."""
+    h, w, labels = inputs(tokens=64, hidden=32, vocab=80)
+    h16, w16 = (t.detach().bfloat16().requires_grad_() for t in (h, w))
+    expected = reference(h16.detach().float().requires_grad_(), w16.detach().float(), labels)
+    got = fused_linear_cross_entropy(h16, w16, labels, 4 * 80 * 16)
+    got.backward()
+    assert got.dtype == torch.float32 and w16.grad.dtype == h16.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(got, expected, rtol=1e-2, atol=0)
+    h_ref, w_ref = h16.detach().float().requires_grad_(), w16.detach().float().requires_grad_()
+    reference(h_ref, w_ref, labels).backward()
+    for got_grad, want in ((h16.grad, h_ref.grad), (w16.grad, w_ref.grad)):
+        assert (got_grad.float() - want).norm() / want.norm() < 2e-2
+
+
 def test_fused_loss_keeps_no_logits_for_backward():
     """autograd saves no tensor of the fused loss; the plain path keeps the [N, V] logits."""
     h, w, labels = inputs(tokens=40, hidden=8, vocab=300)

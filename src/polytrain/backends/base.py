@@ -92,6 +92,9 @@ class Backend:
     def device_count(self) -> int:
         return 1
 
+    def prepare_training(self) -> None:
+        """Process-wide settings a training process wants on this device (called once, before the model is built)."""
+
     def synchronize(self) -> None:
         """Wait for all queued work on the current device (so timings and memory figures are real)."""
 

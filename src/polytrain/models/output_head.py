@@ -36,30 +36,38 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         device_type = hidden.device.type
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+        # one dtype throughout: the GEMMs write into preallocated memory (no fresh [rows, V] tensor per chunk, whose
+        # first touch costs as much as the GEMM itself on a CPU host)
+        direct = hidden.dtype == weight.dtype == dtype
+        # one fp32 buffer for every chunk, updated in place: logits -> log-softmax -> softmax -> its gradient
+        buffer = torch.empty((min(rows, hidden.shape[0]), weight.shape[0]), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], rows):
             h, y = hidden[start : start + rows], labels[start : start + rows]
             valid = y != IGNORE
             target = y.clamp(min=0).unsqueeze(1)
-            # one fp32 buffer per chunk, updated in place: logits -> exp(logits - max) -> softmax -> its gradient
-            buffer = F.linear(h, weight).float()
-            target_logit = buffer.gather(1, target).squeeze(1)
-            peak = buffer.amax(dim=1, keepdim=True)
-            total_exp = buffer.sub_(peak).exp_().sum(dim=1, keepdim=True)
-            lse = (peak + total_exp.log()).squeeze(1)
-            total += ((lse - target_logit) * valid).sum()
+            logits = buffer[: h.shape[0]]
+            if direct and dtype == torch.float32:
+                torch.mm(h, weight.t(), out=logits)
+            else:
+                logits.copy_(F.linear(h, weight))
+            logp = torch.log_softmax(logits, 1, out=logits)
+            total -= (logp.gather(1, target).squeeze(1) * valid).sum()
             if not (want_hidden or want_weight):
                 continue
-            grad = buffer.div_(total_exp)  # d CE / d logits = softmax - one_hot, zero on ignored tokens
+            grad = logp.exp_()  # d CE / d logits = softmax - one_hot, zero on ignored tokens
             grad.scatter_add_(1, target, torch.full_like(target, -1, dtype=grad.dtype))
             if not bool(valid.all()):
                 grad[~valid] = 0
             grad = grad.to(dtype)
             if want_hidden:
-                grad_hidden[start : start + rows] = grad @ weight.to(dtype)
+                if direct:
+                    torch.mm(grad, weight, out=grad_hidden[start : start + rows])
+                else:
+                    grad_hidden[start : start + rows] = grad @ weight.to(dtype)
             if want_weight:
                 if grad_weight is None:
                     grad_weight = (grad.t() @ h.to(dtype)).to(weight.dtype)
-                elif dtype == weight.dtype:
+                elif direct:
                     grad_weight.addmm_(grad.t(), h)
                 else:
                     grad_weight += grad.t() @ h.to(dtype)

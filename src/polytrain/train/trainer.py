@@ -66,6 +66,7 @@ class Trainer:
         self.config = config
         self.stop_at_step = stop_at_step
         self.backend = get_backend(config.run.device)
+        self.backend.prepare_training()
         self.runtime = ParallelRuntime(config.parallel, config.model, self.backend)
         main = self.runtime.is_main
         self.console = (console or Console(stderr=True)) if main else Console(file=io.StringIO(), quiet=True)
