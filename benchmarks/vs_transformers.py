@@ -9,9 +9,13 @@ settings alternate (A B C A B C ...) so a slow phase of the machine hits all of 
 transformers runs in a plain PyTorch loop (`model(input_ids, labels=...)`, backward, AdamW step) under each of its
 MoE experts implementations (`grouped_mm`, `batched_mm`, `eager`) with SDPA attention; polytrain runs its own
 training step (`polytrain.algorithms.sft.sft_loss`, the function its trainer calls) with the same AdamW settings.
+The first transformers setting also runs once more with the host-memory setting polytrain's CPU backend makes
+(reported beside the others, never counted as the peer's fastest: it is not a transformers setting). Each run
+measures the matmul peak before and after its steps; its MFU is taken against the higher.
 
 Usage: python benchmarks/vs_transformers.py [--steps 4] [--repeats 2] [--precision fp32|bf16] [--quick]
-       [--out benchmarks/results/vs_transformers.json] [--profile]
+       [--peers grouped_mm,batched_mm,eager] [--no-peer-kept-memory] [--prompt-share 0.5] [--profile]
+       [--out benchmarks/results/vs_transformers.json]
 """
 
 from __future__ import annotations
@@ -125,6 +129,28 @@ def run_transformers(args: argparse.Namespace, hf_dir: str, setting: dict):
     return step
 
 
+GEMMS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::_grouped_mm")
+
+
+def time_by_kind(profiler, vocab: int) -> dict[str, float]:
+    """Self CPU seconds of a profiled step by kind: output-head GEMMs (an operand has the vocabulary dimension),
+    other GEMMs (grouped experts included), attention kernels, optimizer, everything else (elementwise, copies,
+    indexing, reductions)."""
+    kinds: dict[str, float] = {}
+    for event in profiler.key_averages(group_by_input_shape=True):
+        name = event.key
+        if name in GEMMS:
+            kind = "gemm_output_head" if f"{vocab}" in str(event.input_shapes) else "gemm_other"
+        elif "scaled_dot_product" in name or "attention" in name:
+            kind = "attention"
+        elif "adam" in name.lower() or name.startswith("Optimizer."):
+            kind = "optimizer"
+        else:
+            kind = "elementwise_copies_other"
+        kinds[kind] = kinds.get(kind, 0.0) + event.self_cpu_time_total / 1e6
+    return kinds
+
+
 def worker(args: argparse.Namespace) -> None:
     """One run in this process: build, warm up, time `--steps` steps; print one JSON line."""
     import contextlib
@@ -156,7 +182,7 @@ def worker(args: argparse.Namespace) -> None:
     peaks = [matmul_peak(get_backend("cpu"), peak_dtype)]
     for index, tokens in enumerate(data):
         last = index == len(data) - 1
-        profiler = (torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+        profiler = (torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True)
                     if args.profile and last else contextlib.nullcontext())
         start = time.perf_counter()
         with profiler, autocast:
@@ -165,8 +191,9 @@ def worker(args: argparse.Namespace) -> None:
         if index >= args.warmup and not (args.profile and last):
             times.append(elapsed)
         if args.profile and last:
-            profile = [{"op": e.key, "self_cpu_s": e.self_cpu_time_total / 1e6, "calls": e.count}
-                       for e in sorted(profiler.key_averages(), key=lambda e: -e.self_cpu_time_total)[:15]]
+            profile = {"top_ops": [{"op": e.key, "self_cpu_s": e.self_cpu_time_total / 1e6, "calls": e.count}
+                                   for e in sorted(profiler.key_averages(), key=lambda e: -e.self_cpu_time_total)[:15]],
+                       "by_kind_s": time_by_kind(profiler, config["vocab_size"])}
     peaks.append(matmul_peak(get_backend("cpu"), peak_dtype))
     print(json.dumps({"losses": losses, "times": times, "peak_rss": peak_rss(), "baseline_rss": baseline,
                       "matmul_peaks": peaks, "profile": profile}))
@@ -320,6 +347,11 @@ def main() -> None:
     for name, ratios in versus.items():
         print(f"{name} vs the fastest transformers setting ({fastest}): x{ratios['speedup']:.2f} tokens/s, "
               f"x{ratios['memory_ratio']:.2f} peak memory")
+    for name, row in table.items():
+        if row["profile"]:
+            kinds = row["profile"]["by_kind_s"]
+            print(f"profile of {name}'s last step ({sum(kinds.values()):.2f} s of self CPU time): " + ", ".join(
+                f"{kind} {seconds:.2f} s" for kind, seconds in sorted(kinds.items(), key=lambda kv: -kv[1])))
     if kept:
         print(f"polytrain vs {kept}: x{summary['speedup_vs_peer_with_kept_memory']:.2f} tokens/s")
     print(f"largest step-0 loss difference between settings: {summary['step0_loss_abs_diff']:.2e}")

@@ -44,6 +44,10 @@ def bench_job(
         trainer = Trainer(config, objective, overwrite=True)
         try:
             backend, runtime = trainer.backend, trainer.runtime
+            precision = trainer.amp_dtype or torch.float32
+            # measured before and after the steps, the higher taken: MFU against the machine as fast as it was
+            # during the run (a shared host can run at half speed for minutes)
+            peaks = [matmul_peak(backend, precision)] if peak_flops is None else []
             times: list[float] = []
             tokens = 0
             for index in range(warmup + steps):
@@ -60,11 +64,11 @@ def bench_job(
                     kind = "step" if measured else "warm-up"
                     progress(f"{kind} {index + 1}/{warmup + steps}: {elapsed:.3f} s, loss {stats['loss']:.4f}")
             memory = backend.memory_stats()
-            precision = trainer.amp_dtype or torch.float32
             source = "given (--peak-flops)"
             if peak_flops is None:
-                peak_flops = matmul_peak(backend, precision) * runtime.world_size
-                source = f"measured {str(precision).replace('torch.', '')} matmul, x {runtime.world_size} devices"
+                peak_flops = max(*peaks, matmul_peak(backend, precision)) * runtime.world_size
+                source = (f"measured {str(precision).replace('torch.', '')} matmul (higher of before / after the "
+                          f"steps), x {runtime.world_size} devices")
             layout = runtime.describe()
             world = runtime.world_size
             params = sum(p.numel() for p in trainer.model.parameters())
