@@ -102,10 +102,13 @@ def test_no_grad_needed_computes_only_the_loss():
     torch.testing.assert_close(got, reference(h, w, labels).detach())
 
 
-def test_chunked_label_logprobs_match_log_softmax_with_gradients(monkeypatch):
+@pytest.mark.parametrize("ignored", [True, False], ids=["some-ignored", "all-labelled"])
+def test_chunked_label_logprobs_match_log_softmax_with_gradients(monkeypatch, ignored):
     head = OutputHead(16, 50)
     torch.nn.init.normal_(head.weight)
     h, _, labels = inputs()
+    if not ignored:
+        labels = labels.clamp(min=0)
     h3, labels3 = h.view(1, 37, 16), labels.view(1, 37)
     weights = torch.randn(1, 37)
     expected = torch.log_softmax(h3 @ head.weight.t(), -1).gather(-1, labels3.clamp(min=0)[..., None])[..., 0]
@@ -141,3 +144,9 @@ def test_head_skips_positions_without_a_label():
     torch.testing.assert_close(fused, reference(h, head.weight, labels), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got_h, h.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got_w, head.weight.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_label_logprobs_of_no_positions_is_empty():
+    head = OutputHead(16, 50)
+    h, _, labels = inputs()
+    assert head.label_logprobs(h[:0].view(1, 0, 16), labels[:0].view(1, 0)).shape == (1, 0)

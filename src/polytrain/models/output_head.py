@@ -108,7 +108,7 @@ class OutputHead(nn.Linear):
         """Summed next-token cross-entropy of hidden states [..., H] against labels [...] (IGNORE = no loss)."""
         # a tensor-parallel (DTensor) weight takes the plain path through forward (and its sharding hooks)
         if self.fused and not isinstance(self.weight, DTensor):
-            flat, flat_labels = _trained_rows(hidden, labels)
+            flat, flat_labels, _ = _trained_rows(hidden, labels)
             return fused_linear_cross_entropy(flat, self.weight, flat_labels)
         return F.cross_entropy(self(hidden).float().flatten(0, -2), labels.reshape(-1), ignore_index=IGNORE,
                                reduction="sum")
@@ -119,9 +119,7 @@ class OutputHead(nn.Linear):
         backward (activation checkpointing of the head), so no more than one chunk of logits is alive."""
         if not self.fused or isinstance(self.weight, DTensor):
             return _gather_logprobs(self(hidden), labels)
-        flat, flat_labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
-        scored = (flat_labels != IGNORE).nonzero().squeeze(1)
-        flat, flat_labels = flat.index_select(0, scored), flat_labels.index_select(0, scored)
+        flat, flat_labels, scored = _trained_rows(hidden, labels)
         rows = chunk_rows(self.weight.shape[0])
         pieces = []
         for start in range(0, flat.shape[0], rows):
@@ -130,6 +128,8 @@ class OutputHead(nn.Linear):
                 pieces.append(checkpoint(self._chunk_logprobs, h, y, use_reentrant=False))
             else:
                 pieces.append(self._chunk_logprobs(h, y))
+        if scored is None and pieces:  # every position has a label
+            return torch.cat(pieces).view(labels.shape)
         out = torch.zeros(labels.numel(), dtype=torch.float32, device=labels.device)
         if pieces:
             out = out.index_put((scored,), torch.cat(pieces))
@@ -139,15 +139,18 @@ class OutputHead(nn.Linear):
         return _gather_logprobs(F.linear(hidden, self.weight), labels)
 
 
-def _trained_rows(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The hidden states [M, H] and labels [M] of the positions that have a label: the head never computes the
-    logits of prompt or padding positions (in SFT on chat data, often half the tokens)."""
+def _trained_rows(
+    hidden: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The hidden states [M, H] and labels [M] of the positions that have a label, and their flat indices (None when
+    every position has one): the head never computes the logits of prompt or padding positions (in SFT on chat
+    data, often half the tokens)."""
     flat, flat_labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
     trained = flat_labels != IGNORE
     if bool(trained.all()):
-        return flat, flat_labels
+        return flat, flat_labels, None
     rows = trained.nonzero().squeeze(1)
-    return flat.index_select(0, rows), flat_labels.index_select(0, rows)
+    return flat.index_select(0, rows), flat_labels.index_select(0, rows), rows
 
 
 def _gather_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
