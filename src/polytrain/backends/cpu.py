@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 
 import torch
@@ -33,7 +32,7 @@ def keep_freed_host_memory() -> bool:
     if os.environ.get("POLYTRAIN_RELEASE_HOST_MEMORY", "") not in ("", "0"):
         return False
     try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+        mallopt = ctypes.CDLL(None).mallopt  # the process's own symbols, libc among them
     except (OSError, AttributeError):
         return False
     m_trim_threshold, m_mmap_max = -1, -4  # malloc.h
