@@ -6,7 +6,14 @@ import torch
 import torch.nn.functional as F
 
 from polytrain.models import preset
-from polytrain.models.moe import MoE, grouped_swiglu, grouped_swiglu_reference
+from polytrain.models.moe import (
+    MoE,
+    expert_order,
+    from_expert_order,
+    grouped_swiglu,
+    grouped_swiglu_reference,
+    to_expert_order,
+)
 
 
 def per_token_reference(moe: MoE, x: torch.Tensor) -> torch.Tensor:
@@ -60,6 +67,44 @@ def test_grouped_kernel_matches_segment_reference_including_empty_experts():
     (g_slow,) = torch.autograd.grad(slow.sum(), gate_up)
     torch.testing.assert_close(g_fast, g_slow, rtol=1e-5, atol=1e-5)
     assert g_fast[1].abs().sum() == 0  # an expert with no tokens gets no gradient
+
+
+def test_grouped_kernel_scales_activations_like_the_reference():
+    experts, dim, hidden = 4, 16, 8
+    gate_up, down = torch.randn(experts, 2 * hidden, dim), torch.randn(experts, dim, hidden)
+    counts = torch.tensor([2, 0, 5, 3])
+    x = torch.randn(int(counts.sum()), dim)
+    scale = torch.rand(x.shape[0], requires_grad=True)
+    fast = grouped_swiglu(x, counts, gate_up, down, scale=scale)
+    torch.testing.assert_close(fast, grouped_swiglu(x, counts, gate_up, down) * scale.unsqueeze(-1))
+    torch.testing.assert_close(fast, grouped_swiglu_reference(x, counts.tolist(), gate_up, down, scale=scale))
+    (g_fast,) = torch.autograd.grad(fast.square().sum(), scale)
+    ref = grouped_swiglu_reference(x, counts.tolist(), gate_up, down, scale=scale)
+    (g_ref,) = torch.autograd.grad(ref.square().sum(), scale)
+    torch.testing.assert_close(g_fast, g_ref)
+
+
+def test_expert_order_round_trip_equals_scatter_add_and_its_gradients():
+    """to_expert_order / from_expert_order (row gathers both ways) against index_select + index_add_, in float64,
+    with experts that get no tokens and tokens whose choices share an expert's group."""
+    generator = torch.Generator().manual_seed(0)
+    tokens, top_k, experts, dim = 7, 3, 6, 5
+    indices = torch.stack([torch.randperm(experts, generator=generator)[:top_k] for _ in range(tokens)])
+    indices[indices == 4] = 5  # expert 4 gets nothing
+    indices[0] = torch.tensor([5, 0, 1])
+    order, inverse, counts = expert_order(indices, experts)
+    assert counts.tolist() == torch.bincount(indices.flatten(), minlength=experts).tolist() and counts[4] == 0
+    assert torch.equal(indices.flatten()[order], indices.flatten().sort(stable=True).values)
+    assert torch.equal(order[inverse], torch.arange(tokens * top_k))
+    x = torch.randn(tokens, dim, dtype=torch.float64, requires_grad=True)
+    rows = to_expert_order(x, order, inverse, top_k)
+    torch.testing.assert_close(rows, x[order // top_k])
+    y = torch.randn(tokens * top_k, dim, dtype=torch.float64, requires_grad=True)
+    summed = from_expert_order(y, order, inverse, top_k)
+    torch.testing.assert_close(summed, torch.zeros(tokens, dim, dtype=torch.float64).index_add(0, order // top_k, y))
+    assert torch.autograd.gradcheck(lambda t: to_expert_order(t, order, inverse, top_k), (x,))
+    assert torch.autograd.gradcheck(lambda t: from_expert_order(t, order, inverse, top_k), (y,))
+    assert torch.autograd.gradgradcheck(lambda t: from_expert_order(t, order, inverse, top_k), (y,))
 
 
 def test_moe_in_bf16_autocast_stays_close_to_fp32():

@@ -144,37 +144,100 @@ class Router(nn.Module):
 
 
 def grouped_swiglu_reference(
-    x: torch.Tensor, counts: list[int], gate_up: torch.Tensor, down: torch.Tensor, limit: float = 0.0
+    x: torch.Tensor, counts: list[int], gate_up: torch.Tensor, down: torch.Tensor, limit: float = 0.0,
+    scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-expert SwiGLU over contiguous token segments: the fallback where no grouped GEMM exists, and the
-    reference the grouped path is tested against. Only experts that received tokens do any work."""
+    reference the grouped path is tested against. Only experts that received tokens do any work. `scale` [M]
+    multiplies each row's activation before the down projection (see `grouped_swiglu`)."""
     outputs = []
-    for expert, segment in enumerate(torch.split(x, counts)):
+    scales = torch.split(scale, counts) if scale is not None else [None] * len(counts)
+    for expert, (segment, factor) in enumerate(zip(torch.split(x, counts), scales)):
         if segment.shape[0] == 0:
             continue
         gate, up = F.linear(segment, gate_up[expert]).chunk(2, dim=-1)
-        outputs.append(F.linear(swiglu(gate, up, limit), down[expert]))
+        act = swiglu(gate, up, limit)
+        if factor is not None:
+            act = act * factor.unsqueeze(-1).to(act.dtype)
+        outputs.append(F.linear(act, down[expert]))
     return torch.cat(outputs) if outputs else x.new_zeros(0, down.shape[1])
 
 
 @torch.compiler.disable  # torch 2.13's fake grouped_mm accepts only bf16: keep the kernel call out of graphs
 def grouped_swiglu(
-    x: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, limit: float = 0.0
+    x: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, limit: float = 0.0,
+    scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """SwiGLU of expert-sorted tokens `x` [M, H]; expert e owns the next `counts[e]` rows.
 
-    gate_up [E, 2I, H] and down [E, H, I] hold every expert's weights. Uses the device's grouped GEMM (one kernel
-    for all experts: `Backend.kernels()["grouped_mm"]`) where it has one, otherwise `grouped_swiglu_reference`.
+    gate_up [E, 2I, H] and down [E, H, I] hold every expert's weights. `scale` [M], when given, multiplies each
+    row's activation before the down projection: the routing weight applied at width I instead of H. Uses the
+    device's grouped GEMM (one kernel for all experts: `Backend.kernels()["grouped_mm"]`) where it has one,
+    otherwise `grouped_swiglu_reference`.
     """
     grouped_mm = kernel("grouped_mm", x.device.type)
     if grouped_mm is None or x.dtype not in (torch.float32, torch.bfloat16):
-        return grouped_swiglu_reference(x, counts.tolist(), gate_up, down, limit)
+        return grouped_swiglu_reference(x, counts.tolist(), gate_up, down, limit, scale)
     offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
     dtype = x.dtype
     hidden = _ContiguousGrad.apply(grouped_mm(x, gate_up.to(dtype).transpose(-2, -1), offsets))
     gate, up = hidden.chunk(2, dim=-1)
-    out = grouped_mm(swiglu(gate, up, limit), down.to(dtype).transpose(-2, -1), offsets)
+    act = swiglu(gate, up, limit)
+    if scale is not None:
+        act = act * scale.unsqueeze(-1).to(dtype)
+    out = grouped_mm(act, down.to(dtype).transpose(-2, -1), offsets)
     return _ContiguousGrad.apply(out)
+
+
+def expert_order(indices: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The routed slots (token t's choice j is slot t * k + j) sorted by expert: (order [N*k], its inverse
+    permutation, tokens per expert [E]). Row i of the expert-sorted tokens is slot order[i]."""
+    flat = indices.flatten()
+    order = torch.argsort(flat, stable=True)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    return order, inverse, torch.bincount(flat, minlength=num_experts)
+
+
+class _ToSlots(torch.autograd.Function):
+    """x [N, H] -> the expert-sorted rows [N*k, H] (row i is token order[i] // k). Its adjoint is `_FromSlots`:
+    both directions are row gathers (no accumulating scatter) plus, towards tokens, a sum over the k choices."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor, top_k: int) -> torch.Tensor:
+        ctx.save_for_backward(order, inverse)
+        ctx.top_k = top_k
+        return x.index_select(0, order // top_k)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        order, inverse = ctx.saved_tensors
+        return _FromSlots.apply(grad, order, inverse, ctx.top_k), None, None, None
+
+
+class _FromSlots(torch.autograd.Function):
+    """Expert-sorted rows [N*k, H] -> [N, H]: each token's k rows back in slot order, summed."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor, top_k: int) -> torch.Tensor:
+        ctx.save_for_backward(order, inverse)
+        ctx.top_k = top_k
+        return rows.index_select(0, inverse).view(-1, top_k, rows.shape[-1]).sum(1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        order, inverse = ctx.saved_tensors
+        return _ToSlots.apply(grad, order, inverse, ctx.top_k), None, None, None
+
+
+def to_expert_order(x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Each token's row once per routed slot, sorted by expert ([N, H] -> [N*k, H]; see `expert_order`)."""
+    return _ToSlots.apply(x, order, inverse, top_k)
+
+
+def from_expert_order(rows: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor, top_k: int) -> torch.Tensor:
+    """The inverse direction of `to_expert_order`: each token's k expert-sorted rows summed ([N*k, H] -> [N, H])."""
+    return _FromSlots.apply(rows, order, inverse, top_k)
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -212,13 +275,10 @@ class GroupedExperts(nn.Module):
         if self.dispatcher is not None:
             return self.dispatcher(self, x, weights, indices)
         top_k = indices.shape[1]
-        flat = indices.flatten()
-        order = torch.argsort(flat, stable=True)
-        token_of = order // top_k
-        counts = torch.bincount(flat, minlength=self.num_experts)
-        expert_out = grouped_swiglu(x[token_of], counts, self.gate_up_proj, self.down_proj, self.limit)
-        expert_out = expert_out * weights.flatten()[order].unsqueeze(-1).to(expert_out.dtype)
-        return torch.zeros_like(x, dtype=expert_out.dtype).index_add_(0, token_of, expert_out).to(x.dtype)
+        order, inverse, counts = expert_order(indices, self.num_experts)
+        expert_out = grouped_swiglu(to_expert_order(x, order, inverse, top_k), counts, self.gate_up_proj,
+                                    self.down_proj, self.limit, scale=weights.flatten()[order])
+        return from_expert_order(expert_out, order, inverse, top_k).to(x.dtype)
 
 
 class HashRouter(nn.Module):

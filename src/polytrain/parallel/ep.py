@@ -16,7 +16,7 @@ from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-from polytrain.models.moe import GroupedExperts, grouped_swiglu
+from polytrain.models.moe import GroupedExperts, expert_order, from_expert_order, grouped_swiglu, to_expert_order
 
 
 def _local(param: torch.Tensor) -> torch.Tensor:
@@ -48,24 +48,22 @@ class AllToAllDispatch:
         num_experts, ep = experts.num_experts, self.ep
         local_experts = num_experts // ep
         top_k = indices.shape[1]
-        flat = indices.flatten()
-        order = torch.argsort(flat, stable=True)
-        token_of = order // top_k
-        counts = torch.bincount(flat, minlength=num_experts)
+        order, inverse, counts = expert_order(indices, num_experts)
         received_counts = torch.empty_like(counts)
         dist.all_to_all_single(received_counts, counts, group=self.group)
         received_counts = received_counts.view(ep, local_experts)
         send_splits = counts.view(ep, local_experts).sum(1).tolist()
         recv_splits = received_counts.sum(1).tolist()
 
-        received = all_to_all_single_autograd(x[token_of], recv_splits, send_splits, self.group)
+        received = all_to_all_single_autograd(to_expert_order(x, order, inverse, top_k), recv_splits, send_splits,
+                                              self.group)
         regroup = receive_order(received_counts)
         out = grouped_swiglu(received[regroup], received_counts.sum(0), _local(experts.gate_up_proj),
                              _local(experts.down_proj), experts.limit)
         out = out[torch.argsort(regroup)]  # back to (source, expert) order
         returned = all_to_all_single_autograd(out, send_splits, recv_splits, self.group)
         returned = returned * weights.flatten()[order].unsqueeze(-1).to(returned.dtype)
-        return torch.zeros_like(x, dtype=returned.dtype).index_add_(0, token_of, returned).to(x.dtype)
+        return from_expert_order(returned, order, inverse, top_k).to(x.dtype)
 
 
 def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh) -> int:
