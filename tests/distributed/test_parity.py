@@ -8,14 +8,6 @@ import pytest
 from tests.distributed.harness import assert_parity, run, write_job
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ref")
-    job = write_job(root)
-    run(job, root / "single", 1)
-    return job, root / "single"
-
-
 def test_fsdp_dp_shard_2_matches_single_process(reference, tmp_path):
     job, single = reference
     run(job, tmp_path / "fsdp2", 2)

@@ -1,0 +1,18 @@
+"""The single-process run every parallel layout of the default job is compared with: run once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.distributed.harness import run, write_job
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory) -> tuple[Path, Path]:
+    """(the default job's config, its single-process run directory)."""
+    root = tmp_path_factory.mktemp("ref")
+    job = write_job(root)
+    run(job, root / "single", 1)
+    return job, root / "single"
