@@ -185,3 +185,14 @@ def test_installed_torch_subpackages_audit_without_a_crash():
     counts = result.counts()
     assert counts["files"] >= 5 and counts["not_parsed"] == 0
     assert counts["auto-fix"] + counts["manual"] > 0  # torch.amp names torch.cuda and "cuda" itself
+
+
+def test_audit_never_imports_torch():
+    """`polytrain audit` runs where torch is slow to import (~2 s) or absent (a laptop, a lint job): neither the
+    command line nor the audit may load it."""
+    probe = (f"import sys\nfrom polytrain.cli import main\ncode = main(['audit', {str(CUDA_SCRIPT)!r}])\n"
+             f"print(code, 'torch' in sys.modules)\n")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, env=ENV,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "0 False"
