@@ -40,6 +40,7 @@ bench: $(VENV)/.test
 	$(VENV)/bin/polytrain bench examples/sft_tiny.toml --steps 20 --json benchmarks/results/bench_cpu_tiny.json
 	$(PY) benchmarks/decode_speed.py
 	$(PY) benchmarks/vs_transformers.py --profile
+	$(PY) benchmarks/gemm_shapes.py
 	$(PY) benchmarks/audit_speed.py
 
 lint: $(VENV)/.dev

@@ -1,0 +1,130 @@
+"""How fast this machine runs the GEMM shapes of the vs_transformers model, against its 2048^3 matmul peak.
+
+The ceiling behind the "model FLOP/s >= half the matmul peak" target: a training step cannot run its FLOPs faster
+than the GEMMs they are made of. Measured here, each in isolation (warm operands, median of repeats), fp32:
+- the output head's three GEMMs per chunk (logits, hidden gradient, weight gradient: polytrain's fused loss, rows
+  tokens per chunk, K or N = the 129,280-token vocabulary);
+- the routed experts' grouped GEMM (~256 tokens per expert, as in the benchmark), forward and forward + backward;
+- a dense [tokens x hidden] x [hidden x hidden] projection.
+Then `ceiling_mfu`: the model's FLOPs over the time they would take at these rates (attention and the optimizer at
+the rates given on the command line, from a profile), i.e. the MFU a step with no overhead at all would reach.
+
+Usage: python benchmarks/gemm_shapes.py [--repeats 5] [--out benchmarks/results/gemm_shapes.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def timed(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure(repeats: int) -> dict:
+    from vs_transformers import MODEL
+
+    from polytrain.backends import get_backend
+    from polytrain.bench.measure import matmul_peak
+    from polytrain.models.output_head import chunk_rows
+
+    torch.manual_seed(0)
+    peaks = [matmul_peak(get_backend("cpu"), torch.float32)]  # and again at the end: the higher is the peak
+    vocab, hidden, inter = MODEL["vocab_size"], MODEL["hidden_size"], MODEL["moe_intermediate_size"]
+    experts, top_k, tokens = MODEL["n_routed_experts"], MODEL["num_experts_per_tok"], 2048
+    rates: dict[str, float] = {}
+
+    rows = chunk_rows(vocab)
+    weight, h = torch.randn(vocab, hidden) * 0.02, torch.randn(rows, hidden)
+    logits, grad_h, grad_w = torch.empty(rows, vocab), torch.empty(rows, hidden), torch.zeros(vocab, hidden)
+    flops = 2 * rows * hidden * vocab
+    rates["head_logits"] = flops / timed(lambda: torch.mm(h, weight.t(), out=logits), repeats)
+    rates["head_grad_hidden"] = flops / timed(lambda: torch.mm(logits, weight, out=grad_h), repeats)
+    rates["head_grad_weight"] = flops / timed(lambda: grad_w.addmm_(logits.t(), h), repeats)
+
+    slots = tokens * top_k
+    counts = torch.full((experts,), slots // experts)
+    offsets = torch.cumsum(counts, 0, dtype=torch.int32)
+    x = torch.randn(slots, hidden, requires_grad=True)
+    gate_up = torch.randn(experts, 2 * inter, hidden, requires_grad=True)
+    flops = 2 * slots * hidden * 2 * inter
+    rates["experts_forward"] = flops / timed(
+        lambda: torch._grouped_mm(x, gate_up.transpose(-2, -1), offsets), repeats)
+    grad = torch.randn(slots, 2 * inter)
+
+    def forward_backward() -> None:
+        out = torch._grouped_mm(x, gate_up.transpose(-2, -1), offsets)
+        torch.autograd.grad(out, (x, gate_up), grad)
+
+    rates["experts_forward_backward"] = 3 * flops / timed(forward_backward, repeats)
+    a, b = torch.randn(tokens, hidden), torch.randn(hidden, hidden)
+    rates["dense_projection"] = 2 * tokens * hidden * hidden / timed(lambda: a @ b, repeats)
+    peaks.append(matmul_peak(get_backend("cpu"), torch.float32))
+    peak = max(peaks)
+    return {"matmul_peak_flops": peak, "matmul_peaks": peaks, "rates_flops": rates,
+            "of_peak": {name: rate / peak for name, rate in rates.items()}, "head_chunk_rows": rows}
+
+
+def ceiling(result: dict, attention_s: float, optimizer_s: float) -> dict:
+    """Seconds per 2,048-token step if every FLOP ran at its measured GEMM rate (attention and the optimizer at the
+    given times), and the MFU that would give."""
+    from vs_transformers import MODEL
+
+    from polytrain.models import preset
+    from polytrain.plan.flops import flops_per_token
+
+    config = preset("tiny", **MODEL)  # how vs_transformers builds its model
+    f, tokens, rates = flops_per_token(config, 2048), 2048, result["rates_flops"]
+    head_rate = 3 / sum(1 / rates[k] for k in ("head_logits", "head_grad_hidden", "head_grad_weight"))
+    seconds = {
+        "output_head": f.vocab_head * tokens / head_rate,
+        "experts": (f.moe_routed + f.moe_shared) * tokens / rates["experts_forward_backward"],
+        "projections": (f.attention_projections + f.dense_mlp + f.router) * tokens / rates["dense_projection"],
+        "attention": attention_s,
+        "optimizer": optimizer_s,
+    }
+    step = sum(seconds.values())
+    return {"seconds": seconds, "step_s": step, "model_flops": f.total * tokens,
+            "ceiling_mfu": f.total * tokens / step / result["matmul_peak_flops"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--attention-s", type=float, default=0.95,
+                        help="flash attention forward + backward per step (from a --profile of vs_transformers)")
+    parser.add_argument("--optimizer-s", type=float, default=0.3, help="fused AdamW per step (likewise)")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gemm_shapes.json"))
+    args = parser.parse_args()
+    result = measure(args.repeats)
+    result["ceiling"] = ceiling(result, args.attention_s, args.optimizer_s)
+    result["machine"] = f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    print(f"matmul peak (2048^3 fp32, the higher of before / after): {result['matmul_peak_flops'] / 1e9:.0f} GFLOP/s")
+    for name, rate in result["rates_flops"].items():
+        print(f"{name:26} {rate / 1e9:7.0f} GFLOP/s  {result['of_peak'][name]:6.1%} of peak")
+    c = result["ceiling"]
+    parts = ", ".join(f"{k} {v:.2f} s" for k, v in c["seconds"].items())
+    print(f"step at these rates: {c['step_s']:.2f} s ({parts}); ceiling MFU {c['ceiling_mfu']:.1%}")
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
