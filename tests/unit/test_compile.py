@@ -34,3 +34,17 @@ def test_compiled_blocks_match_eager(monkeypatch):
     assert list(compiled.state_dict()) == list(eager.state_dict())
     for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_models_and_pipeline_code_load_without_the_compiler():
+    """torch._dynamo takes 1-2 s to import: only compiled (and pipeline-parallel) jobs may load it. (Training jobs
+    load it anyway through torch.optim; generation, conversion, export and `model info` need not.)"""
+    import subprocess
+    import sys
+
+    code = ("import sys\nimport polytrain.models.hf, polytrain.parallel.pp, polytrain.parallel.compile\n"
+            "from polytrain.models import build_model, preset\nbuild_model(preset('tiny'), 'cpu', seed=0)\n"
+            "print('torch._dynamo' in sys.modules)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "False"

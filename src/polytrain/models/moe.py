@@ -163,7 +163,6 @@ def grouped_swiglu_reference(
     return torch.cat(outputs) if outputs else x.new_zeros(0, down.shape[1])
 
 
-@torch.compiler.disable  # torch 2.13's fake grouped_mm accepts only bf16: keep the kernel call out of graphs
 def grouped_swiglu(
     x: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, limit: float = 0.0,
     scale: torch.Tensor | None = None,
@@ -175,6 +174,13 @@ def grouped_swiglu(
     device's grouped GEMM (one kernel for all experts: `Backend.kernels()["grouped_mm"]`) where it has one,
     otherwise `grouped_swiglu_reference`.
     """
+    return _grouped_swiglu(x, counts, gate_up, down, limit, scale)
+
+
+def _grouped_swiglu_eager(
+    x: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, limit: float,
+    scale: torch.Tensor | None,
+) -> torch.Tensor:
     grouped_mm = kernel("grouped_mm", x.device.type)
     if grouped_mm is None or x.dtype not in (torch.float32, torch.bfloat16):
         return grouped_swiglu_reference(x, counts.tolist(), gate_up, down, limit, scale)
@@ -187,6 +193,17 @@ def grouped_swiglu(
         act = act * scale.unsqueeze(-1).to(dtype)
     out = grouped_mm(act, down.to(dtype).transpose(-2, -1), offsets)
     return _ContiguousGrad.apply(out)
+
+
+_grouped_swiglu = _grouped_swiglu_eager
+
+
+def keep_grouped_gemm_out_of_graphs() -> None:
+    """Make torch.compile leave the grouped GEMM path to eager mode (torch 2.13's fake grouped_mm accepts only
+    bf16). Called by `polytrain.parallel.compile` before it compiles, not at import: `torch.compiler.disable`
+    imports torch._dynamo, 1-2 s in every process of every job, compiled or not."""
+    global _grouped_swiglu
+    _grouped_swiglu = torch.compiler.disable(_grouped_swiglu_eager)
 
 
 def expert_order(indices: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

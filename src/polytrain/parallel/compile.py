@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from polytrain.models.moe import keep_grouped_gemm_out_of_graphs
 from polytrain.parallel.fsdp import blocks_of
 
 BACKEND = "inductor"
@@ -17,6 +18,7 @@ BACKEND = "inductor"
 
 def apply_compile(model: nn.Module) -> int:
     """Compile every block of `model` in place (module names, hence checkpoints, unchanged); returns the count."""
+    keep_grouped_gemm_out_of_graphs()
     blocks = blocks_of(model)
     for block in blocks:
         block.compile(backend=BACKEND)

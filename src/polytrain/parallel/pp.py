@@ -16,14 +16,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.pipelining import (
-    PipelineStage,
-    Schedule1F1B,
-    ScheduleDualPipeV,
-    ScheduleGPipe,
-    ScheduleInterleaved1F1B,
-    ScheduleZBVZeroBubble,
-)
 
 from polytrain.data.dataset import IGNORE
 from polytrain.data.packing import Batch
@@ -31,12 +23,14 @@ from polytrain.errors import ConfigError
 from polytrain.models.transformer import attention_mask
 from polytrain.parallel.config import ParallelConfig
 
+# schedule -> (its class in torch.distributed.pipelining, stage placement). By name: that package imports
+# torch._dynamo (1-2 s), which only pipeline-parallel jobs should pay for.
 SCHEDULES = {
-    "gpipe": (ScheduleGPipe, "loop"),
-    "1f1b": (Schedule1F1B, "loop"),
-    "interleaved_1f1b": (ScheduleInterleaved1F1B, "loop"),
-    "zbv": (ScheduleZBVZeroBubble, "v"),
-    "dualpipev": (ScheduleDualPipeV, "v"),
+    "gpipe": ("ScheduleGPipe", "loop"),
+    "1f1b": ("Schedule1F1B", "loop"),
+    "interleaved_1f1b": ("ScheduleInterleaved1F1B", "loop"),
+    "zbv": ("ScheduleZBVZeroBubble", "v"),
+    "dualpipev": ("ScheduleDualPipeV", "v"),
 }
 MULTI_STAGE = {"interleaved_1f1b", "zbv", "dualpipev"}
 
@@ -145,7 +139,9 @@ class Pipeline:
             raise ConfigError("pipeline parallelism supports DeepSeek-V3-style models without MTP modules and "
                               "without the balance loss for now: set model.num_nextn_predict_layers = 0 and "
                               "model.aux_loss_alpha = 0, or parallel.pp = 1")
-        schedule_cls, _ = SCHEDULES[cfg.pp_schedule]
+        from torch.distributed import pipelining
+
+        schedule_cls = getattr(pipelining, SCHEDULES[cfg.pp_schedule][0])
         total_stages = pp * (2 if cfg.pp_schedule in MULTI_STAGE else 1)
         if n_microbatches < total_stages:
             raise ConfigError(
@@ -166,8 +162,8 @@ class Pipeline:
         self.stages = []
         for module, stage in zip(self.modules, self.stage_ids):
             inputs, outputs = stage_io(stage == 0, stage == total_stages - 1, shape)
-            self.stages.append(PipelineStage(module, stage, total_stages, device, input_args=inputs,
-                                             output_args=outputs, group=pp_group))
+            self.stages.append(pipelining.PipelineStage(module, stage, total_stages, device, input_args=inputs,
+                                                        output_args=outputs, group=pp_group))
         self.is_last = total_stages - 1 in self.stage_ids
         self.is_first = 0 in self.stage_ids
         self.normalizer = 1.0
