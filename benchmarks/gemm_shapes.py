@@ -1,7 +1,7 @@
 """How fast this machine runs the GEMM shapes of the vs_transformers model, against its 2048^3 matmul peak.
 
 The ceiling behind the "model FLOP/s >= half the matmul peak" target: a training step cannot run its FLOPs faster
-than the GEMMs they are made of. Measured here, each in isolation (warm operands, median of repeats), fp32:
+than the GEMMs they are made of. Measured here, each in isolation (warm operands, best of repeats like the peak), fp32:
 - the output head's three GEMMs per chunk (logits, hidden gradient, weight gradient: polytrain's fused loss, rows
   tokens per chunk, K or N = the 129,280-token vocabulary);
 - the routed experts' grouped GEMM (~256 tokens per expert, as in the benchmark), forward and forward + backward;
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -30,13 +29,14 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def timed(fn, repeats: int) -> float:
+    """Best time of `repeats` runs after one warm-up: the same statistic `matmul_peak` takes of the peak GEMM."""
     fn()
-    times = []
+    best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def measure(repeats: int) -> dict:
