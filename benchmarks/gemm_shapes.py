@@ -5,11 +5,15 @@ than the GEMMs they are made of. Measured here, each in isolation (warm operands
 - the output head's three GEMMs per chunk (logits, hidden gradient, weight gradient: polytrain's fused loss, rows
   tokens per chunk, K or N = the 129,280-token vocabulary);
 - the routed experts' grouped GEMM (~256 tokens per expert, as in the benchmark), forward and forward + backward;
-- a dense [tokens x hidden] x [hidden x hidden] projection.
-Then `ceiling_mfu`: the model's FLOPs over the time they would take at these rates (attention and the optimizer at
-the rates given on the command line, from a profile), i.e. the MFU a step with no overhead at all would reach.
+- a dense [tokens x hidden] x [hidden x hidden] projection;
+- and, not GEMMs but in the step too, the causal flash attention of one layer (forward + backward, at the model's
+  query / key head size, values padded to it as polytrain's MLA does) and one fused AdamW step over the model's
+  parameters, as polytrain's trainer builds it.
+Then `ceiling_mfu`: the model's FLOPs over the time they would take at these rates and times, i.e. the MFU a step
+with no overhead at all would reach, every part measured in the same few minutes of this machine.
 
-Usage: python benchmarks/gemm_shapes.py [--repeats 5] [--out benchmarks/results/gemm_shapes.json]
+Usage: python benchmarks/gemm_shapes.py [--repeats 5] [--attention-s S] [--optimizer-s S]
+       [--out benchmarks/results/gemm_shapes.json]
 """
 
 from __future__ import annotations
@@ -77,15 +81,49 @@ def measure(repeats: int) -> dict:
     rates["experts_forward_backward"] = 3 * flops / timed(forward_backward, repeats)
     a, b = torch.randn(tokens, hidden), torch.randn(hidden, hidden)
     rates["dense_projection"] = 2 * tokens * hidden * hidden / timed(lambda: a @ b, repeats)
+    seconds = {"attention": MODEL["num_hidden_layers"] * timed(_attention_layer(tokens), repeats),
+               "optimizer": timed(_optimizer_step(), repeats)}
     peaks.append(matmul_peak(get_backend("cpu"), torch.float32))
     peak = max(peaks)
     return {"matmul_peak_flops": peak, "matmul_peaks": peaks, "rates_flops": rates,
-            "of_peak": {name: rate / peak for name, rate in rates.items()}, "head_chunk_rows": rows}
+            "of_peak": {name: rate / peak for name, rate in rates.items()}, "head_chunk_rows": rows,
+            "seconds_per_step": seconds}
+
+
+def _attention_layer(tokens: int):
+    """One layer's causal attention forward + backward as polytrain's MLA runs it on the CPU (flash kernel)."""
+    import torch.nn.functional as F
+    from vs_transformers import MODEL
+
+    heads, qk = MODEL["num_attention_heads"], MODEL["qk_nope_head_dim"] + MODEL["qk_rope_head_dim"]
+    q, k, v = (torch.randn(1, heads, tokens, qk, requires_grad=True) for _ in range(3))
+    grad = torch.randn(1, heads, tokens, qk)
+
+    def run() -> None:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=qk**-0.5)
+        torch.autograd.grad(out, (q, k, v), grad)
+
+    return run
+
+
+def _optimizer_step():
+    """One fused AdamW step over the benchmark model's parameters, built as polytrain's trainer builds it."""
+    from vs_transformers import BETAS, EPS, LR, MODEL, WEIGHT_DECAY
+
+    from polytrain.config import TrainConfig
+    from polytrain.models import build_model, preset
+    from polytrain.train.optim import build_optimizer
+
+    model = build_model(preset("tiny", **MODEL), "cpu", seed=0)
+    for param in model.parameters():
+        param.grad = torch.randn_like(param) * 1e-3
+    train = TrainConfig(lr=LR, adam_beta1=BETAS[0], adam_beta2=BETAS[1], adam_eps=EPS, weight_decay=WEIGHT_DECAY)
+    return build_optimizer(model, train).step
 
 
 def ceiling(result: dict, attention_s: float, optimizer_s: float) -> dict:
-    """Seconds per 2,048-token step if every FLOP ran at its measured GEMM rate (attention and the optimizer at the
-    given times), and the MFU that would give."""
+    """Seconds per 2,048-token step if every FLOP ran at its measured GEMM rate (attention and the optimizer taking
+    the given times), and the MFU that would give."""
     from vs_transformers import MODEL
 
     from polytrain.models import preset
@@ -109,17 +147,22 @@ def ceiling(result: dict, attention_s: float, optimizer_s: float) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--attention-s", type=float, default=0.95,
-                        help="flash attention forward + backward per step (from a --profile of vs_transformers)")
-    parser.add_argument("--optimizer-s", type=float, default=0.3, help="fused AdamW per step (likewise)")
+    parser.add_argument("--attention-s", type=float,
+                        help="attention forward + backward per step, instead of the time measured here (e.g. from "
+                             "a --profile of vs_transformers)")
+    parser.add_argument("--optimizer-s", type=float, help="the optimizer step, instead of the time measured here")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gemm_shapes.json"))
     args = parser.parse_args()
     result = measure(args.repeats)
-    result["ceiling"] = ceiling(result, args.attention_s, args.optimizer_s)
+    measured = result["seconds_per_step"]
+    result["ceiling"] = ceiling(result, measured["attention"] if args.attention_s is None else args.attention_s,
+                                measured["optimizer"] if args.optimizer_s is None else args.optimizer_s)
     result["machine"] = f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
     print(f"matmul peak (2048^3 fp32, the higher of before / after): {result['matmul_peak_flops'] / 1e9:.0f} GFLOP/s")
     for name, rate in result["rates_flops"].items():
         print(f"{name:26} {rate / 1e9:7.0f} GFLOP/s  {result['of_peak'][name]:6.1%} of peak")
+    for name, seconds in result["seconds_per_step"].items():
+        print(f"{name:26} {seconds:7.2f} s per step (measured)")
     c = result["ceiling"]
     parts = ", ".join(f"{k} {v:.2f} s" for k, v in c["seconds"].items())
     print(f"step at these rates: {c['step_s']:.2f} s ({parts}); ceiling MFU {c['ceiling_mfu']:.1%}")
