@@ -108,17 +108,14 @@ def _attention_layer(tokens: int):
 
 def _optimizer_step():
     """One fused AdamW step over the benchmark model's parameters, built as polytrain's trainer builds it."""
-    from vs_transformers import BETAS, EPS, LR, MODEL, WEIGHT_DECAY
+    from vs_transformers import MODEL, polytrain_optimizer
 
-    from polytrain.config import TrainConfig
     from polytrain.models import build_model, preset
-    from polytrain.train.optim import build_optimizer
 
     model = build_model(preset("tiny", **MODEL), "cpu", seed=0)
     for param in model.parameters():
         param.grad = torch.randn_like(param) * 1e-3
-    train = TrainConfig(lr=LR, adam_beta1=BETAS[0], adam_beta2=BETAS[1], adam_eps=EPS, weight_decay=WEIGHT_DECAY)
-    return build_optimizer(model, train).step
+    return polytrain_optimizer(model).step
 
 
 def ceiling(result: dict, attention_s: float, optimizer_s: float) -> dict:

@@ -44,6 +44,15 @@ QUICK = dict(MODEL, vocab_size=4096, hidden_size=128, intermediate_size=256, moe
              num_hidden_layers=3, q_lora_rank=64, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
              v_head_dim=16, n_routed_experts=8, num_experts_per_tok=2, num_attention_heads=4)
 LR, BETAS, EPS, WEIGHT_DECAY = 1e-4, (0.9, 0.95), 1e-8, 0.0
+
+
+def polytrain_optimizer(model):
+    """The AdamW polytrain's trainer builds for `model`, with the settings both sides of the benchmark use."""
+    from polytrain.config import TrainConfig
+    from polytrain.train.optim import build_optimizer
+
+    train = TrainConfig(lr=LR, adam_beta1=BETAS[0], adam_beta2=BETAS[1], adam_eps=EPS, weight_decay=WEIGHT_DECAY)
+    return build_optimizer(model, train)  # fused AdamW where torch has it
 PEER_EXPERTS = ("grouped_mm", "batched_mm", "eager")  # transformers' MoE experts implementations
 
 
@@ -66,13 +75,11 @@ def run_polytrain(args: argparse.Namespace, hf_dir: str, compiled: bool = False)
 
     from polytrain.algorithms.sft import StepTokens, sft_loss
     from polytrain.backends import get_backend
-    from polytrain.config import TrainConfig
     from polytrain.data.dataset import IGNORE
     from polytrain.data.packing import Batch
     from polytrain.models import build_model
     from polytrain.models.hf import HFCheckpoint, load_hf_weights
     from polytrain.models.transformer import shift_left
-    from polytrain.train.optim import build_optimizer
 
     get_backend("cpu").prepare_training()  # what the trainer does first (host memory kept for reuse)
     checkpoint = HFCheckpoint(hf_dir)
@@ -83,8 +90,7 @@ def run_polytrain(args: argparse.Namespace, hf_dir: str, compiled: bool = False)
 
         apply_compile(model)  # what parallel.compile = true does; compiles during the warm-up step
     model.train()
-    train = TrainConfig(lr=LR, adam_beta1=BETAS[0], adam_beta2=BETAS[1], adam_eps=EPS, weight_decay=WEIGHT_DECAY)
-    optimizer = build_optimizer(model, train)  # what the trainer builds: fused AdamW where torch has it
+    optimizer = polytrain_optimizer(model)
 
     def step(tokens: torch.Tensor) -> float:
         rows, seq = tokens.shape
