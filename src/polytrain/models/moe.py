@@ -211,9 +211,14 @@ def expert_order(indices: torch.Tensor, num_experts: int) -> tuple[torch.Tensor,
     permutation, tokens per expert [E]). Row i of the expert-sorted tokens is slot order[i]."""
     flat = indices.flatten()
     order = torch.argsort(flat, stable=True)
+    return order, inverse_permutation(order), torch.bincount(flat, minlength=num_experts)
+
+
+def inverse_permutation(order: torch.Tensor) -> torch.Tensor:
+    """The permutation that undoes `order` (rows[order][inverse] == rows): one scatter, no second sort."""
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
-    return order, inverse, torch.bincount(flat, minlength=num_experts)
+    return inverse
 
 
 class _ToSlots(torch.autograd.Function):

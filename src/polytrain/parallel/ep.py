@@ -16,7 +16,14 @@ from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-from polytrain.models.moe import GroupedExperts, expert_order, from_expert_order, grouped_swiglu, to_expert_order
+from polytrain.models.moe import (
+    GroupedExperts,
+    expert_order,
+    from_expert_order,
+    grouped_swiglu,
+    inverse_permutation,
+    to_expert_order,
+)
 
 
 def _local(param: torch.Tensor) -> torch.Tensor:
@@ -60,7 +67,7 @@ class AllToAllDispatch:
         regroup = receive_order(received_counts)
         out = grouped_swiglu(received[regroup], received_counts.sum(0), _local(experts.gate_up_proj),
                              _local(experts.down_proj), experts.limit)
-        out = out[torch.argsort(regroup)]  # back to (source, expert) order
+        out = out[inverse_permutation(regroup)]  # back to (source, expert) order
         returned = all_to_all_single_autograd(out, send_splits, recv_splits, self.group)
         returned = returned * weights.flatten()[order].unsqueeze(-1).to(returned.dtype)
         return from_expert_order(returned, order, inverse, top_k).to(x.dtype)
