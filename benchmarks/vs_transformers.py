@@ -44,6 +44,7 @@ QUICK = dict(MODEL, vocab_size=4096, hidden_size=128, intermediate_size=256, moe
              num_hidden_layers=3, q_lora_rank=64, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
              v_head_dim=16, n_routed_experts=8, num_experts_per_tok=2, num_attention_heads=4)
 LR, BETAS, EPS, WEIGHT_DECAY = 1e-4, (0.9, 0.95), 1e-8, 0.0
+PEER_EXPERTS = ("grouped_mm", "batched_mm", "eager")  # transformers' MoE experts implementations
 
 
 def polytrain_optimizer(model):
@@ -53,7 +54,6 @@ def polytrain_optimizer(model):
 
     train = TrainConfig(lr=LR, adam_beta1=BETAS[0], adam_beta2=BETAS[1], adam_eps=EPS, weight_decay=WEIGHT_DECAY)
     return build_optimizer(model, train)  # fused AdamW where torch has it
-PEER_EXPERTS = ("grouped_mm", "batched_mm", "eager")  # transformers' MoE experts implementations
 
 
 def batches(vocab: int, rows: int, seq: int, count: int, seed: int = 0):
