@@ -64,12 +64,14 @@ class AllToAllDispatch:
 
         received = all_to_all_single_autograd(to_expert_order(x, order, inverse, top_k), recv_splits, send_splits,
                                               self.group)
+        # The routing weights travel with their rows (N*k scalars) so the owner applies them at the experts'
+        # intermediate width before the down projection, as the single-process path does, not at hidden width.
+        received_scale = all_to_all_single_autograd(weights.flatten()[order], recv_splits, send_splits, self.group)
         regroup = receive_order(received_counts)
         out = grouped_swiglu(received[regroup], received_counts.sum(0), _local(experts.gate_up_proj),
-                             _local(experts.down_proj), experts.limit)
+                             _local(experts.down_proj), experts.limit, scale=received_scale[regroup])
         out = out[inverse_permutation(regroup)]  # back to (source, expert) order
         returned = all_to_all_single_autograd(out, send_splits, recv_splits, self.group)
-        returned = returned * weights.flatten()[order].unsqueeze(-1).to(returned.dtype)
         return from_expert_order(returned, order, inverse, top_k).to(x.dtype)
 
 
