@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from polytrain.models import preset
+from polytrain.models.layers import swiglu
 from polytrain.models.moe import (
     MoE,
+    _ScaledSwiGLU,
     expert_order,
     from_expert_order,
     grouped_swiglu,
@@ -82,6 +85,53 @@ def test_grouped_kernel_scales_activations_like_the_reference():
     ref = grouped_swiglu_reference(x, counts.tolist(), gate_up, down, scale=scale)
     (g_ref,) = torch.autograd.grad(ref.square().sum(), scale)
     torch.testing.assert_close(g_fast, g_ref)
+
+
+@pytest.mark.parametrize("limit", [0.0, 0.9])
+@pytest.mark.parametrize("scaled", [False, True])
+def test_scaled_swiglu_formula_gradients(limit, scaled):
+    """The experts' activation, differentiated by formula (float64 gradcheck), with V4's clamp and without."""
+    generator = torch.Generator().manual_seed(1)
+    hidden = torch.randn(6, 8, dtype=torch.float64, generator=generator)
+    if limit:  # keep clear of the clamp's kinks, where a numerical derivative is meaningless
+        hidden = torch.where((hidden.abs() - limit).abs() < 0.05, hidden + 0.2, hidden)
+    hidden.requires_grad_()
+    scale = torch.rand(6, dtype=torch.float64, generator=generator, requires_grad=True) if scaled else None
+    gate, up = hidden.chunk(2, dim=-1)
+    expected = swiglu(gate, up, limit) * (scale.unsqueeze(-1) if scaled else 1)
+    torch.testing.assert_close(_ScaledSwiGLU.apply(hidden, scale, limit), expected, rtol=0, atol=0)
+    inputs = (hidden, scale) if scaled else (hidden,)
+    assert torch.autograd.gradcheck(lambda h, *s: _ScaledSwiGLU.apply(h, s[0] if s else None, limit), inputs)
+
+
+@pytest.mark.parametrize("regather", [False, True])
+def test_grouped_experts_keep_few_activations(regather):
+    """Autograd keeps, of the [M, moe_intermediate] activations, only the down projection's input; with rows_of, not
+    the [M, hidden] gathered token rows either (gathered again in backward) and the gradients are unchanged."""
+    experts, dim, hidden = 4, 12, 8  # [M, dim], [M, hidden] and [M, 2 hidden] all differ
+    gate_up = torch.randn(experts, 2 * hidden, dim, requires_grad=True)
+    down = torch.randn(experts, dim, hidden, requires_grad=True)
+    counts = torch.tensor([3, 1, 4, 2])
+    tokens = torch.randn(6, dim, requires_grad=True)
+    index = torch.tensor([0, 2, 5, 1, 1, 3, 4, 0, 2, 5])  # sorted by expert, each token chosen by up to 2
+    scale = torch.rand(index.shape[0], requires_grad=True)
+    leaves = (tokens, gate_up, down, scale)
+    shapes = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = grouped_swiglu(tokens[index], counts, gate_up, down, scale=scale,
+                             rows_of=(tokens, index) if regather else None)
+    grads = torch.autograd.grad(out.square().sum(), leaves)
+    expected = torch.autograd.grad(grouped_swiglu_reference(tokens[index], counts.tolist(), gate_up, down,
+                                                            scale=scale).square().sum(), leaves)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
+    assert shapes.count((index.shape[0], hidden)) == 1, shapes
+    assert shapes.count((index.shape[0], dim)) == (0 if regather else 1), shapes
 
 
 def test_expert_order_round_trip_equals_scatter_add_and_its_gradients():

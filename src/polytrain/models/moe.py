@@ -5,7 +5,8 @@ The module runs on one device; expert parallelism (polytrain.parallel) wraps it 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -165,34 +166,99 @@ def grouped_swiglu_reference(
 
 def grouped_swiglu(
     x: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, limit: float = 0.0,
-    scale: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None, rows_of: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """SwiGLU of expert-sorted tokens `x` [M, H]; expert e owns the next `counts[e]` rows.
 
     gate_up [E, 2I, H] and down [E, H, I] hold every expert's weights. `scale` [M], when given, multiplies each
-    row's activation before the down projection: the routing weight applied at width I instead of H. Uses the
-    device's grouped GEMM (one kernel for all experts: `Backend.kernels()["grouped_mm"]`) where it has one,
+    row's activation before the down projection: the routing weight applied at width I instead of H. `rows_of` =
+    (tokens [N, H], index [M]), when x is tokens[index]: the first GEMM's weight gradient then gathers x again in
+    backward instead of autograd keeping it (x is top-k times the size of the tokens, which the layer keeps anyway).
+    Uses the device's grouped GEMM (one kernel for all experts: `Backend.kernels()["grouped_mm"]`) where it has one,
     otherwise `grouped_swiglu_reference`.
     """
-    return _grouped_swiglu(x, counts, gate_up, down, limit, scale)
+    return _grouped_swiglu(x, counts, gate_up, down, limit, scale, rows_of)
 
 
 def _grouped_swiglu_eager(
     x: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, limit: float,
-    scale: torch.Tensor | None,
+    scale: torch.Tensor | None, rows_of: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     grouped_mm = kernel("grouped_mm", x.device.type)
     if grouped_mm is None or x.dtype not in (torch.float32, torch.bfloat16):
         return grouped_swiglu_reference(x, counts.tolist(), gate_up, down, limit, scale)
     offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
     dtype = x.dtype
-    hidden = _ContiguousGrad.apply(grouped_mm(x, gate_up.to(dtype).transpose(-2, -1), offsets))
-    gate, up = hidden.chunk(2, dim=-1)
-    act = swiglu(gate, up, limit)
-    if scale is not None:
-        act = act * scale.unsqueeze(-1).to(dtype)
+    with _saved_as_gather(x, rows_of):
+        hidden = _ContiguousGrad.apply(grouped_mm(x, gate_up.to(dtype).transpose(-2, -1), offsets))
+    act = _ScaledSwiGLU.apply(hidden, scale, limit)
     out = grouped_mm(act, down.to(dtype).transpose(-2, -1), offsets)
     return _ContiguousGrad.apply(out)
+
+
+@contextlib.contextmanager
+def _saved_as_gather(rows: torch.Tensor, rows_of: tuple[torch.Tensor, torch.Tensor] | None) -> Iterator[None]:
+    """Within this context, autograd saves `rows` (== tokens[index]) as the recipe (tokens, index) and gathers it
+    again when backward needs it. Only that exact tensor: everything else is saved as usual."""
+    if rows_of is None:
+        yield
+        return
+    tokens, index = rows_of[0].detach(), rows_of[1]
+    key = (rows.data_ptr(), rows.shape, rows.stride(), rows.dtype)
+
+    def pack(t: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        return (tokens, index) if (t.data_ptr(), t.shape, t.stride(), t.dtype) == key else t
+
+    def unpack(saved: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return saved[0].index_select(0, saved[1]) if isinstance(saved, tuple) else saved
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield
+
+
+class _ScaledSwiGLU(torch.autograd.Function):
+    """swiglu(gate, up, limit) * scale for the first expert GEMM's output hidden [M, 2I] = [gate | up], scale [M]
+    (or None), differentiated by formula from `hidden` and `scale` alone.
+
+    Autograd through the elementwise ops would also keep silu(gate) and the unscaled product until backward: two more
+    [tokens x top-k, I] tensors per MoE layer (for DeepSeek-V3's shapes a quarter of the routed experts' activations).
+    Recomputing them in backward costs a few elementwise passes over [M, I] and no GEMM.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, scale: torch.Tensor | None, limit: float) -> torch.Tensor:
+        ctx.save_for_backward(hidden, scale)
+        ctx.limit = limit
+        act = swiglu(*hidden.chunk(2, dim=-1), limit)
+        return act if scale is None else act * scale.unsqueeze(-1).to(act.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        # written to keep backward's own temporaries few: they add to the peak at this layer's backward
+        hidden, scale = ctx.saved_tensors
+        limit = ctx.limit
+        gate, up = hidden.chunk(2, dim=-1)
+        if limit > 0:
+            inside_gate, inside_up = gate <= limit, up.abs() <= limit  # where the clamps pass the gradient
+            gate, up = gate.clamp(max=limit), up.clamp(min=-limit, max=limit)
+        grad_hidden = torch.empty_like(hidden)
+        grad_gate, grad_up = grad_hidden.chunk(2, dim=-1)
+        grad_act = grad if scale is None else grad * scale.unsqueeze(-1).to(grad.dtype)
+        sig = torch.sigmoid(gate)
+        silu = gate * sig
+        torch.mul(grad_act, silu, out=grad_up)
+        torch.mul(grad_act, up, out=grad_gate)
+        del grad_act
+        grad_gate.mul_(torch.rsub(sig, 1).mul_(gate).add_(1).mul_(sig))  # silu'(gate) = sig * (1 + gate * (1 - sig))
+        del sig
+        if limit > 0:
+            grad_gate.mul_(inside_gate)
+            grad_up.mul_(inside_up)
+        grad_scale = None
+        if scale is not None and ctx.needs_input_grad[1]:
+            grad_scale = silu.mul_(up).mul_(grad).sum(-1).to(scale.dtype)
+        return grad_hidden, grad_scale, None
 
 
 _grouped_swiglu = _grouped_swiglu_eager
@@ -283,6 +349,9 @@ class GroupedExperts(nn.Module):
     """
 
     dispatcher: Callable[..., torch.Tensor] | None = None
+    regather_rows: bool = True
+    """Backward gathers the expert-sorted token rows again instead of keeping them (see `grouped_swiglu`'s rows_of).
+    Off inside activation checkpointing, which recomputes the whole module anyway."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -298,8 +367,9 @@ class GroupedExperts(nn.Module):
             return self.dispatcher(self, x, weights, indices)
         top_k = indices.shape[1]
         order, inverse, counts = expert_order(indices, self.num_experts)
+        rows_of = (x, order // top_k) if self.regather_rows else None
         expert_out = grouped_swiglu(to_expert_order(x, order, inverse, top_k), counts, self.gate_up_proj,
-                                    self.down_proj, self.limit, scale=weights.flatten()[order])
+                                    self.down_proj, self.limit, scale=weights.flatten()[order], rows_of=rows_of)
         return from_expert_order(expert_out, order, inverse, top_k).to(x.dtype)
 
 

@@ -18,6 +18,12 @@ from polytrain.parallel.config import ParallelConfig
 
 
 def _wrap(module: nn.Module) -> nn.Module:
+    # Inside the checkpointed region the experts' own saved-tensor hooks (GroupedExperts.regather_rows) would take
+    # precedence over checkpointing's and keep the first expert GEMM's saved tensors (e.g. an autocast copy of the
+    # weights) until backward: the region is recomputed anyway, so they keep their rows the plain way.
+    for inner in module.modules():
+        if isinstance(inner, GroupedExperts):
+            inner.regather_rows = False
     return checkpoint_wrapper(module, checkpoint_impl=CheckpointImpl.NO_REENTRANT, preserve_rng_state=False)
 
 

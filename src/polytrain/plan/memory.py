@@ -57,12 +57,14 @@ def _norm(d: float, b: int) -> float:
 
 
 def layer_activation_bytes(config: ModelConfig, layer: int, seq_len: int, b: int, *, fused: bool = True,
-                           tp: int = 1, recompute_norms: bool = False) -> float:
+                           tp: int = 1, recompute_norms: bool = False, rows_kept: bool = False) -> float:
     """Bytes autograd keeps per token of one decoder layer without recomputation.
 
     b: bytes per activation element. fused: flash-style attention (keeps q, k, v, output, log-sum-exp); otherwise
     the reference attention keeps the seq x seq probabilities. tp divides the per-head tensors.
-    recompute_norms: RMSNorm internals are recomputed (only input and output kept).
+    recompute_norms: RMSNorm internals are recomputed (only input and output kept). rows_kept: the routed experts
+    keep their [tokens x top-k, hidden] input rows, as under expert parallelism (the rows they received) and inside
+    a checkpointed region; otherwise backward gathers them again from the layer's tokens.
     """
     c, h = config, config.hidden_size
     heads = c.num_attention_heads / tp
@@ -114,8 +116,10 @@ def layer_activation_bytes(config: ModelConfig, layer: int, seq_len: int, b: int
         return hyper + attn + norm(h) + 4 * b * c.intermediate_size / tp
     k, moe_i = c.num_experts_per_tok, c.moe_intermediate_size
     router = 5 * c.n_routed_experts + 32 * k
-    clamped = c.swiglu_limit > 0  # V4 clamps gate and up: two more tensors kept (and the routed gate|up view)
-    routed = b * k * (2 * h + (7 if clamped else 4) * moe_i) + 40 * k  # inputs, gate|up, silu, product, outputs
+    clamped = c.swiglu_limit > 0  # V4 clamps the shared experts' gate and up: two more tensors kept
+    # per routed slot: gate|up and the down projection's input (the activation is differentiated from gate|up),
+    # plus the token row where it is kept (`rows_kept`); routing indices and weights
+    routed = b * k * ((h if rows_kept else 0) + 3 * moe_i) + 40 * k
     shared = (6 if clamped else 4) * b * moe_i * c.n_shared_experts
     return hyper + attn + norm(h) + router + routed + shared
 
@@ -144,18 +148,19 @@ def _stage_activations(job: Job, layout: Layout, stage: int) -> tuple[float, flo
     inputs kept by checkpointed blocks; the largest layer's bytes per token (its recomputation working set);
     number of layers). Cached: the search evaluates thousands of layouts over the same few stage splits."""
     c = job.model
-    key = (job.key, layout.pp, stage, layout.tp, layout.cp, layout.recompute, job.mtp)
+    key = (job.key, layout.pp, stage, layout.tp, layout.ep > 1, layout.cp, layout.recompute, job.mtp)
     if key not in _CACHE:
         layers = list(job.shape.stage_layers(layout.pp)[stage])
         if stage == layout.pp - 1 and job.mtp:
             layers += range(c.num_hidden_layers, c.num_hidden_layers + c.num_nextn_predict_layers)
         seq = job.seq_len // layout.cp
 
-        def per_layer(i: int, norms: bool = False) -> float:
+        def per_layer(i: int, norms: bool = False, recomputed: bool = False) -> float:
             return layer_activation_bytes(c, i, seq, job.activation_bytes, fused=job.fused_attention, tp=layout.tp,
-                                          recompute_norms=norms)
+                                          recompute_norms=norms, rows_kept=layout.ep > 1 or recomputed)
 
-        full = [per_layer(i) for i in layers]
+        # a checkpointed block's recomputation keeps its experts' token rows (polytrain.parallel.checkpointing)
+        full = [per_layer(i, recomputed=layout.recompute != "none") for i in layers]
         if layout.recompute == "none":
             kept = sum(full)
         elif layout.recompute == "selective":
