@@ -12,7 +12,7 @@ than the GEMMs they are made of. Measured here, each in isolation (warm operands
 Then `ceiling_mfu`: the model's FLOPs over the time they would take at these rates and times, i.e. the MFU a step
 with no overhead at all would reach, every part measured in the same few minutes of this machine.
 
-Usage: python benchmarks/gemm_shapes.py [--repeats 5] [--attention-s S] [--optimizer-s S]
+Usage: python benchmarks/gemm_shapes.py [--repeats 5] [--width 512|768] [--attention-s S] [--optimizer-s S]
        [--out benchmarks/results/gemm_shapes.json]
 """
 
@@ -43,17 +43,16 @@ def timed(fn, repeats: int) -> float:
     return best
 
 
-def measure(repeats: int) -> dict:
-    from vs_transformers import MODEL
-
+def measure(repeats: int, model: dict) -> dict:
+    """Rates and times for the benchmark model with config overrides `model` (vs_transformers.MODEL or WIDE)."""
     from polytrain.backends import get_backend
     from polytrain.bench.measure import matmul_peak
     from polytrain.models.output_head import chunk_rows
 
     torch.manual_seed(0)
     peaks = [matmul_peak(get_backend("cpu"), torch.float32)]  # and again at the end: the higher is the peak
-    vocab, hidden, inter = MODEL["vocab_size"], MODEL["hidden_size"], MODEL["moe_intermediate_size"]
-    experts, top_k, tokens = MODEL["n_routed_experts"], MODEL["num_experts_per_tok"], 2048
+    vocab, hidden, inter = model["vocab_size"], model["hidden_size"], model["moe_intermediate_size"]
+    experts, top_k, tokens = model["n_routed_experts"], model["num_experts_per_tok"], 2048
     rates: dict[str, float] = {}
 
     rows = chunk_rows(vocab)
@@ -81,8 +80,8 @@ def measure(repeats: int) -> dict:
     rates["experts_forward_backward"] = 3 * flops / timed(forward_backward, repeats)
     a, b = torch.randn(tokens, hidden), torch.randn(hidden, hidden)
     rates["dense_projection"] = 2 * tokens * hidden * hidden / timed(lambda: a @ b, repeats)
-    seconds = {"attention": MODEL["num_hidden_layers"] * timed(_attention_layer(tokens), repeats),
-               "optimizer": timed(_optimizer_step(), repeats)}
+    seconds = {"attention": model["num_hidden_layers"] * timed(_attention_layer(tokens, model), repeats),
+               "optimizer": timed(_optimizer_step(model), repeats)}
     peaks.append(matmul_peak(get_backend("cpu"), torch.float32))
     peak = max(peaks)
     return {"matmul_peak_flops": peak, "matmul_peaks": peaks, "rates_flops": rates,
@@ -90,12 +89,11 @@ def measure(repeats: int) -> dict:
             "seconds_per_step": seconds}
 
 
-def _attention_layer(tokens: int):
+def _attention_layer(tokens: int, model: dict):
     """One layer's causal attention forward + backward as polytrain's MLA runs it on the CPU (flash kernel)."""
     import torch.nn.functional as F
-    from vs_transformers import MODEL
 
-    heads, qk = MODEL["num_attention_heads"], MODEL["qk_nope_head_dim"] + MODEL["qk_rope_head_dim"]
+    heads, qk = model["num_attention_heads"], model["qk_nope_head_dim"] + model["qk_rope_head_dim"]
     q, k, v = (torch.randn(1, heads, tokens, qk, requires_grad=True) for _ in range(3))
     grad = torch.randn(1, heads, tokens, qk)
 
@@ -106,27 +104,27 @@ def _attention_layer(tokens: int):
     return run
 
 
-def _optimizer_step():
+def _optimizer_step(model: dict):
     """One fused AdamW step over the benchmark model's parameters, built as polytrain's trainer builds it."""
-    from vs_transformers import MODEL, polytrain_optimizer
+    from vs_transformers import polytrain_optimizer
 
     from polytrain.models import build_model, preset
 
-    model = build_model(preset("tiny", **MODEL), "cpu", seed=0)
-    for param in model.parameters():
+    module = build_model(preset("tiny", **model), "cpu", seed=0)
+    for param in module.parameters():
         param.grad = torch.randn_like(param) * 1e-3
-    return polytrain_optimizer(model).step
+    return polytrain_optimizer(module).step
 
 
-def ceiling(result: dict, attention_s: float, optimizer_s: float) -> dict:
+def ceiling(result: dict, attention_s: float, optimizer_s: float, model: dict | None = None) -> dict:
     """Seconds per 2,048-token step if every FLOP ran at its measured GEMM rate (attention and the optimizer taking
-    the given times), and the MFU that would give."""
+    the given times), and the MFU that would give. `model`: config overrides (default vs_transformers.MODEL)."""
     from vs_transformers import MODEL
 
     from polytrain.models import preset
     from polytrain.plan.flops import flops_per_token
 
-    config = preset("tiny", **MODEL)  # how vs_transformers builds its model
+    config = preset("tiny", **(MODEL if model is None else model))  # how vs_transformers builds its model
     f, tokens, rates = flops_per_token(config, 2048), 2048, result["rates_flops"]
     head_rate = 3 / sum(1 / rates[k] for k in ("head_logits", "head_grad_hidden", "head_grad_weight"))
     seconds = {
@@ -148,12 +146,18 @@ def main() -> None:
                         help="attention forward + backward per step, instead of the time measured here (e.g. from "
                              "a --profile of vs_transformers)")
     parser.add_argument("--optimizer-s", type=float, help="the optimizer step, instead of the time measured here")
+    parser.add_argument("--width", type=int, choices=[512, 768], default=512,
+                        help="the vs_transformers model of this hidden size (its --width)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gemm_shapes.json"))
     args = parser.parse_args()
-    result = measure(args.repeats)
+    from vs_transformers import MODEL, WIDE
+
+    model = WIDE if args.width == 768 else MODEL
+    result = measure(args.repeats, model)
     measured = result["seconds_per_step"]
     result["ceiling"] = ceiling(result, measured["attention"] if args.attention_s is None else args.attention_s,
-                                measured["optimizer"] if args.optimizer_s is None else args.optimizer_s)
+                                measured["optimizer"] if args.optimizer_s is None else args.optimizer_s, model)
+    result["hidden_size"] = model["hidden_size"]
     result["machine"] = f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
     print(f"matmul peak (2048^3 fp32, the higher of before / after): {result['matmul_peak_flops'] / 1e9:.0f} GFLOP/s")
     for name, rate in result["rates_flops"].items():

@@ -14,7 +14,7 @@ The first transformers setting also runs once more with the host-memory setting 
 measures the matmul peak before and after its steps; its MFU is taken against the higher.
 
 Usage: python benchmarks/vs_transformers.py [--steps 4] [--repeats 2] [--precision fp32|bf16] [--quick]
-       [--peers grouped_mm,batched_mm,eager] [--no-peer-kept-memory] [--prompt-share 0.5] [--profile]
+       [--width 512|768] [--peers grouped_mm,batched_mm,eager] [--no-peer-kept-memory] [--prompt-share 0.5] [--profile]
        [--out benchmarks/results/vs_transformers.json]
 """
 
@@ -32,8 +32,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# A DeepSeek-V3-architecture model of ~200M parameters: MLA, 1 dense + 7 MoE layers, 32 routed experts (top-4 of 4
-# groups, 2 groups per token) + 1 shared, the real DeepSeek vocabulary size (the output head is a third of the
+# A DeepSeek-V3-architecture model of 232M parameters: MLA, 1 dense + 7 MoE layers, 32 routed experts (top-4 of 4
+# groups, 2 groups per token) + 1 shared, the real DeepSeek vocabulary size (the output head is two thirds of the
 # FLOPs, which is where a fused loss matters).
 MODEL = dict(vocab_size=129280, hidden_size=512, intermediate_size=1536, moe_intermediate_size=256,
              num_hidden_layers=8, first_k_dense_replace=1, num_attention_heads=8, q_lora_rank=256,
@@ -43,8 +43,16 @@ MODEL = dict(vocab_size=129280, hidden_size=512, intermediate_size=1536, moe_int
 QUICK = dict(MODEL, vocab_size=4096, hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
              num_hidden_layers=3, q_lora_rank=64, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
              v_head_dim=16, n_routed_experts=8, num_experts_per_tok=2, num_attention_heads=4)
+# `--width 768`: the same layers 1.5x wider (423M parameters; the head is 60% of the FLOPs instead of 67%)
+WIDE = dict(MODEL, hidden_size=768, intermediate_size=2304, moe_intermediate_size=384, num_attention_heads=12,
+            q_lora_rank=384, kv_lora_rank=192)
 LR, BETAS, EPS, WEIGHT_DECAY = 1e-4, (0.9, 0.95), 1e-8, 0.0
 PEER_EXPERTS = ("grouped_mm", "batched_mm", "eager")  # transformers' MoE experts implementations
+
+
+def model_dims(args: argparse.Namespace) -> dict:
+    """The benchmark model's config overrides for these arguments."""
+    return QUICK if args.quick else WIDE if args.width == 768 else MODEL
 
 
 def polytrain_optimizer(model):
@@ -176,7 +184,7 @@ def worker(args: argparse.Namespace) -> None:
         step = run_polytrain(args, args.hf_dir, setting.get("compile", False))
     else:
         step = run_transformers(args, args.hf_dir, setting)
-    config = QUICK if args.quick else MODEL
+    config = model_dims(args)
     data = batches(config["vocab_size"], args.rows, args.seq, args.warmup + args.steps)
     autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if args.precision == "bf16"
                 else contextlib.nullcontext())
@@ -210,7 +218,7 @@ def launch(args: argparse.Namespace, setting: dict) -> dict:
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--rows", str(args.rows),
                "--seq", str(args.seq), "--threads", str(args.threads), "--precision", args.precision,
                "--memory-limit-gib", str(args.memory_limit_gib), "--prompt-share", str(args.prompt_share)]
-    command += ["--quick"] if args.quick else []
+    command += ["--quick"] if args.quick else ["--width", str(args.width)]
     command += ["--profile"] if (args.profile and setting["framework"] == "polytrain") or args.profile_all else []
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT / "src"),
            "TRANSFORMERS_VERBOSITY": "error"}
@@ -251,6 +259,8 @@ def main() -> None:
                         "setting (glibc keeps freed memory: polytrain.backends.cpu.keep_freed_host_memory)")
     parser.add_argument("--compile", action="store_true", help="also run polytrain with parallel.compile (regional "
                         "torch.compile; the compile happens in the warm-up step)")
+    parser.add_argument("--width", type=int, choices=[512, 768], default=512,
+                        help="hidden size of the benchmark model: 512 (232M parameters) or 768 (423M)")
     parser.add_argument("--quick", action="store_true", help="a small model (a smoke test of this script)")
     parser.add_argument("--profile", action="store_true", help="profile polytrain's last step (top ops by time)")
     parser.add_argument("--profile-all", action="store_true", help="profile every setting's last step")
@@ -268,7 +278,7 @@ def main() -> None:
     from polytrain.models.hf import save_hf
     from polytrain.plan.flops import flops_per_token
 
-    config = preset("tiny", **(QUICK if args.quick else MODEL))
+    config = preset("tiny", **model_dims(args))
     peers = [name for name in args.peers.split(",") if name]
     unknown = sorted(set(peers) - set(PEER_EXPERTS))
     if unknown:
@@ -327,7 +337,7 @@ def main() -> None:
     kept = next((k for k in table if "host memory kept" in k), None)
     summary = {
         "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {args.threads} threads",
-        "model": {"parameters": params, **(QUICK if args.quick else MODEL)},
+        "model": {"parameters": params, **model_dims(args)},
         "rows": args.rows, "seq": args.seq, "prompt_share": args.prompt_share, "precision": args.precision,
         "steps": args.steps,
         "warmup": args.warmup, "repeats": args.repeats, "measured_matmul_peak_flops": peak,
