@@ -134,6 +134,17 @@ def test_grouped_experts_keep_few_activations(regather):
     assert shapes.count((index.shape[0], dim)) == (0 if regather else 1), shapes
 
 
+def test_regathered_rows_refuse_tokens_changed_in_place():
+    experts, dim, hidden = 2, 12, 8
+    gate_up = torch.randn(experts, 2 * hidden, dim, requires_grad=True)
+    down = torch.randn(experts, dim, hidden)
+    tokens, index = torch.randn(3, dim), torch.tensor([0, 2, 1, 2])
+    out = grouped_swiglu(tokens[index], torch.tensor([2, 2]), gate_up, down, rows_of=(tokens, index))
+    tokens.mul_(2)  # the rows backward would gather are no longer the ones the forward used
+    with pytest.raises(RuntimeError, match="modified in place"):
+        out.sum().backward()
+
+
 def test_expert_order_round_trip_equals_scatter_add_and_its_gradients():
     """to_expert_order / from_expert_order (row gathers both ways) against index_select + index_add_, in float64,
     with experts that get no tokens and tokens whose choices share an expert's group."""

@@ -199,18 +199,25 @@ def _grouped_swiglu_eager(
 @contextlib.contextmanager
 def _saved_as_gather(rows: torch.Tensor, rows_of: tuple[torch.Tensor, torch.Tensor] | None) -> Iterator[None]:
     """Within this context, autograd saves `rows` (== tokens[index]) as the recipe (tokens, index) and gathers it
-    again when backward needs it. Only that exact tensor: everything else is saved as usual."""
+    again when backward needs it. Only that exact tensor: everything else is saved as usual. Like autograd's own
+    saved tensors, the recipe refuses tokens modified in place after the forward (their version counter moved)."""
     if rows_of is None:
         yield
         return
-    tokens, index = rows_of[0].detach(), rows_of[1]
+    tokens, index = rows_of[0].detach(), rows_of[1]  # detach() shares the version counter
     key = (rows.data_ptr(), rows.shape, rows.stride(), rows.dtype)
+    version = tokens._version
 
     def pack(t: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         return (tokens, index) if (t.data_ptr(), t.shape, t.stride(), t.dtype) == key else t
 
     def unpack(saved: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        return saved[0].index_select(0, saved[1]) if isinstance(saved, tuple) else saved
+        if not isinstance(saved, tuple):
+            return saved
+        if saved[0]._version != version:
+            raise RuntimeError("the routed experts' input was modified in place after their forward; backward "
+                               "would gather different token rows (set GroupedExperts.regather_rows = False)")
+        return saved[0].index_select(0, saved[1])
 
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         yield
