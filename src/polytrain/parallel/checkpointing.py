@@ -2,9 +2,9 @@
 
 full: every block. selective: every `ac_every`-th block, plus, inside every block, the modules named in
 `ac_modules` (mla_up_proj: the q_b / kv_b up-projections that expand MLA's latents; norm: RMSNorms; experts: the
-routed experts, whose gathered token copies and [tokens x top-k, 2 x moe_intermediate] hidden states are an MoE
-layer's largest activations; mlp: dense MLPs and shared experts), the per-module recomputation Megatron calls
---recompute-modules.
+routed experts, whose [tokens x top-k, 3 x moe_intermediate] activations, plus the received token rows under expert
+parallelism, are an MoE layer's largest; mlp: dense MLPs and shared experts), the per-module recomputation
+Megatron calls --recompute-modules.
 """
 
 from __future__ import annotations
