@@ -44,7 +44,7 @@ def timed(fn, repeats: int) -> float:
 
 
 def measure(repeats: int, model: dict) -> dict:
-    """Rates and times for the benchmark model with config overrides `model` (vs_transformers.MODEL or WIDE)."""
+    """Rates and times for the benchmark model with config overrides `model` (a vs_transformers.WIDTHS entry)."""
     from polytrain.backends import get_backend
     from polytrain.bench.measure import matmul_peak
     from polytrain.models.output_head import chunk_rows
@@ -116,15 +116,13 @@ def _optimizer_step(model: dict):
     return polytrain_optimizer(module).step
 
 
-def ceiling(result: dict, attention_s: float, optimizer_s: float, model: dict | None = None) -> dict:
+def ceiling(result: dict, attention_s: float, optimizer_s: float, model: dict) -> dict:
     """Seconds per 2,048-token step if every FLOP ran at its measured GEMM rate (attention and the optimizer taking
-    the given times), and the MFU that would give. `model`: config overrides (default vs_transformers.MODEL)."""
-    from vs_transformers import MODEL
-
+    the given times), and the MFU that would give. `model`: the benchmark model's config overrides."""
     from polytrain.models import preset
     from polytrain.plan.flops import flops_per_token
 
-    config = preset("tiny", **(MODEL if model is None else model))  # how vs_transformers builds its model
+    config = preset("tiny", **model)  # how vs_transformers builds its model
     f, tokens, rates = flops_per_token(config, 2048), 2048, result["rates_flops"]
     head_rate = 3 / sum(1 / rates[k] for k in ("head_logits", "head_grad_hidden", "head_grad_weight"))
     seconds = {
@@ -140,19 +138,19 @@ def ceiling(result: dict, attention_s: float, optimizer_s: float, model: dict | 
 
 
 def main() -> None:
+    from vs_transformers import WIDTHS
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--attention-s", type=float,
                         help="attention forward + backward per step, instead of the time measured here (e.g. from "
                              "a --profile of vs_transformers)")
     parser.add_argument("--optimizer-s", type=float, help="the optimizer step, instead of the time measured here")
-    parser.add_argument("--width", type=int, choices=[512, 768], default=512,
+    parser.add_argument("--width", type=int, choices=sorted(WIDTHS), default=512,
                         help="the vs_transformers model of this hidden size (its --width)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gemm_shapes.json"))
     args = parser.parse_args()
-    from vs_transformers import MODEL, WIDE
-
-    model = WIDE if args.width == 768 else MODEL
+    model = WIDTHS[args.width]
     result = measure(args.repeats, model)
     measured = result["seconds_per_step"]
     result["ceiling"] = ceiling(result, measured["attention"] if args.attention_s is None else args.attention_s,

@@ -46,13 +46,14 @@ QUICK = dict(MODEL, vocab_size=4096, hidden_size=128, intermediate_size=256, moe
 # `--width 768`: the same layers 1.5x wider (423M parameters; the head is 60% of the FLOPs instead of 67%)
 WIDE = dict(MODEL, hidden_size=768, intermediate_size=2304, moe_intermediate_size=384, num_attention_heads=12,
             q_lora_rank=384, kv_lora_rank=192)
+WIDTHS = {512: MODEL, 768: WIDE}  # --width
 LR, BETAS, EPS, WEIGHT_DECAY = 1e-4, (0.9, 0.95), 1e-8, 0.0
 PEER_EXPERTS = ("grouped_mm", "batched_mm", "eager")  # transformers' MoE experts implementations
 
 
 def model_dims(args: argparse.Namespace) -> dict:
     """The benchmark model's config overrides for these arguments."""
-    return QUICK if args.quick else WIDE if args.width == 768 else MODEL
+    return QUICK if args.quick else WIDTHS[args.width]
 
 
 def polytrain_optimizer(model):
@@ -259,7 +260,7 @@ def main() -> None:
                         "setting (glibc keeps freed memory: polytrain.backends.cpu.keep_freed_host_memory)")
     parser.add_argument("--compile", action="store_true", help="also run polytrain with parallel.compile (regional "
                         "torch.compile; the compile happens in the warm-up step)")
-    parser.add_argument("--width", type=int, choices=[512, 768], default=512,
+    parser.add_argument("--width", type=int, choices=sorted(WIDTHS), default=512,
                         help="hidden size of the benchmark model: 512 (232M parameters) or 768 (423M)")
     parser.add_argument("--quick", action="store_true", help="a small model (a smoke test of this script)")
     parser.add_argument("--profile", action="store_true", help="profile polytrain's last step (top ops by time)")

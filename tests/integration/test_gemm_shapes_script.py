@@ -15,12 +15,12 @@ gemm_shapes = importlib.import_module("gemm_shapes")
 
 @pytest.mark.parametrize("width", [512, 768])
 def test_ceiling_is_the_peak_when_every_part_runs_at_the_peak(width):
-    from vs_transformers import MODEL, WIDE
+    from vs_transformers import WIDTHS
 
     from polytrain.models import preset
     from polytrain.plan.flops import flops_per_token
 
-    model = MODEL if width == 512 else WIDE
+    model = WIDTHS[width]
     peak = 300e9
     flops = flops_per_token(preset("tiny", **model), 2048)
     names = ("head_logits", "head_grad_hidden", "head_grad_weight", "experts_forward_backward", "dense_projection")

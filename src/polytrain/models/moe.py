@@ -182,7 +182,7 @@ def grouped_swiglu(
 
 def _grouped_swiglu_eager(
     x: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, limit: float,
-    scale: torch.Tensor | None, rows_of: tuple[torch.Tensor, torch.Tensor] | None = None,
+    scale: torch.Tensor | None, rows_of: tuple[torch.Tensor, torch.Tensor] | None,
 ) -> torch.Tensor:
     grouped_mm = kernel("grouped_mm", x.device.type)
     if grouped_mm is None or x.dtype not in (torch.float32, torch.bfloat16):
