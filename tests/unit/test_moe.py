@@ -175,3 +175,23 @@ def test_moe_in_bf16_autocast_stays_close_to_fp32():
     with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16):
         low = moe(x)
     assert (low.float() - ref).abs().max() < 0.1 * ref.abs().max()
+
+
+def test_checkpointed_experts_keep_their_rows_the_plain_way():
+    """Inside activation checkpointing the experts' saved-tensor recipe is off (checkpointing's hooks must see
+    everything the region saves); outside it stays on."""
+    from polytrain.models import build_model
+    from polytrain.models.moe import GroupedExperts
+    from polytrain.parallel.checkpointing import apply_activation_checkpointing
+    from polytrain.parallel.config import ParallelConfig
+
+    def flags(**ac) -> list[bool]:
+        model = build_model(preset("tiny"), "cpu", seed=0)
+        apply_activation_checkpointing(model, ParallelConfig(**ac))
+        return [m.regather_rows for m in model.modules() if isinstance(m, GroupedExperts)]
+
+    assert all(flags(activation_checkpointing="none"))
+    assert not any(flags(activation_checkpointing="full"))
+    assert not any(flags(activation_checkpointing="selective", ac_every=0, ac_modules=["experts"]))
+    assert all(flags(activation_checkpointing="selective", ac_every=0, ac_modules=["norm"]))
+    assert flags(activation_checkpointing="selective", ac_every=2) == [True, False, True]  # blocks 1, 2, 3: 2 whole
