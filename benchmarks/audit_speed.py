@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from provenance import write_results  # benchmarks/provenance.py
+
 
 def package_dir(name: str) -> Path:
     spec = importlib.util.find_spec(name)
@@ -73,7 +75,7 @@ def main() -> None:
               "command": " ".join(["benchmarks/audit_speed.py", *sys.argv[1:]]),
               "load_average_at_end": [round(x, 2) for x in os.getloadavg()]}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_results(args.out, result)
     print(f"{lines:,} lines in {seconds:.1f} s with {jobs} processes: {result['lines_per_s']:,} lines/s "
           f"({result['lines_per_cpu_s']:,} lines per CPU-second) -> {args.out}")
 

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from provenance import write_results  # benchmarks/provenance.py
 from safetensors.torch import save_file
 
 from polytrain.models import preset
@@ -88,7 +89,7 @@ def main() -> None:
     result = {"benchmark": "convert_memory", "baseline_rss_mib": round(baseline, 1), "rows": rows,
               "command": " ".join(sys.argv), "torch": torch.__version__}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    write_results(args.out, result)
     print(f"baseline (python + torch + polytrain imported): {baseline:.0f} MiB")
     print(f"{'shards':>7}{'largest shard':>15}{'checkpoint':>12}{'peak RSS':>10}{'over baseline':>15}{'/ shard':>9}")
     for row in rows:

@@ -11,15 +11,14 @@ Usage: python benchmarks/decode_speed.py [--out benchmarks/results/decode_speed.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import time
 from pathlib import Path
 
 import torch
+from provenance import write_results  # benchmarks/provenance.py
 
 from polytrain.models import build_model, preset
-from polytrain.models.attention import MLA
+from polytrain.models.deepseek_v3.attention import MLA
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = dict(vocab_size=4096, hidden_size=512, num_hidden_layers=4, first_k_dense_replace=4, intermediate_size=1024,
@@ -62,12 +61,12 @@ def main() -> None:
             results[mode] = {"prefill_s": prefill, "decode_s": seconds,
                              "decode_tokens_per_s": args.batch * args.new_tokens / seconds}
     MLA.absorb_for_decode = True
-    summary = {"machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}", "model": MODEL,
+    summary = {"threads": torch.get_num_threads(), "model": MODEL,
                "batch": args.batch, "prompt": args.prompt, "new_tokens": args.new_tokens, "results": results,
                "speedup": results["absorbed"]["decode_tokens_per_s"] / results["expanded"]["decode_tokens_per_s"],
                "max_logit_diff": (logits["absorbed"] - logits["expanded"]).abs().max().item()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
+    write_results(args.out, summary)
     for mode, row in results.items():
         print(f"{mode:9} decode {row['decode_tokens_per_s']:8.1f} tokens/s  (prefill {row['prefill_s']:.2f} s)")
     print(f"absorbed / expanded: x{summary['speedup']:.2f}; max logit difference {summary['max_logit_diff']:.2e}")

@@ -10,12 +10,13 @@ Usage: python benchmarks/export_memory.py [--out benchmarks/results/export_memor
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from provenance import write_results  # benchmarks/provenance.py
 
 MODEL = dict(hidden_size=512, num_hidden_layers=8, first_k_dense_replace=1, intermediate_size=1536,
              n_routed_experts=32, num_experts_per_tok=4, moe_intermediate_size=512, n_group=4, topk_group=2,
@@ -70,7 +71,7 @@ def main() -> None:
               "streamed_peak_rss_mib": round(stream, 1), "streamed_seconds": round(stream_s, 1),
               "full_model_peak_rss_mib": round(full, 1), "full_model_seconds": round(full_s, 1)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    write_results(args.out, result)
     print(f"model: {params / 1e6:.1f}M parameters ({result['model_fp32_mib']} MiB fp32); checkpoint with AdamW "
           f"state: {result['checkpoint_mib']} MiB; Python + torch baseline {baseline:.0f} MiB")
     print(f"streamed export:   peak RSS {stream:.0f} MiB ({stream - baseline:.0f} MiB over baseline), {stream_s:.1f} s")

@@ -19,13 +19,12 @@ Usage: python benchmarks/gemm_shapes.py [--repeats 5] [--width 512|768] [--atten
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 from pathlib import Path
 
 import torch
+from provenance import write_results  # benchmarks/provenance.py
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -47,7 +46,7 @@ def measure(repeats: int, model: dict) -> dict:
     """Rates and times for the benchmark model with config overrides `model` (a vs_transformers.WIDTHS entry)."""
     from polytrain.backends import get_backend
     from polytrain.bench.measure import matmul_peak
-    from polytrain.models.output_head import chunk_rows
+    from polytrain.models.common.output_head import chunk_rows
 
     torch.manual_seed(0)
     peaks = [matmul_peak(get_backend("cpu"), torch.float32)]  # and again at the end: the higher is the peak
@@ -156,7 +155,7 @@ def main() -> None:
     result["ceiling"] = ceiling(result, measured["attention"] if args.attention_s is None else args.attention_s,
                                 measured["optimizer"] if args.optimizer_s is None else args.optimizer_s, model)
     result["hidden_size"] = model["hidden_size"]
-    result["machine"] = f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    result["threads"] = torch.get_num_threads()
     print(f"matmul peak (2048^3 fp32, the higher of before / after): {result['matmul_peak_flops'] / 1e9:.0f} GFLOP/s")
     for name, rate in result["rates_flops"].items():
         print(f"{name:26} {rate / 1e9:7.0f} GFLOP/s  {result['of_peak'][name]:6.1%} of peak")
@@ -165,7 +164,7 @@ def main() -> None:
     c = result["ceiling"]
     parts = ", ".join(f"{k} {v:.2f} s" for k, v in c["seconds"].items())
     print(f"step at these rates: {c['step_s']:.2f} s ({parts}); ceiling MFU {c['ceiling_mfu']:.1%}")
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_results(args.out, result)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from provenance import write_results  # benchmarks/provenance.py
+
 MODEL = dict(hidden_size=256, num_hidden_layers=4, first_k_dense_replace=1, intermediate_size=512,
              n_routed_experts=16, num_experts_per_tok=2, moe_intermediate_size=256, n_group=4, topk_group=2)
 LAYOUTS = [
@@ -112,7 +114,7 @@ def main() -> None:
               f"{worst['grad_bytes'] / 2**20:>9.2f}{worst['optimizer_bytes'] / 2**20:>9.2f}"
               f"{max(r['peak_rss_bytes'] for r in row['ranks']) / 2**20:>10.0f}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"benchmark": "parallel_memory", "model": MODEL, "rows": rows}, indent=2))
+    write_results(args.out, {"benchmark": "parallel_memory", "model": MODEL, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from provenance import write_results  # benchmarks/provenance.py
+
 from polytrain.models import preset
 from polytrain.plan.flops import flops_per_token
 from polytrain.plan.hardware import load_chip
@@ -79,7 +81,7 @@ def main() -> None:
     for row in table:
         print(json.dumps(row))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"benchmark": "plan_validation", "rows": table}, indent=2) + "\n")
+    write_results(args.out, {"benchmark": "plan_validation", "rows": table})
 
 
 if __name__ == "__main__":

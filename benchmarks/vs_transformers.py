@@ -31,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from provenance import write_results  # benchmarks/provenance.py
+
 ROOT = Path(__file__).resolve().parents[1]
 # A DeepSeek-V3-architecture model of 232M parameters: MLA, 1 dense + 7 MoE layers, 32 routed experts (top-4 of 4
 # groups, 2 groups per token) + 1 shared, the real DeepSeek vocabulary size (the output head is two thirds of the
@@ -87,8 +89,8 @@ def run_polytrain(args: argparse.Namespace, hf_dir: str, compiled: bool = False)
     from polytrain.data.dataset import IGNORE
     from polytrain.data.packing import Batch
     from polytrain.models import build_model
+    from polytrain.models.common.decoder import shift_left
     from polytrain.models.hf import HFCheckpoint, load_hf_weights
-    from polytrain.models.transformer import shift_left
 
     get_backend("cpu").prepare_training()  # what the trainer does first (host memory kept for reuse)
     checkpoint = HFCheckpoint(hf_dir)
@@ -337,7 +339,7 @@ def main() -> None:
               for k, v in table.items() if k.startswith("polytrain")}
     kept = next((k for k in table if "host memory kept" in k), None)
     summary = {
-        "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {args.threads} threads",
+        "threads": args.threads,
         "model": {"parameters": params, **model_dims(args)},
         "rows": args.rows, "seq": args.seq, "prompt_share": args.prompt_share, "precision": args.precision,
         "steps": args.steps,
@@ -351,7 +353,7 @@ def main() -> None:
         "failed": failed,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
+    write_results(args.out, summary)
     print(f"{'setting':52} {'tokens/s':>9} {'step s':>8} {'GFLOP/s':>8} {'of peak':>8} {'peak GiB':>9} {'loss[0]':>9}")
     for name, row in table.items():
         print(f"{name:52} {row['tokens_per_s']:9.1f} {row['step_time_s']:8.3f} {row['model_flops_per_s'] / 1e9:8.1f} "

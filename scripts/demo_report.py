@@ -10,8 +10,8 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from polytrain.rollout.from_run import RunChat
 from polytrain.rollout.generate import SamplingConfig
+from polytrain.train.chat import RunChat
 
 
 def main() -> None:

@@ -13,53 +13,8 @@ from polytrain import __version__
 from polytrain.audit import cli as audit_cli
 from polytrain.backends import DEVICE_CHOICES
 from polytrain.errors import PolytrainError
+from polytrain.objectives import registry
 from polytrain.plan import cli as plan_cli
-
-SFT_EPILOG = """\
-examples:
-  polytrain sft examples/sft_tiny.toml
-  polytrain sft examples/sft_tiny.toml --set train.steps=50 --set run.output_dir=runs/short
-  polytrain sft examples/sft_tiny.toml --resume          # continue from the newest checkpoint
-  polytrain sft --help-config                            # every config key, its default and meaning
-
---set takes TOML values: numbers, true/false, "strings", [lists]; a bare word is read as a string.
-A run directory that already holds a run is never overwritten silently: pass --resume or --overwrite.
-"""
-
-DPO_EPILOG = """\
-data: JSONL, one pair per line: {"prompt": "...", "chosen": "...", "rejected": "..."} (each a string, or a list
-of OpenAI-style messages). Usually starts from an SFT run: [init] from_run = "runs/my-sft".
-examples:
-  polytrain dpo examples/dpo_tiny.toml
-  polytrain dpo examples/dpo_tiny.toml --set dpo.loss=\"ipo\" --set dpo.beta=0.5
-  polytrain dpo examples/dpo_tiny.toml --precompute-reference data/pairs_with_ref.jsonl
-"""
-
-GRPO_EPILOG = """\
-data: JSONL prompts with their reference answer: {"prompt": "...", "answer": "..."} or {"messages": [..., user
-turn(s), optionally the reference assistant turn], "answer": "..."}.
-examples:
-  polytrain grpo examples/grpo_tiny.toml
-  polytrain grpo examples/grpo_tiny.toml --set grpo.preset=\"trl\" --set grpo.group_size=8
-"""
-
-TRAINING_COMMANDS = {
-    "sft": ("supervised fine-tuning on chat conversations",
-            "Supervised fine-tuning: next-token loss on assistant turns.", SFT_EPILOG),
-    "dpo": ("preference optimisation: DPO, cDPO, IPO, SimPO, ORPO",
-            "Preference optimisation on (prompt, chosen, rejected) pairs; dpo.loss picks the family member.",
-            DPO_EPILOG),
-    "rm": ("reward model: Bradley-Terry loss on preference pairs",
-           "Train a scalar reward head (on the model's last token) so chosen replies score above rejected ones.",
-           DPO_EPILOG.replace("polytrain dpo", "polytrain rm").split("examples:")[0]),
-    "grpo": ("GRPO-family RL with verifiable rewards",
-             "Group-relative policy optimisation: sample a group of replies per prompt, score them with reward "
-             "functions, and push the policy towards the better ones (PPO-clipped, optional KL to a reference).",
-             GRPO_EPILOG),
-    "distill": ("on-policy distillation from one or more teachers",
-                "The student samples replies; teachers score every sampled token; the student minimises its "
-                "reverse KL to the teachers (as a loss, or as a policy-gradient advantage).", ""),
-}
 
 BENCH_EPILOG = """\
 Runs the job's real training step (same Trainer, layout and precision as `polytrain sft|dpo|... CONFIG`) in a
@@ -92,9 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"polytrain {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    for name, (summary, description, epilog) in TRAINING_COMMANDS.items():
-        train = commands.add_parser(name, help=summary, description=description, epilog=epilog,
-                                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    for objective in registry.entries():
+        name = objective.name
+        train = commands.add_parser(name, help=objective.summary, description=objective.description,
+                                    epilog=objective.epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
         train.add_argument("config", nargs="?", help="job config (TOML)")
         train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                            help="override one config value, e.g. --set train.lr=3e-4 (repeatable)")
@@ -105,10 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "step N (e.g. to fit a scheduler's time slot); continue later with --resume")
         train.add_argument("--help-config", action="store_true", help="print every config key with its default")
         train.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
-        if name == "dpo":
-            train.add_argument("--precompute-reference", metavar="OUT.jsonl", help="write the training pairs with the "
-                               "starting model's log-probabilities (then train with dpo.reference = \"precomputed\" "
-                               "and data.train_path = OUT.jsonl: no second model in memory)")
+        for flag in objective.flags:
+            train.add_argument(flag.name, metavar=flag.metavar, help=flag.help)
         _add_device(train)
 
     bench = commands.add_parser("bench", help="measure a job's training throughput, MFU and memory",
@@ -184,35 +138,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _config_reference() -> str:
     from polytrain.config import JobConfig
-    from polytrain.models.config import PRESETS
+    from polytrain.models.registry import PRESETS, families, spec_for_architecture
     from polytrain.schema import describe
 
+    def rows(entries: list[tuple[str, str, str, str]], defaults: bool = True) -> list[str]:
+        out = []
+        for key, type_name, default, help_text in entries:
+            out.append(f"  {key}  ({type_name}, default {default})" if defaults else f"  {key}  ({type_name})")
+            out.extend(textwrap.wrap(help_text, 100, initial_indent="      ", subsequent_indent="      "))
+        return out
+
     lines = ["Job config keys (TOML sections = the part before the first dot):", ""]
-    for key, type_name, default, help_text in describe(JobConfig):
-        if key.startswith("model."):
-            continue
-        lines.append(f"  {key}  ({type_name}, default {default})")
-        lines.extend(textwrap.wrap(help_text, 100, initial_indent="      ", subsequent_indent="      "))
+    lines += rows([row for row in describe(JobConfig) if not row[0].startswith("model.")])
+    for objective in registry.entries():
+        section = registry.section_class(objective.name)
+        if section is not None:
+            lines += ["", f"[{objective.name}]: read by `polytrain {objective.name}`.", ""]
+            lines += rows(describe(section, objective.name))
     lines += ["", f"[model]: `preset` = one of {', '.join(PRESETS)}; any field below overrides the preset.", ""]
-    for key, type_name, _default, help_text in describe(JobConfig):
-        if key.startswith("model."):
-            lines.append(f"  {key}  ({type_name})")
-            lines.extend(textwrap.wrap(help_text, 100, initial_indent="      ", subsequent_indent="      "))
+    lines += rows([row for row in describe(JobConfig) if row[0].startswith("model.")], defaults=False)
+    for family in families():
+        spec = spec_for_architecture(family)
+        shared = {row[0] for row in describe(JobConfig) if row[0].startswith("model.")}
+        own = [row for row in describe(spec.config_class, "model") if row[0] not in shared]
+        lines += ["", f"[model] of architecture = \"{family}\" ({spec.description}) also takes:", ""]
+        lines += rows(own, defaults=False)
     return "\n".join(lines)
-
-
-def _objective(name: str) -> type:
-    if name == "sft":
-        from polytrain.train.objectives.sft import SFTObjective as objective
-    elif name in ("dpo", "rm"):
-        from polytrain.train.objectives.preference import DPOObjective, RewardObjective
-
-        objective = DPOObjective if name == "dpo" else RewardObjective
-    elif name == "grpo":
-        from polytrain.train.objectives.grpo import GRPOObjective as objective
-    else:
-        from polytrain.train.objectives.distill import DistillObjective as objective
-    return objective
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -232,12 +183,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 0
     from polytrain.train.trainer import Trainer
 
-    trainer = Trainer(config, _objective(args.command), resume=args.resume, overwrite=args.overwrite,
-                      stop_at_step=args.stop_at_step)
-    if getattr(args, "precompute_reference", None):
-        count = trainer.objective.precompute_reference(args.precompute_reference)
-        print(json.dumps({"out": args.precompute_reference, "pairs": count}))
-        return 0
+    trainer = Trainer(config, resume=args.resume, overwrite=args.overwrite, stop_at_step=args.stop_at_step)
+    for flag in registry.entry(args.command).flags:
+        value = getattr(args, flag.name.lstrip("-").replace("-", "_"))
+        if value is not None:
+            print(json.dumps(getattr(trainer.objective, flag.method)(value)))
+            return 0
     print(json.dumps(trainer.run(), indent=2))
     return 0
 
@@ -259,7 +210,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     config = load_config(args.config, overrides)
     from polytrain.bench.runner import bench_job
 
-    result = bench_job(config, _objective(config.run.algorithm), args.steps, args.warmup, args.peak_flops,
+    result = bench_job(config, args.steps, args.warmup, args.peak_flops,
                        progress=lambda line: print(line, file=sys.stderr))
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun: rank 0 reports
         return 0
@@ -272,8 +223,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from polytrain.rollout.from_run import RunChat
     from polytrain.rollout.generate import SamplingConfig
+    from polytrain.train.chat import RunChat
 
     if args.max_new_tokens < 1:
         raise PolytrainError("--max-new-tokens must be >= 1")
@@ -333,9 +284,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {**dict.fromkeys(TRAINING_COMMANDS, _cmd_train), "bench": _cmd_bench, "generate": _cmd_generate,
-            "plot": _cmd_plot, "model": _cmd_model, "convert": _cmd_convert, "export": _cmd_export,
-            "plan": plan_cli.run, "audit": audit_cli.run}
+TOOLS = {"bench": _cmd_bench, "generate": _cmd_generate, "plot": _cmd_plot, "model": _cmd_model,
+         "convert": _cmd_convert, "export": _cmd_export, "plan": plan_cli.run, "audit": audit_cli.run}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -347,7 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from polytrain.train.signals import TrainingInterrupted
 
     try:
-        return COMMANDS[args.command](args)
+        return TOOLS.get(args.command, _cmd_train)(args)
     except PolytrainError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

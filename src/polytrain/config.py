@@ -7,19 +7,18 @@ value and raises ConfigError naming the dotted key (and the closest valid key fo
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import tomli_w
 
-from polytrain.algorithms.distill import DistillConfig
-from polytrain.algorithms.grpo import GRPOConfig, grpo_table
-from polytrain.algorithms.preference import DPOConfig
 from polytrain.backends import DEVICE_CHOICES
 from polytrain.data.chat import TEMPLATES
-from polytrain.errors import ConfigError
-from polytrain.models.config import ModelConfig, model_config_from_table
+from polytrain.errors import ConfigError, RunDirError, closest
+from polytrain.models.common.config import ModelConfig
+from polytrain.models.registry import model_config_from_table, spec_for
+from polytrain.objectives import registry
 from polytrain.parallel.config import ParallelConfig
 from polytrain.schema import from_dict, option, set_dotted, to_dict
 
@@ -31,8 +30,9 @@ else:  # pragma: no cover
 
 @dataclass
 class RunConfig:
-    algorithm: Literal["sft", "dpo", "rm", "grpo", "distill"] = option(
-        "sft", "Set by the command (polytrain sft / dpo / rm / grpo / distill); a run resumes only with the same one."
+    algorithm: str = option(
+        "sft", "Set by the command (polytrain sft / dpo / rm / grpo / distill / ...); a run resumes only with the "
+        "same one."
     )
     output_dir: str = option("runs/sft", "Run directory: resolved config, metrics, checkpoints, summary.json.")
     seed: int = option(0, "Seed for initialisation, data order and sampling.", ge=0)
@@ -164,16 +164,22 @@ class JobConfig:
     eval: EvalConfig = option(factory=EvalConfig)
     checkpoint: CheckpointConfig = option(factory=CheckpointConfig)
     log: LogConfig = option(factory=LogConfig)
-    dpo: DPOConfig = option(factory=DPOConfig)
-    grpo: GRPOConfig = option(factory=GRPOConfig)
-    distill: DistillConfig = option(factory=DistillConfig)
     guard: GuardConfig = option(factory=GuardConfig)
     watchdog: WatchdogConfig = option(factory=WatchdogConfig)
     parallel: ParallelConfig = option(factory=ParallelConfig)
+    sections: dict[str, Any] = field(default_factory=dict, init=False, metadata={"flatten": True})
+    """The algorithms' own sections (`[dpo]`, `[grpo]`, ...), by name: those the TOML sets, and always the run's
+    algorithm's (objectives/registry.py lists them)."""
+
+    def section(self, name: str) -> Any:
+        """The `[name]` section: as configured, else its defaults."""
+        if name not in self.sections:
+            self.sections[name] = registry.section_from_table(name, {})
+        return self.sections[name]
 
 
-SECTIONS = ("run", "init", "model", "data", "train", "eval", "checkpoint", "log", "guard", "watchdog", "parallel",
-            "dpo", "grpo", "distill")
+CORE_SECTIONS = ("run", "init", "model", "data", "train", "eval", "checkpoint", "log", "guard", "watchdog",
+                 "parallel")
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -220,14 +226,18 @@ def _model_config(model_table: dict[str, Any], init: InitConfig) -> ModelConfig:
 
         base = to_dict(HFCheckpoint(init.hf_path).model_config)
     else:
-        base = {**to_dict(_run_config(init.from_run).model), "preset": f"run:{Path(init.from_run).name}"}
-    return from_dict(ModelConfig, {**base, **model_table}, "model")
+        base = {**to_dict(read_run_config(init.from_run, "init.from_run").model),
+                "preset": f"run:{Path(init.from_run).name}"}
+    return model_config_from_table({**base, **model_table})
 
 
-def _run_config(run_dir: str) -> JobConfig:
+def read_run_config(run_dir: str | Path, what: str = "") -> JobConfig:
+    """The resolved config of a polytrain run directory (its config.toml); `what` names the setting that pointed
+    there, for the error."""
     config_file = Path(run_dir) / "config.toml"
     if not config_file.is_file():
-        raise ConfigError(f"init.from_run: {run_dir} is not a polytrain run directory (config.toml missing)")
+        prefix = f"{what}: " if what else ""
+        raise RunDirError(f"{prefix}{run_dir} is not a polytrain run directory (config.toml missing)")
     return build_config(read_toml(config_file))
 
 
@@ -238,24 +248,29 @@ def build_config(data: dict[str, Any], base_dir: Path | None = None) -> JobConfi
     model_table = data.pop("model", {})
     if not isinstance(model_table, dict):
         raise ConfigError("`model` must be a table of settings")
+    algorithm_sections = [name for name in registry.names() if registry.entry(name).section is not None]
+    known = (*CORE_SECTIONS, *algorithm_sections)
+    for key in data:
+        if key not in known:
+            raise ConfigError(f"unknown config key `{key}`{closest(key, known)}; sections: {', '.join(known)}")
     if "data" not in data:
         raise ConfigError("missing [data] section: set at least `data.train_path` and `data.tokenizer`")
-    grpo = data.get("grpo", {})
-    if isinstance(grpo, dict):
-        data["grpo"] = grpo_table(grpo)
-    config = from_dict(JobConfig, {**data, "model": {"preset": "tiny"}}, "")
-    config.grpo.validate()
-    train = config.train
-    if config.run.algorithm in ("sft", "dpo", "rm") and train.global_batch_size % train.micro_batch_size:
-        raise ConfigError(f"`train.global_batch_size` ({train.global_batch_size}) must be a multiple of "
-                          f"`train.micro_batch_size` ({train.micro_batch_size})")
+    tables = {name: data.pop(name) for name in algorithm_sections if name in data}
+    config = from_dict(JobConfig, data, "")
+    algorithm = registry.entry(config.run.algorithm)
+    for name, table in tables.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"`{name}` must be a table of settings")
+        config.sections[name] = registry.section_from_table(name, table)
+    if registry.section_class(algorithm.name) is not None:
+        config.section(algorithm.name)
     config.init.hf_path = _resolve(config.init.hf_path, base_dir)
     config.init.from_run = _resolve(config.init.from_run, base_dir)
     config.model = _model_config(model_table, config.init)
     for name in ("train_path", "eval_path", "tokenizer"):
         setattr(config.data, name, _resolve(getattr(config.data, name), base_dir))
     if config.init.from_run:
-        source = _run_config(config.init.from_run)
+        source = read_run_config(config.init.from_run, "init.from_run")
         config.data.tokenizer = config.data.tokenizer or source.data.tokenizer
         if "chat_template" not in data.get("data", {}):
             config.data.chat_template = source.data.chat_template
@@ -263,11 +278,12 @@ def build_config(data: dict[str, Any], base_dir: Path | None = None) -> JobConfi
         if not config.init.hf_path:
             raise ConfigError("set `data.tokenizer` (a tokenizer.json), or `init.hf_path` to use the checkpoint's")
         config.data.tokenizer = config.init.hf_path
-    if config.model.is_v4 and config.data.packing:
+    if config.data.packing and not spec_for(config.model).supports_packing:
         raise ConfigError(
-            "`data.packing = true` is not supported for DeepSeek-V4 models yet (compressed-attention windows would "
+            f"`data.packing = true` is not supported for {config.model.architecture} models yet (attention would "
             "span documents): set data.packing = false"
         )
+    registry.objective_class(algorithm.name).check_config(config, dp=1)
     return config
 
 

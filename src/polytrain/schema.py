@@ -154,6 +154,9 @@ def to_dict(instance: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for field in dataclasses.fields(instance):
         value = getattr(instance, field.name)
+        if field.metadata.get("flatten"):  # a dict of sections, written as sections of the parent
+            out.update({k: to_dict(v) if dataclasses.is_dataclass(v) else v for k, v in value.items()})
+            continue
         if value is None:
             continue
         if dataclasses.is_dataclass(value):
@@ -169,6 +172,8 @@ def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
     rows = []
     hints = typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):
+        if field.metadata.get("flatten"):
+            continue
         key = f"{prefix}.{field.name}" if prefix else field.name
         tp = hints[field.name]
         if dataclasses.is_dataclass(tp):

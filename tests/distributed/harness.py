@@ -125,6 +125,6 @@ def assert_parity(reference: Path, parallel: Path, loss_rtol: float = 1e-5, para
 
 
 def final_state_config(out: Path):
-    from polytrain.train.run_model import run_config
+    from polytrain.config import read_run_config
 
-    return run_config(out).model
+    return read_run_config(out).model

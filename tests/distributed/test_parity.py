@@ -97,3 +97,41 @@ def test_v3_features_mtp_yarn_balance_loss_under_tp2_ep2(tmp_path):
     run(job, tmp_path / "single", 1)
     run(job, tmp_path / "tp2ep2", 4, "parallel.tp=2", "parallel.ep=2")
     assert_parity(tmp_path / "single", tmp_path / "tp2ep2")
+
+
+@pytest.fixture(scope="module")
+def v3_features(tmp_path_factory):
+    """tiny-v3 with 4 layers (MTP, YaRN, balance loss) and its single-process run."""
+    root = tmp_path_factory.mktemp("v3pp")
+    job = write_job(root, model='preset = "tiny-v3"\nnum_hidden_layers = 4')
+    run(job, root / "single", 1)
+    return job, root / "single"
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "zbv"])
+def test_pipeline_pp2_carries_mtp_and_balance_loss_to_the_objectives_loss(v3_features, tmp_path, schedule):
+    """The last stage hands the MTP hidden states and every stage's balance losses to SFT's own loss function."""
+    job, single = v3_features
+    run(job, tmp_path / schedule, 2, "parallel.pp=2", f'parallel.pp_schedule="{schedule}"')
+    assert_parity(single, tmp_path / schedule)
+
+
+def test_pipeline_pp2_with_mtp_and_fsdp_dp_shard_2(v3_features, tmp_path):
+    """One sample per micro-batch on both sides: the balance loss is a mean over the rows (sequences) of each
+    micro-batch, so the micro-batch size is part of the objective."""
+    job, _ = v3_features
+    run(job, tmp_path / "single", 1, "train.micro_batch_size=1")
+    run(job, tmp_path / "pp2dp2", 4, "parallel.pp=2", "train.micro_batch_size=1")
+    assert_parity(tmp_path / "single", tmp_path / "pp2dp2")
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "zbv"])
+def test_pipeline_pp2_runs_deepseek_v4_through_the_family_hooks(tmp_path, schedule):
+    """Hyper-connection streams between stages, token ids carried for hash routing, MTP on the last stage.
+    index_topk covers every compressed entry: with fewer, the indexer's choice among equal (zero) scores follows
+    torch.topk's tie order, which depends on the padded width (as in the Hugging Face reference), and pipeline
+    micro-batches are padded to data.max_seq_len while single-process ones are not."""
+    job = write_job(tmp_path, model='preset = "tiny-v4"\nindex_topk = 16')
+    run(job, tmp_path / "single", 1, "data.packing=false")
+    run(job, tmp_path / "pp2", 2, "data.packing=false", "parallel.pp=2", f'parallel.pp_schedule="{schedule}"')
+    assert_parity(tmp_path / "single", tmp_path / "pp2")

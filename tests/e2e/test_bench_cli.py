@@ -77,11 +77,10 @@ def test_bench_bad_input_is_one_line(bench_job, tmp_path):
 @pytest.mark.parametrize("measured", [(2e11, 3e11), (3e11, 2e11)], ids=["faster-after", "faster-before"])
 def test_mfu_is_taken_against_the_higher_of_the_peaks_measured_around_the_steps(bench_job, monkeypatch, measured):
     from polytrain.bench import runner
-    from polytrain.cli import _objective
     from polytrain.config import load_config
 
     peaks = iter(measured)  # a third measurement would raise StopIteration
     monkeypatch.setattr(runner, "matmul_peak", lambda backend, dtype: next(peaks))
-    figures = runner.bench_job(load_config(bench_job, []), _objective("sft"), 2, 0)
+    figures = runner.bench_job(load_config(bench_job, []), 2, 0)
     assert figures["peak_flops_per_s"] == 3e11
     assert figures["mfu"] == pytest.approx(figures["achieved_flops_per_s"] / 3e11)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from polytrain.models import build_model, preset
-from polytrain.models.attention import MLA
-from polytrain.models.rope import RotaryEmbedding
-from polytrain.models.transformer import attention_mask
+from polytrain.models.common.rope import RotaryEmbedding
+from polytrain.models.deepseek_v3.attention import MLA
+from polytrain.models.deepseek_v3.model import attention_mask
 
 
 def make_mla(**overrides) -> tuple[MLA, RotaryEmbedding]:
@@ -78,7 +78,7 @@ def test_rotary_depends_only_on_relative_position():
     """q.k after RoPE is unchanged when both positions shift by the same amount."""
     config = preset("tiny")
     rope = RotaryEmbedding(config)
-    from polytrain.models.rope import apply_rotary
+    from polytrain.models.common.rope import apply_rotary
 
     q = torch.randn(1, 1, 1, config.qk_rope_head_dim)
     k = torch.randn(1, 1, 1, config.qk_rope_head_dim)

@@ -8,7 +8,7 @@ import torch._dynamo
 from polytrain.algorithms.sft import StepTokens, sft_loss
 from polytrain.data.packing import Batch
 from polytrain.models import build_model, preset
-from polytrain.models.transformer import shift_left
+from polytrain.models.common.decoder import shift_left
 from polytrain.parallel import compile as regional
 
 

@@ -99,6 +99,6 @@ def test_every_preset_is_valid_and_every_model_field_documented():
         assert preset(name).preset == name
     from dataclasses import fields
 
-    from polytrain.models.config import ModelConfig
+    from polytrain.models.common.config import ModelConfig
 
     assert all(f.metadata.get("help") for f in fields(ModelConfig))

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from polytrain.models import output_head
-from polytrain.models.output_head import IGNORE, OutputHead, chunk_rows, fused_linear_cross_entropy
+from polytrain.models.common import output_head
+from polytrain.models.common.output_head import IGNORE, OutputHead, chunk_rows, fused_linear_cross_entropy
 
 
 def inputs(tokens: int = 37, hidden: int = 16, vocab: int = 50, seed: int = 0):

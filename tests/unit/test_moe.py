@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from polytrain.models import preset
-from polytrain.models.layers import swiglu
-from polytrain.models.moe import (
+from polytrain.models.common.layers import swiglu
+from polytrain.models.common.moe import (
     MoE,
     _ScaledSwiGLU,
     expert_order,
@@ -181,7 +181,7 @@ def test_checkpointed_experts_keep_their_rows_the_plain_way():
     """Inside activation checkpointing the experts' saved-tensor recipe is off (checkpointing's hooks must see
     everything the region saves); outside it stays on."""
     from polytrain.models import build_model
-    from polytrain.models.moe import GroupedExperts
+    from polytrain.models.common.moe import GroupedExperts
     from polytrain.parallel.checkpointing import apply_activation_checkpointing
     from polytrain.parallel.config import ParallelConfig
 

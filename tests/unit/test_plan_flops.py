@@ -7,9 +7,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from polytrain.models import preset
-from polytrain.models.attention import MLA
+from polytrain.models.deepseek_v3.attention import MLA
 from polytrain.models.params import count_parameters
-from polytrain.models.transformer import build_model
+from polytrain.models.registry import build_model
 from polytrain.plan.flops import flops_per_token
 
 

@@ -62,7 +62,7 @@ def test_impossible_device_count_says_what_would_work():
 
 def test_invalid_layout_says_why():
     job = Job(preset("deepseek-v3-671b"), 4096, 4_000_000)
-    with pytest.raises(ConfigError, match="does not divide the 256 routed experts"):
+    with pytest.raises(ConfigError, match="parallel.ep = 96 must divide model.n_routed_experts = 256"):
         evaluate(job, Layout(dp=96, ep=96), load_chip("h800"))
 
 

@@ -161,11 +161,11 @@ def nan(completion, answer, prompt, finished):
 def test_stop_strings_cut_the_completion_after_the_token_that_completes_them(chat):
     from types import SimpleNamespace
 
-    from polytrain.train.objectives.grpo import RolloutObjective
+    from polytrain.objectives.rollout import RolloutObjective
 
     tokenizer, _ = chat
     objective = RolloutObjective.__new__(RolloutObjective)
-    objective.trainer = SimpleNamespace(tokenizer=tokenizer)
+    objective.ctx = SimpleNamespace(tokenizer=tokenizer)
     objective.stop_strings = lambda: ["xy"]
     tokens = tokenizer.encode("abxycd")
     cut, finished, text = objective._apply_stop_strings(tokens, False, "abxycd")
@@ -180,13 +180,13 @@ def test_each_prompt_is_scored_by_its_named_teacher_else_by_the_mean(chat):
     import torch.nn.functional as F
 
     from polytrain.algorithms.distill import mean_teacher_logprobs
-    from polytrain.train.objectives.distill import DistillObjective
+    from polytrain.objectives.distill import DistillObjective
 
     torch.manual_seed(0)
     logits = {"math": torch.randn(2, 3, 5), "code": torch.randn(2, 3, 5)}
     objective = DistillObjective.__new__(DistillObjective)
     objective.teachers = {name: (lambda ids, position_ids, x=x: x) for name, x in logits.items()}
-    objective.trainer = SimpleNamespace(autocast=contextlib.nullcontext)
+    objective.ctx = SimpleNamespace(autocast=contextlib.nullcontext)
     batch = SimpleNamespace(input_ids=torch.zeros(2, 3, dtype=torch.long), position_ids=None)
     rollouts = [SimpleNamespace(prompt=SimpleNamespace(teacher="code")), SimpleNamespace(prompt=SimpleNamespace(
         teacher=None))]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from polytrain.models import build_model, preset
-from polytrain.models.moe import Router, route, update_router_biases
+from polytrain.models.common.moe import Router, route, update_router_biases
 
 
 def brute_force_route(scores, bias, top_k, n_group, topk_group):

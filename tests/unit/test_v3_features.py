@@ -10,8 +10,8 @@ from polytrain.algorithms.sft import StepTokens, mtp_labels, sft_loss
 from polytrain.data.dataset import IGNORE, Sample
 from polytrain.data.packing import collate
 from polytrain.models import build_model, preset
-from polytrain.models.moe import sequence_balance_loss
-from polytrain.models.rope import rope_parameters, yarn_mscale
+from polytrain.models.common.moe import sequence_balance_loss
+from polytrain.models.common.rope import rope_parameters, yarn_mscale
 
 
 def test_mtp_labels_shift_within_documents_only():

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from polytrain.models import build_model, preset
-from polytrain.models.hyper_connections import HyperConnection
-from polytrain.models.layers import swiglu
-from polytrain.models.moe import HashRouter
+from polytrain.models.common.layers import swiglu
+from polytrain.models.common.moe import HashRouter
+from polytrain.models.deepseek_v4.hyper_connections import HyperConnection
 
 
 def test_v4_model_is_causal_across_sliding_compressed_and_sparse_layers():

@@ -9,12 +9,8 @@ import torch
 
 from polytrain.data.dataset import IGNORE, Sample
 from polytrain.data.packing import Batch
-from polytrain.models.transformer import CausalLM, shift_left
-
-
-def needs_document_mask(batch: Batch) -> bool:
-    """True when some row holds more than one document (plain causal attention would leak across them)."""
-    return bool((batch.doc_ids.amax(dim=1) > 0).any())
+from polytrain.models.common.decoder import DecoderLM, TrainOutput, shift_left
+from polytrain.models.common.output_head import OutputHead
 
 
 def mtp_labels(batch: Batch, depth: int) -> torch.Tensor:
@@ -38,13 +34,18 @@ class StepTokens:
         return cls(main, mtp)
 
 
-def token_loss_sum(model: CausalLM, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy of the output head on `hidden` (fused and chunked: see models.output_head)."""
-    return model.lm_head.loss_sum(hidden, labels)
-
-
 def sft_loss(
-    model: CausalLM, batch: Batch, step_tokens: StepTokens, mtp_weight: float = 0.0
+    model: DecoderLM, batch: Batch, step_tokens: StepTokens, mtp_weight: float = 0.0
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`sft_loss_from_output` of the model's training forward on `batch`."""
+    doc_ids = batch.doc_ids if batch.multi_document else None
+    out = model.forward_train(batch.input_ids, position_ids=batch.position_ids, doc_ids=doc_ids,
+                              token_mask=batch.doc_ids >= 0)
+    return sft_loss_from_output(model.lm_head, out, batch, step_tokens, mtp_weight)
+
+
+def sft_loss_from_output(
+    head: OutputHead, out: TrainOutput, batch: Batch, step_tokens: StepTokens, mtp_weight: float = 0.0
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(loss to backpropagate, detached summed parts for logging).
 
@@ -52,16 +53,13 @@ def sft_loss(
     ranks), so accumulating the micro-batch gradients gives exactly the gradient of the step's mean losses:
     main CE + mtp_weight * mean over depths of the MTP CE + the balance loss (token-weighted over micro-batches).
     """
-    doc_ids = batch.doc_ids if needs_document_mask(batch) else None
-    out = model.forward_train(batch.input_ids, position_ids=batch.position_ids, doc_ids=doc_ids,
-                              token_mask=batch.doc_ids >= 0)
-    main_sum = token_loss_sum(model, out.hidden, batch.labels)
+    main_sum = head.loss_sum(out.hidden, batch.labels)
     loss = main_sum / max(step_tokens.main, 1)
     parts = {"loss_sum": main_sum.detach()}
     if out.mtp_hidden:
         mtp_sum = torch.zeros((), device=main_sum.device)
         for depth, (hidden, count) in enumerate(zip(out.mtp_hidden, step_tokens.mtp), start=1):
-            depth_sum = token_loss_sum(model, hidden, mtp_labels(batch, depth))
+            depth_sum = head.loss_sum(hidden, mtp_labels(batch, depth))
             loss = loss + mtp_weight / len(out.mtp_hidden) * depth_sum / max(count, 1)
             mtp_sum = mtp_sum + depth_sum.detach()
         parts["mtp_loss_sum"] = mtp_sum

@@ -25,7 +25,6 @@ SCHEMA = "polytrain.bench/1"
 
 def bench_job(
     config: JobConfig,
-    objective: type,
     steps: int = 10,
     warmup: int = 3,
     peak_flops: float | None = None,
@@ -41,7 +40,7 @@ def bench_job(
     with tempfile.TemporaryDirectory(prefix="polytrain-bench-") as tmp:
         config.run.output_dir = tmp
         config.checkpoint.async_save = False
-        trainer = Trainer(config, objective, overwrite=True)
+        trainer = Trainer(config, overwrite=True)
         try:
             backend, runtime = trainer.backend, trainer.runtime
             precision = trainer.amp_dtype or torch.float32

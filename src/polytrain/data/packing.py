@@ -22,9 +22,19 @@ class Batch:
         return int((self.labels != IGNORE).sum())
 
     @property
+    def multi_document(self) -> bool:
+        """True when some row holds more than one document (plain causal attention would leak across them)."""
+        return bool((self.doc_ids.amax(dim=1) > 0).any())
+
+    @property
     def num_tokens(self) -> int:
         """Tokens that are not padding."""
         return int((self.doc_ids >= 0).sum())
+
+    def rows(self, start: int, stop: int) -> Batch:
+        """Rows start..stop-1 (e.g. one micro-batch of a stacked pipeline batch)."""
+        return Batch(self.input_ids[start:stop], self.labels[start:stop], self.position_ids[start:stop],
+                     self.doc_ids[start:stop], stop - start)
 
     def to(self, device: torch.device) -> Batch:
         return Batch(

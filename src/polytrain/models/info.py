@@ -7,9 +7,10 @@ from pathlib import Path
 from typing import Any
 
 from polytrain.errors import ConfigError, closest
-from polytrain.models.config import PRESETS, ModelConfig, preset
+from polytrain.models.common.config import ModelConfig
 from polytrain.models.hf.config import model_config_from_hf
 from polytrain.models.params import PUBLISHED, count_parameters
+from polytrain.models.registry import PRESETS, preset
 
 
 def resolve_model(spec: str) -> ModelConfig:

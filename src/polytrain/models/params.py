@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from polytrain.models.config import ModelConfig
-from polytrain.models.transformer import build_model
+from torch import nn
+
+from polytrain.models.common.config import ModelConfig
+from polytrain.models.registry import build_model
 
 COMPONENTS = ("embedding", "attention", "dense_mlp", "router", "shared_experts", "routed_experts",
               "hyper_connections", "norms", "output_head")
@@ -18,26 +20,22 @@ PUBLISHED = {
 }
 
 
-def component_of(name: str) -> str:
-    if name.startswith("embed_tokens"):
-        return "embedding"
-    if name.startswith("lm_head"):
-        return "output_head"
-    if ".self_attn." in name:
-        return "attention"
-    if ".mlp.experts." in name:
-        return "routed_experts"
-    if ".mlp.shared_experts." in name:
-        return "shared_experts"
-    if ".mlp.gate." in name:
-        return "router"
-    if "_hc." in name or name.startswith("hc_head."):
-        return "hyper_connections"
-    if ".mlp." in name:
-        return "dense_mlp"
-    if "norm" in name:
-        return "norms"
-    return "other"
+def components(model: nn.Module) -> dict[str, str]:
+    """Parameter name -> component. A module whose class (or instance) sets `component` claims every parameter
+    under it, the outermost claim winning (a norm inside attention counts as attention); the embedding and
+    anything unclaimed take their own names."""
+    out: dict[str, str] = {}
+
+    def visit(module: nn.Module, prefix: str, claim: str | None) -> None:
+        if claim is None:
+            claim = "embedding" if isinstance(module, nn.Embedding) else getattr(module, "component", None)
+        for name, _ in module.named_parameters(recurse=False, remove_duplicate=False):
+            out[prefix + name] = claim or "other"
+        for name, child in module.named_children():
+            visit(child, f"{prefix}{name}.", claim)
+
+    visit(model, "", None)
+    return out
 
 
 @dataclass
@@ -60,6 +58,7 @@ def count_parameters(config: ModelConfig) -> ParameterCount:
     """Main-model parameters by component (MTP modules counted apart, as the DeepSeek reports do); activated =
     what one token uses: everything but the routed experts it is not sent to."""
     model = build_model(config, "meta")
+    component_of = components(model)
     routed_share = config.num_experts_per_tok / config.n_routed_experts
     total: dict[str, int] = dict.fromkeys(COMPONENTS, 0)
     active: dict[str, int] = dict.fromkeys(COMPONENTS, 0)
@@ -69,7 +68,7 @@ def count_parameters(config: ModelConfig) -> ParameterCount:
         if id(param) in seen:  # tied embedding / head
             continue
         seen.add(id(param))
-        component = component_of(name)
+        component = component_of[name]
         used = round(param.numel() * routed_share) if component == "routed_experts" else param.numel()
         if name.startswith("mtp."):
             mtp_total += param.numel()

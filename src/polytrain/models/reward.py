@@ -1,22 +1,26 @@
-"""A reward model: the causal LM's trunk plus a scalar head read at the last token of each sequence."""
+"""A reward model: any family's causal LM plus a scalar head read at the last token of each sequence."""
 
 from __future__ import annotations
+
+from functools import cache
 
 import torch
 from torch import nn
 
-from polytrain.models.config import ModelConfig
-from polytrain.models.transformer import CausalLM
+from polytrain.models.common.config import ModelConfig
+from polytrain.models.common.decoder import DecoderLM
+from polytrain.models.registry import spec_for
 
 
-class RewardModel(CausalLM):
-    """CausalLM + `score_head` (hidden -> 1). Starting weights load into everything but the head."""
+class RewardHead:
+    """Mixed into a family's model class: `score_head` (hidden -> 1) and `reward`. Starting weights load into
+    everything but the head (`extra_parameters`)."""
 
     extra_parameters = ("score_head.weight",)
+    entry_points = ("forward_train", "hidden_states", "reward")
+    score_head: nn.Linear
 
     def __init__(self, config: ModelConfig) -> None:
-        if config.is_v4:
-            raise ValueError("reward models are built on DeepSeek-V3-style models for now")
         super().__init__(config)
         self.score_head = nn.Linear(config.hidden_size, 1, bias=False)
 
@@ -35,9 +39,15 @@ class RewardModel(CausalLM):
         self.score_head.weight.normal_(0.0, self.config.initializer_range, generator=generator)
 
 
-def build_reward_model(config: ModelConfig, device: torch.device | str, seed: int | None = 0) -> RewardModel:
+@cache
+def reward_model_class(model_class: type[DecoderLM]) -> type[DecoderLM]:
+    return type(f"{model_class.__name__}Reward", (RewardHead, model_class), {})
+
+
+def build_reward_model(config: ModelConfig, device: torch.device | str, seed: int | None = 0) -> DecoderLM:
+    """The reward model of `config`'s family on `device`, initialised from `seed` (meta: uninitialised)."""
     with torch.device(device):
-        model = RewardModel(config)
+        model = reward_model_class(spec_for(config).model_class)(config)
     if torch.device(device).type != "meta":
         model.init_weights(seed)
     return model

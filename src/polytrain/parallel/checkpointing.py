@@ -12,8 +12,8 @@ from __future__ import annotations
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
 
-from polytrain.models.layers import RMSNorm, SwiGLU
-from polytrain.models.moe import GroupedExperts
+from polytrain.models.common.layers import RMSNorm, SwiGLU
+from polytrain.models.common.moe import GroupedExperts
 from polytrain.parallel.config import ParallelConfig
 
 

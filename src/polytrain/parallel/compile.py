@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from polytrain.models.moe import keep_grouped_gemm_out_of_graphs
+from polytrain.models.common.moe import keep_grouped_gemm_out_of_graphs
 from polytrain.parallel.fsdp import blocks_of
 
 BACKEND = "inductor"

@@ -16,7 +16,7 @@ from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-from polytrain.models.moe import (
+from polytrain.models.common.moe import (
     GroupedExperts,
     expert_order,
     from_expert_order,

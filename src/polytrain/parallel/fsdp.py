@@ -16,7 +16,7 @@ from torch.distributed.fsdp import (
     register_fsdp_forward_method,
 )
 
-from polytrain.models.moe import GroupedExperts
+from polytrain.models.common.moe import GroupedExperts
 from polytrain.parallel.config import ParallelConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -54,10 +54,20 @@ def _shard_blocks(blocks: list[nn.Module], dense_mesh: DeviceMesh, experts_mesh:
         fully_shard(block, mesh=dense_mesh, reshard_after_forward=cfg.reshard_after_forward, **options)
 
 
+def _shard_head(model: nn.Module, dense_mesh: DeviceMesh, cfg: ParallelConfig) -> None:
+    """The output head as its own unit: losses call its methods outside the forward of the module holding it."""
+    if model.config.tie_word_embeddings or getattr(model, "lm_head", None) is None:
+        return
+    fully_shard(model.lm_head, mesh=dense_mesh, reshard_after_forward=cfg.reshard_after_forward, **_options(cfg))
+    register_fsdp_forward_method(model.lm_head, "loss_sum")
+
+
 def apply_fsdp_to_stage(stage: nn.Module, dense_mesh: DeviceMesh, experts_mesh: DeviceMesh | None,
                         cfg: ParallelConfig) -> None:
-    """FSDP for one pipeline stage: each of its layers, then the stage (embedding / norm / head)."""
-    _shard_blocks(list(stage.layers.values()), dense_mesh, experts_mesh, cfg)
+    """FSDP for one pipeline stage: each of its layers and MTP modules, the output head, then the stage (embedding,
+    norms)."""
+    _shard_blocks([*stage.layers.values(), *getattr(stage, "mtp", [])], dense_mesh, experts_mesh, cfg)
+    _shard_head(stage, dense_mesh, cfg)
     fully_shard(stage, mesh=dense_mesh, reshard_after_forward=False, **_options(cfg))
     _sum_reductions(stage)
 
@@ -65,11 +75,8 @@ def apply_fsdp_to_stage(stage: nn.Module, dense_mesh: DeviceMesh, experts_mesh: 
 def apply_fsdp(model: nn.Module, dense_mesh: DeviceMesh, experts_mesh: DeviceMesh | None, cfg: ParallelConfig) -> None:
     options = _options(cfg)
     _shard_blocks(blocks_of(model), dense_mesh, experts_mesh, cfg)
-    if not model.config.tie_word_embeddings:
-        # its own unit: losses call model.lm_head outside the root forward (e.g. on MTP hidden states)
-        fully_shard(model.lm_head, mesh=dense_mesh, reshard_after_forward=cfg.reshard_after_forward, **options)
-        register_fsdp_forward_method(model.lm_head, "loss_sum")
+    _shard_head(model, dense_mesh, cfg)
     fully_shard(model, mesh=dense_mesh, reshard_after_forward=False, **options)
-    for method in ("forward_train", "hidden_states"):
+    for method in getattr(model, "entry_points", ()):  # e.g. forward_train: FSDP gathers parameters around each
         register_fsdp_forward_method(model, method)
     _sum_reductions(model)

@@ -16,8 +16,9 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from polytrain.errors import ConfigError
-from polytrain.models.config import ModelConfig
+from polytrain.models.common.config import ModelConfig
 from polytrain.parallel.config import ParallelConfig
+from polytrain.parallel.validate import Degrees, check
 
 
 @dataclass(frozen=True)
@@ -58,28 +59,14 @@ class ParallelDims:
                 f"dp_replicate x dp_shard x tp x pp = {cfg.dp_replicate} x {dp_shard} x {cfg.tp} x {cfg.pp} = "
                 f"{others * max(dp_shard, 1)}, but {world_size} processes are running; {suggest(world_size)}"
             )
-        if dp_shard % cfg.ep:
-            raise ConfigError(f"parallel.ep = {cfg.ep} must divide dp_shard = {dp_shard} (expert-parallel ranks are "
-                              "taken from the data-parallel shard ranks)")
         dims = cls(cfg.dp_replicate, dp_shard, cfg.ep, cfg.tp, cfg.pp, world_size)
         if model is not None:
-            dims.check_model(model)
+            dims.check_model(model, cfg.pp_schedule)
         return dims
 
-    def check_model(self, model: ModelConfig) -> None:
-        if model.n_routed_experts % self.ep:
-            raise ConfigError(f"parallel.ep = {self.ep} must divide model.n_routed_experts = {model.n_routed_experts}")
-        if model.num_attention_heads % self.tp:
-            raise ConfigError(
-                f"parallel.tp = {self.tp} must divide model.num_attention_heads = {model.num_attention_heads}"
-            )
-        if self.tp > 1 and model.is_v4:
-            raise ConfigError("parallel.tp > 1 is not supported for DeepSeek-V4 (one shared key/value head); use ep")
-        if self.pp > model.num_hidden_layers:
-            raise ConfigError(
-                f"parallel.pp = {self.pp} exceeds model.num_hidden_layers = {model.num_hidden_layers}: each stage "
-                "needs at least one layer"
-            )
+    def check_model(self, model: ModelConfig, schedule: str = "1f1b") -> None:
+        check(model, Degrees(dp=self.dp, expert_ranks=self.dp_shard, tp=self.tp, pp=self.pp, ep=self.ep,
+                             schedule=schedule))
 
 
 def suggest(world_size: int) -> str:

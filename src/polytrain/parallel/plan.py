@@ -20,7 +20,7 @@ from polytrain.parallel.config import ParallelConfig
 from polytrain.parallel.ep import apply_expert_parallel
 from polytrain.parallel.fsdp import apply_fsdp, apply_fsdp_to_stage
 from polytrain.parallel.mesh import Meshes
-from polytrain.parallel.pp import MicroBatchShape, Pipeline
+from polytrain.parallel.pp import Pipeline, StageIO
 from polytrain.parallel.tp import apply_tensor_parallel
 
 
@@ -30,7 +30,7 @@ def _dp_mesh(mesh: DeviceMesh, replicate: int, shard_name: str) -> DeviceMesh:
 
 def apply_parallelism(
     model: nn.Module, meshes: Meshes | None, cfg: ParallelConfig, n_microbatches: int = 1,
-    device: torch.device | None = None, shape: MicroBatchShape | None = None,
+    device: torch.device | None = None, io: StageIO | None = None,
 ) -> tuple[nn.Module, Pipeline | None]:
     """(the module to optimise and checkpoint, the pipeline when pp > 1)."""
     if meshes is None:
@@ -56,7 +56,7 @@ def apply_parallelism(
 
         pp_mesh = meshes.dense["pp"]
         pipeline = Pipeline(model, pp_mesh.get_group(), pp_mesh.get_local_rank(), dims.pp, cfg, n_microbatches,
-                            shape, device or torch.device("cpu"), wrap)
+                            io, device or torch.device("cpu"), wrap)
         return pipeline.group, pipeline
     if dims.dp > 1:
         apply_fsdp(model, dense_mesh, experts_mesh, cfg)

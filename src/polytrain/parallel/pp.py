@@ -1,10 +1,21 @@
-"""Pipeline parallelism with torch.distributed.pipelining.
+"""Pipeline parallelism with torch.distributed.pipelining, for any model family and any objective's loss.
 
 The decoder layers are split into consecutive stages (one per rank, or two per rank for the interleaved / V-shaped
-schedules). The first stage also holds the embedding, the last the final norm and the output head. A stage passes
-(hidden states, position ids, document ids) to the next, so packed-document masks and rotary positions work on every
-stage. All of a rank's stage modules share their submodules with one `StageGroup`, whose parameter names equal the
-full model's, so optimizer, checkpoints (DCP reshards between layouts) and clipping see one ordinary module.
+schedules). The first stage also holds the embedding; the last the modules between the last layer and the output
+head, the head and the MTP modules. A stage runs the model's own hooks (`DecoderLM.embed`, `layer_inputs`,
+`run_block`, `head_input`, `run_mtp`), so it works for every family, and passes to the next stage:
+
+  (residual state, position ids, document ids, token ids[, balance-loss sum][, MTP embeddings per depth])
+
+so packed-document masks, rotary positions and hash routing work on every stage, the balance losses of every
+stage's routers reach the loss (and their gradients flow back through the same sends), and the MTP modules on the
+last stage combine the state with embeddings computed on the first. The last stage returns the final hidden
+states (and the MTP hidden states and the summed balance loss) to the objective's loss function, which the
+schedule calls once per micro-batch with that micro-batch's index: the objective owns the loss, its auxiliary
+terms and their normalisers, exactly as without pipelining.
+
+All of a rank's stage modules share their submodules with one `StageGroup`, whose parameter names equal the full
+model's, so optimizer, checkpoints (DCP reshards between layouts) and clipping see one ordinary module.
 """
 
 from __future__ import annotations
@@ -14,14 +25,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
-from polytrain.data.dataset import IGNORE
-from polytrain.data.packing import Batch
 from polytrain.errors import ConfigError
-from polytrain.models.transformer import attention_mask
+from polytrain.models.common.decoder import DecoderLM, TrainOutput, aux_loss_sum
 from polytrain.parallel.config import ParallelConfig
+from polytrain.parallel.validate import MULTI_STAGE, pipeline_problems
 
 # schedule -> (its class in torch.distributed.pipelining, stage placement). By name: that package imports
 # torch._dynamo (1-2 s), which only pipeline-parallel jobs should pay for.
@@ -32,7 +41,9 @@ SCHEDULES = {
     "zbv": ("ScheduleZBVZeroBubble", "v"),
     "dualpipev": ("ScheduleDualPipeV", "v"),
 }
-MULTI_STAGE = {"interleaved_1f1b", "zbv", "dualpipev"}
+
+LossFn = Callable[[TrainOutput, int], torch.Tensor]
+"""(the last stage's outputs for one micro-batch, the micro-batch's index) -> the loss to backpropagate."""
 
 
 def split_layers(layers: int, stages: int, first_stage_layers: int = -1) -> list[range]:
@@ -63,134 +74,156 @@ def stages_of_rank(rank: int, pp: int, schedule: str) -> list[int]:
     return [rank, rank + pp]
 
 
+@dataclass(frozen=True)
+class StageIO:
+    """What travels between stages of one micro-batch of [rows, width] tokens."""
+
+    rows: int
+    width: int
+    state: tuple[int, ...]
+    """Shape of the residual state (`DecoderLM.state_shape`)."""
+    hidden: int
+    activation_dtype: torch.dtype
+    mtp_depth: int
+    """MTP depths whose embeddings travel to, and hidden states come out of, the last stage (0: none)."""
+    aux: bool
+    """Whether a running balance-loss sum travels along."""
+
+
 class StageModule(nn.Module):
-    """One pipeline stage: [embedding] -> layers -> [norm -> head]. Submodules are shared with the full model."""
+    """One pipeline stage: [embedding] -> layers -> [head input, MTP]. Submodules are shared with the full model;
+    the computation is the model's own (its DecoderLM hooks)."""
 
-    def __init__(self, model: nn.Module, layer_ids: range, first: bool, last: bool) -> None:
+    def __init__(self, model: DecoderLM, layer_ids: range, first: bool, last: bool, io: StageIO) -> None:
         super().__init__()
-        self.embed_tokens = model.embed_tokens if first else None
+        self.config = model.config
         self.layers = nn.ModuleDict({str(i): model.layers[i] for i in layer_ids})
-        self.norm = model.norm if last else None
-        self.lm_head = model.lm_head if last else None
-        self.rotary = model.rotary
+        for name, module in model.stage_modules(first, last).items():
+            setattr(self, name, module)
+        self.first, self.last, self.io = first, last, io
+        self._model = (model,)  # the hooks' owner, not a submodule of the stage
 
-    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, doc_ids: torch.Tensor):
-        if self.embed_tokens is not None:
-            x = self.embed_tokens(x)
+    def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        model, io = self._model[0], self.io
+        if self.first:
+            input_ids, position_ids, doc_ids = args
+            state = model.embed(input_ids)
+            aux = None
+            mtp = model.mtp_embeddings(input_ids) if io.mtp_depth else []
+        else:
+            state, position_ids, doc_ids, input_ids, *rest = args
+            aux = rest[0] if io.aux else None
+            mtp = rest[1:] if io.aux else rest
         multi_doc = bool((doc_ids.amax(dim=1) > 0).any())
-        mask = attention_mask(doc_ids if multi_doc else None, None, 0, x.shape[1])
-        rope = self.rotary(position_ids)
-        token_mask = doc_ids >= 0
-        for layer in self.layers.values():
-            x = layer(x, rope, mask, None, token_mask=token_mask)
-        if self.lm_head is not None:
-            return self.lm_head(self.norm(x))
-        return x, position_ids.contiguous(), doc_ids.contiguous()  # p2p sends need contiguous tensors
+        inputs = model.layer_inputs(input_ids, position_ids, doc_ids if multi_doc else None, doc_ids >= 0)
+        layers = list(self.layers.values())
+        state = model.run_layers(state, inputs, layers)
+        if self.last:
+            mtp_hidden = model.mtp_hidden(state, list(mtp), inputs) if io.mtp_depth else []
+            hidden = model.head_input(state)
+            aux_out = self._aux(aux, [*layers, *self.mtp] if io.mtp_depth else layers, hidden.device)
+            return (hidden, *aux_out, *mtp_hidden)
+        aux_out = self._aux(aux, layers, state.device)
+        carried = (position_ids.contiguous(), doc_ids.contiguous(), input_ids.contiguous())
+        # p2p sends need contiguous tensors; a received tensor sent on is copied (the schedule detaches stage outputs
+        # in place after their backward, which a view or the stage's own input must not be)
+        return (state, *carried, *aux_out, *(m if self.first else m.clone() for m in mtp))
+
+    def _aux(self, incoming: torch.Tensor | None, modules: list[nn.Module],
+             device: torch.device) -> tuple[torch.Tensor, ...]:
+        """The running balance-loss sum after this stage's routers: () when it does not travel."""
+        if not self.io.aux:
+            return ()
+        local = aux_loss_sum(modules)
+        total = incoming if incoming is not None else torch.zeros(1, device=device)
+        if local is None:  # a stage without routers sends on a copy (see `forward`)
+            return (total.clone() if incoming is not None else total,)
+        return (total + local.reshape(1),)
 
 
 class StageGroup(nn.Module):
     """Everything this rank holds, under the full model's parameter names."""
 
-    def __init__(self, model: nn.Module, stages: list[StageModule]) -> None:
+    def __init__(self, model: DecoderLM, stages: list[StageModule]) -> None:
         super().__init__()
         self.config = model.config
         self.layers = nn.ModuleDict()
         for stage in stages:
             self.layers.update(stage.layers)
-            for name in ("embed_tokens", "norm", "lm_head"):
-                if getattr(stage, name) is not None:
-                    setattr(self, name, getattr(stage, name))
-        self.mtp = nn.ModuleList()
+            for name, module in stage.named_children():
+                if name != "layers":
+                    setattr(self, name, module)
+        if not hasattr(self, "mtp"):
+            self.mtp = nn.ModuleList()
 
 
 def _example(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device="meta", requires_grad=dtype.is_floating_point)
 
 
-def stage_io(first: bool, last: bool, shape: MicroBatchShape) -> tuple[tuple, tuple]:
+def stage_io(first: bool, last: bool, io: StageIO) -> tuple[tuple, tuple]:
     """Example (inputs, outputs) of a stage: given up front, so no forward pass runs just to infer shapes (one
     would also count its tokens in the experts' load)."""
-    rows, width = shape.rows, shape.width
-    ids = _example((rows, width), torch.long)
-    hidden = _example((rows, width, shape.hidden), shape.activation_dtype)
-    inputs = (ids, ids, ids) if first else (hidden, ids, ids)
-    outputs = (_example((rows, width, shape.vocab), shape.logits_dtype),) if last else (hidden, ids, ids)
+    ids = _example((io.rows, io.width), torch.long)
+    embeddings = tuple(_example((io.rows, io.width, io.hidden), io.activation_dtype) for _ in range(io.mtp_depth))
+    aux = (_example((1,), torch.float32),) if io.aux else ()
+    carried = (_example(io.state, io.activation_dtype), ids, ids, ids, *aux, *embeddings)
+    inputs = (ids, ids, ids) if first else carried
+    hidden = _example((io.rows, io.width, io.hidden), io.activation_dtype)
+    outputs = (hidden, *aux, *(hidden for _ in range(io.mtp_depth))) if last else carried
     return inputs, outputs
-
-
-@dataclass(frozen=True)
-class MicroBatchShape:
-    rows: int
-    width: int
-    hidden: int
-    vocab: int
-    activation_dtype: torch.dtype
-    logits_dtype: torch.dtype
 
 
 class Pipeline:
     """The stages of this rank and the schedule that drives them."""
 
-    def __init__(self, model: nn.Module, pp_group: dist.ProcessGroup, pp_rank: int, pp: int, cfg: ParallelConfig,
-                 n_microbatches: int, shape: MicroBatchShape, device: torch.device,
+    def __init__(self, model: DecoderLM, pp_group: dist.ProcessGroup, pp_rank: int, pp: int, cfg: ParallelConfig,
+                 n_microbatches: int, io: StageIO, device: torch.device,
                  wrap_stage: Callable[[StageModule], None] = lambda stage: None) -> None:
-        config = model.config
-        if config.num_nextn_predict_layers or config.is_v4 or config.aux_loss_alpha > 0:
-            raise ConfigError("pipeline parallelism supports DeepSeek-V3-style models without MTP modules and "
-                              "without the balance loss for now: set model.num_nextn_predict_layers = 0 and "
-                              "model.aux_loss_alpha = 0, or parallel.pp = 1")
         from torch.distributed import pipelining
 
+        found = pipeline_problems(cfg.pp_schedule, pp, n_microbatches)
+        if found:
+            raise ConfigError("; ".join(found))
         schedule_cls = getattr(pipelining, SCHEDULES[cfg.pp_schedule][0])
         total_stages = pp * (2 if cfg.pp_schedule in MULTI_STAGE else 1)
-        if n_microbatches < total_stages:
-            raise ConfigError(
-                f"the {cfg.pp_schedule} pipeline schedule needs at least {total_stages} micro-batches per step and "
-                f"rank; there are {n_microbatches} (= global_batch_size / data-parallel ranks / micro_batch_size): "
-                "lower train.micro_batch_size or raise train.global_batch_size"
-            )
-        if cfg.pp_schedule == "interleaved_1f1b" and n_microbatches % pp:
-            raise ConfigError(
-                f"interleaved_1f1b needs micro-batches per step ({n_microbatches}) divisible by pp ({pp})"
-            )
-        ranges = split_layers(config.num_hidden_layers, total_stages, cfg.pp_first_stage_layers)
+        ranges = split_layers(model.config.num_hidden_layers, total_stages, cfg.pp_first_stage_layers)
+        self.io = io
         self.stage_ids = stages_of_rank(pp_rank, pp, cfg.pp_schedule)
-        self.modules = [StageModule(model, ranges[s], s == 0, s == total_stages - 1) for s in self.stage_ids]
+        self.modules = [StageModule(model, ranges[s], s == 0, s == total_stages - 1, io) for s in self.stage_ids]
         self.group = StageGroup(model, self.modules)
         for module in self.modules:
             wrap_stage(module)
         self.stages = []
         for module, stage in zip(self.modules, self.stage_ids):
-            inputs, outputs = stage_io(stage == 0, stage == total_stages - 1, shape)
+            inputs, outputs = stage_io(stage == 0, stage == total_stages - 1, io)
             self.stages.append(pipelining.PipelineStage(module, stage, total_stages, device, input_args=inputs,
                                                         output_args=outputs, group=pp_group))
         self.is_last = total_stages - 1 in self.stage_ids
         self.is_first = 0 in self.stage_ids
-        self.normalizer = 1.0
         self.n_microbatches = n_microbatches
+        self._loss_fn: LossFn | None = None
         stage_arg = self.stages if cfg.pp_schedule in MULTI_STAGE else self.stages[0]
         self.schedule = schedule_cls(stage_arg, n_microbatches=n_microbatches, loss_fn=self._loss, scale_grads=False)
 
-    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        total = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
-        return total / self.normalizer
+    def _loss(self, outputs: tuple[torch.Tensor, ...], index: torch.Tensor) -> torch.Tensor:
+        hidden, *rest = outputs if isinstance(outputs, tuple) else (outputs,)
+        aux = rest[0].sum() if self.io.aux else None
+        mtp_hidden = list(rest[1:] if self.io.aux else rest)
+        return self._loss_fn(TrainOutput(hidden, mtp_hidden, aux), int(index))
 
-    def _run(self, batch: Batch, normalizer: float, train: bool) -> float:
-        """One pass over this rank's micro-batches; returns the summed token loss (0 where not the last stage)."""
-        self.normalizer = normalizer
-        losses: list[torch.Tensor] = []
-        inputs = (batch.input_ids, batch.position_ids, batch.doc_ids) if self.is_first else ()
-        target = batch.labels if self.is_last else None
+    def run(self, input_ids: torch.Tensor, position_ids: torch.Tensor, doc_ids: torch.Tensor, loss_fn: LossFn,
+            train: bool = True) -> None:
+        """One pass over this rank's micro-batches (the [n_microbatches x rows, width] inputs, stacked): forward
+        and, with `train`, backward. `loss_fn` runs on the last stage, once per micro-batch."""
+        self._loss_fn = loss_fn
+        inputs = (input_ids, position_ids, doc_ids) if self.is_first else ()
+        target = torch.arange(self.n_microbatches) if self.is_last else None
         run = self.schedule.step if train else self.schedule.eval
-        if self.is_first or self.is_last:
-            run(*inputs, target=target, losses=losses)
-        else:
-            run()
-        return float(sum(loss.detach() for loss in losses)) * normalizer if losses else 0.0
-
-    def train_step(self, batch: Batch, normalizer: float) -> float:
-        return self._run(batch, normalizer, train=True)
-
-    @torch.no_grad()
-    def eval_step(self, batch: Batch) -> float:
-        return self._run(batch, 1.0, train=False)
+        try:
+            if self.is_first or self.is_last:
+                run(*inputs, target=target, losses=[])
+            else:
+                run()
+        finally:
+            self._loss_fn = None

@@ -15,7 +15,8 @@ import torch.distributed as dist
 from torch import nn
 
 from polytrain.backends import Backend
-from polytrain.models.config import ModelConfig
+from polytrain.models.common.config import ModelConfig
+from polytrain.models.common.decoder import DecoderLM
 from polytrain.parallel.config import ParallelConfig
 from polytrain.parallel.grad_norm import clip_grad_norm
 from polytrain.parallel.mesh import Meshes, ParallelDims, build_meshes
@@ -102,19 +103,22 @@ class ParallelRuntime:
         return not self.all_agree(not flag)
 
     # --------------------------------------------------------------------------------------------- model
-    def parallelize(self, model: nn.Module, n_microbatches: int = 1, rows: int = 1, width: int = 1,
-                    amp_dtype: torch.dtype | None = None) -> nn.Module:
+    def parallelize(self, model: DecoderLM, n_microbatches: int = 1, rows: int = 1, width: int = 1,
+                    train_outputs: bool = False) -> nn.Module:
         """Apply the layout; returns the module to optimise and checkpoint. With pp > 1, `self.pipeline` then
-        drives forward and backward on micro-batches of [rows, width] tokens."""
+        drives forward and backward on micro-batches of [rows, width] tokens; `train_outputs`: the last stage
+        also returns the MTP hidden states and the balance loss (see `DecoderLM.forward_train`)."""
         from polytrain.parallel.fsdp import DTYPES
         from polytrain.parallel.plan import apply_parallelism
-        from polytrain.parallel.pp import MicroBatchShape
+        from polytrain.parallel.pp import StageIO
 
+        config = model.config
         activation = DTYPES[self.cfg.param_dtype] if self.dims.dp > 1 else torch.float32
-        shape = MicroBatchShape(rows, width, model.config.hidden_size, model.config.vocab_size, activation,
-                                amp_dtype or activation)
+        io = StageIO(rows, width, model.state_shape(rows, width), config.hidden_size, activation,
+                     config.num_nextn_predict_layers if train_outputs else 0,
+                     train_outputs and config.aux_loss_alpha > 0)
         model, self.pipeline = apply_parallelism(model, self.meshes, self.cfg, n_microbatches,
-                                                 self.backend.device(), shape)
+                                                 self.backend.device(), io)
         return model
 
     @property

@@ -74,8 +74,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def _model(spec: str):
     from polytrain.config import read_toml
-    from polytrain.models.config import model_config_from_table
     from polytrain.models.info import resolve_model
+    from polytrain.models.registry import model_config_from_table
 
     if spec.endswith(".toml"):
         data = read_toml(spec)

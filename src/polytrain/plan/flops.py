@@ -1,20 +1,19 @@
-"""Training FLOPs per token of a DeepSeek-V3 / V4 model, split by part, from the same ModelConfig the models use.
+"""Training FLOPs per token of a model, split by part, from the same ModelConfig the models use (each family's
+attention and extra work come from its spec's planner hooks, e.g. models/deepseek_v4/planner.py).
 
 Conventions (the ones Megatron-LM's `num_floating_point_operations` and the DeepSeek-V3 figure of ~250 GF/token
 use, so the numbers compare):
 - a matrix product [m, k] x [k, n] costs 2 * m * n * k FLOPs; one token through a linear layer costs 2 * weights;
 - training = forward + backward = 3 x forward (backward computes the input and the weight gradients);
 - causal attention: query i attends to i keys; the average over the positions of a sequence of `seq_len` tokens
-  is taken as seq_len / 2 (Megatron's convention) for full attention. DeepSeek-V4's attention is counted as the
-  architecture defines it: the sliding window (min(i, window) keys), the compressed entries a query may see
-  (HCA: all of its past windows; CSA: its top-k of them) and the lightning indexer's scores over the visible
-  compressed entries;
+  is taken as seq_len / 2 (Megatron's convention) for full attention; sparse attention is counted as the
+  architecture defines it (the family's `attention_flops`);
 - elementwise work (norms, activations, softmax, RoPE, pooling, routing top-k) is left out: it is memory-bound and
   under 1% of the matrix FLOPs of the released models;
 - activation recomputation is not counted (MFU counts model FLOPs, not hardware FLOPs).
 
-`attention="dense"` instead counts every query against every key, as polytrain's reference attention computes it
-(a masked full matrix product); that is what a FLOP counter on the CPU model sees.
+`attention="dense"` instead counts every query against every key, as a masked full matrix product computes it;
+that is what a FLOP counter on a reference attention sees.
 """
 
 from __future__ import annotations
@@ -22,7 +21,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-from polytrain.models.config import ModelConfig
+from polytrain.models.common.config import ModelConfig
+from polytrain.models.registry import spec_for
 
 TRAIN_FACTOR = 3  # forward + backward (input gradient + weight gradient)
 
@@ -57,23 +57,6 @@ class Flops:
         return {**asdict(self), "total": self.total}
 
 
-def _mean_min(seq_len: int, cap: int) -> float:
-    """Mean over positions t = 1..seq_len of min(t, cap): keys a causal query sees under a window `cap`."""
-    if seq_len <= cap:
-        return (seq_len + 1) / 2
-    return (cap * (cap + 1) / 2 + (seq_len - cap) * cap) / seq_len
-
-
-def _mean_entries(seq_len: int, ratio: int, cap: int | None) -> float:
-    """Mean over positions t = 1..seq_len of min(cap, t // ratio): compressed entries a query may see (a window
-    of `ratio` tokens becomes visible once it lies wholly in the past)."""
-    limit = seq_len if cap is None else min(seq_len, cap * ratio - 1)
-    q, r = divmod(limit, ratio)
-    below = ratio * q * (q - 1) / 2 + q * (r + 1)  # sum of t // ratio for t = 1..limit
-    above = 0 if cap is None else max(0, seq_len - limit) * cap
-    return (below + above) / seq_len
-
-
 def _swiglu(dim: int, hidden: int) -> float:
     return 2 * 3 * dim * hidden
 
@@ -94,54 +77,11 @@ class _Layer:
                 + self.moe_shared + self.router + self.hyper_connections)
 
 
-def _mla(c: ModelConfig, seq_len: int, dense: bool) -> tuple[float, float]:
-    """Forward FLOPs per token of MLA: (projections, scores + context)."""
-    heads, qk = c.num_attention_heads, c.qk_head_dim
-    if c.q_lora_rank:
-        q = c.hidden_size * c.q_lora_rank + c.q_lora_rank * heads * qk
-    else:
-        q = c.hidden_size * heads * qk
-    kv = c.hidden_size * (c.kv_lora_rank + c.qk_rope_head_dim) + c.kv_lora_rank * heads * (
-        c.qk_nope_head_dim + c.v_head_dim)
-    out = heads * c.v_head_dim * c.hidden_size
-    keys = seq_len if dense else seq_len / 2
-    return 2 * (q + kv + out), 2 * heads * (qk + c.v_head_dim) * keys
-
-
-def _v4_attention(c: ModelConfig, layer: int, seq_len: int, dense: bool) -> tuple[float, float]:
-    """Forward FLOPs per token of V4 hybrid attention (models/hybrid_attention.py): (projections, core)."""
-    h, heads, d = c.hidden_size, c.num_attention_heads, c.head_dim
-    proj = (h * c.q_lora_rank + c.q_lora_rank * heads * d + h * d  # q_a, q_b, shared kv
-            + heads * d * c.o_lora_rank + c.o_groups * c.o_lora_rank * h)  # grouped o_a, o_b
-    ratio = c.compress_ratio(layer)
-    csa = ratio == c.compress_ratio_csa
-    if dense:
-        keys = seq_len + (seq_len // ratio if ratio else 0)
-    else:
-        keys = _mean_min(seq_len, c.sliding_window)
-        if ratio:
-            keys += _mean_entries(seq_len, ratio, c.index_topk if csa else None)
-    core = 2 * heads * d * 2 * keys  # scores q.k and context p.v (values are the keys)
-    if ratio:
-        proj += 2 * h * d * (2 if csa else 1)  # compressor kv_proj + gate_proj (two series when overlapping)
-    if csa:
-        n_idx, d_idx = c.index_n_heads, c.index_head_dim
-        proj += 2 * h * 2 * d_idx + c.q_lora_rank * n_idx * d_idx + h * n_idx  # its compressor, q_b, weights
-        visible = seq_len // ratio if dense else _mean_entries(seq_len, ratio, None)
-        core += 2 * n_idx * d_idx * visible
-    return 2 * proj, core
-
-
 def _layer(c: ModelConfig, layer: int, seq_len: int, dense: bool) -> _Layer:
     h = c.hidden_size
-    if c.is_v4:
-        proj, core = _v4_attention(c, layer, seq_len, dense)
-        n = c.hc_mult
-        # two HyperConnections: mixing map ((2 + n) n x n h) and the stream mix comb^T (n x n) x streams (n x h)
-        hyper = 2 * (2 * (2 + n) * n * n * h + 2 * n * n * h)
-    else:
-        proj, core = _mla(c, seq_len, dense)
-        hyper = 0.0
+    planner = spec_for(c).planner
+    proj, core = planner.attention_flops(c, layer, seq_len, dense)
+    hyper = planner.layer_extra_flops(c)
     if not c.is_moe_layer(layer):
         return _Layer(proj, core, _swiglu(h, c.intermediate_size), 0.0, 0.0, 0.0, hyper)
     return _Layer(proj, core, 0.0, c.num_experts_per_tok * _swiglu(h, c.moe_intermediate_size),
@@ -160,14 +100,13 @@ def flops_per_token(config: ModelConfig, seq_len: int, *, mtp: bool = True,
     c, h = config, config.hidden_size
     layers = [_layer(c, i, seq_len, dense) for i in range(c.num_hidden_layers)]
     head = 2 * h * c.vocab_size
-    hyper_head = 2 * c.hc_mult * c.hc_mult * h if c.is_v4 else 0.0
+    planner = spec_for(c).planner
+    hyper_head = planner.head_extra_flops(c)
     mtp_flops = 0.0
     if mtp:
         for k in range(c.num_nextn_predict_layers):
             block = _layer(c, c.num_hidden_layers + k, seq_len, dense).total
-            # V3: eh_proj [2h -> h]; V4: e_proj on the embedding, h_proj on each of the hc_mult streams, hyper head
-            joins = 2 * 2 * h * h if not c.is_v4 else 2 * h * h * (1 + c.hc_mult) + hyper_head
-            mtp_flops += joins + block + head
+            mtp_flops += planner.mtp_join_flops(c) + block + head
     forward = Flops(
         attention_projections=sum(x.attention_projections for x in layers),
         attention_core=sum(x.attention_core for x in layers),

@@ -8,10 +8,10 @@ from dataclasses import fields as dataclass_fields
 from functools import cached_property
 from typing import Literal
 
-from polytrain.models.config import ModelConfig
+from polytrain.models.common.config import ModelConfig
+from polytrain.parallel.validate import Degrees, engine_gaps, problems
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zbv", "dualpipev", "dualpipe")
-ENGINE_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zbv", "dualpipev")
 RECOMPUTE = ("none", "selective", "full")
 OFFLOAD = ("none", "optimizer", "all")
 
@@ -122,37 +122,16 @@ class Layout:
                 parts.append(f"{name.upper()}{value}")
         return " ".join(parts)
 
+    def degrees(self) -> Degrees:
+        ranks = self.dp * self.cp * (self.tp if self.experts_over_tp else 1)
+        return Degrees(dp=self.dp, expert_ranks=ranks, tp=self.tp, pp=self.pp, ep=self.ep, cp=self.cp,
+                       schedule=self.schedule, zero=self.zero, offload=self.offload,
+                       experts_over_tp=self.experts_over_tp)
+
     def problems(self, model: ModelConfig) -> list[str]:
         """Why the layout cannot run this model at all (empty: it can)."""
-        out = []
-        if model.n_routed_experts % self.ep:
-            out.append(f"ep {self.ep} does not divide the {model.n_routed_experts} routed experts")
-        ranks = self.dp * self.cp * (self.tp if self.experts_over_tp else 1)
-        if ranks % self.ep:
-            out.append(f"ep {self.ep} does not divide the {ranks} ranks experts spread over")
-        if model.num_attention_heads % self.tp:
-            out.append(f"tp {self.tp} does not divide the {model.num_attention_heads} attention heads")
-        if self.pp > model.num_hidden_layers:
-            out.append(f"pp {self.pp} exceeds the {model.num_hidden_layers} layers")
-        if self.schedule in ("dualpipe", "dualpipev") and self.pp > 1 and self.pp % 2:
-            out.append("DualPipe needs an even number of stages")
-        if self.offload == "all" and self.zero != 3:
-            out.append("offload=all needs zero 3")
-        return out
+        return problems(model, self.degrees())
 
     def engine_gaps(self, model: ModelConfig) -> list[str]:
         """What polytrain's engine does not run yet (the layout may still be valid for other frameworks)."""
-        gaps = []
-        if self.cp > 1:
-            gaps.append("context parallel (cp > 1)")
-        if self.tp > 1 and model.is_v4:
-            gaps.append("tensor parallel for DeepSeek-V4")
-        if self.experts_over_tp or self.dp % self.ep:
-            gaps.append("ep drawn from tensor-parallel ranks (polytrain takes ep from dp_shard)")
-        if self.zero == 1:
-            gaps.append("ZeRO-1 (polytrain shards with FSDP: zero 2 or 3)")
-        if self.offload == "optimizer":
-            gaps.append("optimizer-only offload (polytrain offloads parameters, gradients and optimizer together)")
-        if self.schedule not in ENGINE_SCHEDULES:
-            gaps.append(f"the {self.schedule} schedule")
-        return gaps
+        return engine_gaps(model, self.degrees())

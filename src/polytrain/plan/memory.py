@@ -7,15 +7,17 @@ experts: the expert-data-parallel group (dp x tp x cp) / ep):
 ZeRO-3 also holds the gathered working copy of the layer being computed and the next one (prefetch).
 Offload `optimizer` moves o to host memory; `all` moves everything sharded to host memory.
 
-Activations are counted tensor by tensor from what autograd keeps in polytrain's blocks (models/attention.py,
-hybrid_attention.py, moe.py, hyper_connections.py), per token and layer; see `layer_activation_bytes`.
+Activations are counted tensor by tensor from what autograd keeps in polytrain's blocks (the family's attention and
+residual streams through its spec's `attention_activation_bytes`, models/common/moe.py here), per token and layer;
+see `layer_activation_bytes`.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from polytrain.models.config import ModelConfig
+from polytrain.models.common.config import ModelConfig
+from polytrain.models.registry import spec_for
 from polytrain.plan.layout import Job, Layout
 
 GiB = 2**30
@@ -67,53 +69,13 @@ def layer_activation_bytes(config: ModelConfig, layer: int, seq_len: int, b: int
     a checkpointed region; otherwise backward gathers them again from the layer's tokens.
     """
     c, h = config, config.hidden_size
-    heads = c.num_attention_heads / tp
 
     def norm(d: float) -> float:
         return 2 * b * d if recompute_norms else _norm(d, b)
 
-    if c.is_v4:
-        n, d = c.hc_mult, c.head_dim
-        ratio = c.compress_ratio(layer)
-        # two hyper-connections, each: the streams (+ their fp32 copy when b < 4) and their normalised fp32 copy;
-        # the Sinkhorn-Knopp iterations keep every intermediate n x n matrix and its sums; the merge keeps the
-        # sub-layer output, post and comb
-        sinkhorn = c.hc_sinkhorn_iters * 2 * 4 * (n * n + n)
-        merge = b * h + 4 * (n * n + n)
-        hyper = 2 * (b * n * h + (4 if b < 4 else 0) * n * h + 4 * n * h + 4 * (2 + n) * n + sinkhorn + merge)
-        attn = norm(h) + norm(c.q_lora_rank) + norm(d)  # input, query latent and kv norms
-        attn += 3 * b * heads * d  # q, its unweighted-norm output and the rotated q
-        entries = seq_len // ratio if ratio else 0
-        if fused:
-            attn += b * heads * d + 4 * heads  # output, log-sum-exp
-        else:  # logits (amax keeps them), probabilities, the visibility mask, output
-            attn += 2 * b * heads * (seq_len + entries + 1) + (seq_len + entries) + b * heads * d
-        attn += b * heads * d + b * c.o_groups * c.o_lora_rank  # grouped o_a input, o_b input
-        if ratio:
-            csa = ratio == c.compress_ratio_csa
-
-            def compressor(width: float) -> float:  # kv / gate projections, pooled windows, softmax weights
-                return (b * 2 + 4 + (2 * b + 4 if csa else 0)) * width
-
-            attn += compressor(d * (2 if csa else 1))
-            if csa:
-                n_idx, d_idx = c.index_n_heads, c.index_head_dim
-                attn += compressor(2 * d_idx) + 3 * b * n_idx * d_idx + 4 * n_idx  # its compressor, q, weights
-                if not fused:  # the reference indexer keeps [S, H, T] scores: product, ReLU, scaled
-                    attn += 3 * 4 * n_idx * entries
-                attn += 8 * c.index_topk
-    else:
-        hyper = 0.0
-        qk, dv = c.qk_head_dim, c.v_head_dim
-        attn = norm(h) + norm(c.kv_lora_rank) + (norm(c.q_lora_rank) if c.q_lora_rank else 0)
-        # values are zero-padded to the query head size (one head size lets SDPA use its fused kernel)
-        if fused:
-            attn += 4 * b * heads * qk + 4 * heads  # q, k, padded v, padded output, log-sum-exp
-        else:
-            attn += 3 * b * heads * qk + b * heads * seq_len  # scaled q, k, padded v; softmax probabilities
-        attn += b * heads * dv  # o_proj input
+    attn = spec_for(c).planner.attention_activation_bytes(c, layer, seq_len, b, fused, tp, norm)
     if not c.is_moe_layer(layer):
-        return hyper + attn + norm(h) + 4 * b * c.intermediate_size / tp
+        return attn + norm(h) + 4 * b * c.intermediate_size / tp
     k, moe_i = c.num_experts_per_tok, c.moe_intermediate_size
     router = 5 * c.n_routed_experts + 32 * k
     clamped = c.swiglu_limit > 0  # V4 clamps the shared experts' gate and up: two more tensors kept
@@ -121,7 +83,7 @@ def layer_activation_bytes(config: ModelConfig, layer: int, seq_len: int, b: int
     # plus the token row where it is kept (`rows_kept`); routing indices and weights
     routed = b * k * ((h if rows_kept else 0) + 3 * moe_i) + 40 * k
     shared = (6 if clamped else 4) * b * moe_i * c.n_shared_experts
-    return hyper + attn + norm(h) + router + routed + shared
+    return attn + norm(h) + router + routed + shared
 
 
 def _in_flight(layout: Layout, microbatches: int, stage: int) -> float:
@@ -216,7 +178,7 @@ def _stage_memory(job: Job, layout: Layout, stage: int) -> Memory:
     tokens = layout.micro_batch * job.seq_len / layout.cp
     seq_tokens = tokens / (layout.tp if layout.tp > 1 else 1)  # sequence parallel splits the residual stream
     kept_per_token, working_per_token, layer_count = _stage_activations(job, layout, stage)
-    stream = (c.hc_mult if c.is_v4 else 1) * c.hidden_size * b  # a layer's input, kept under full recompute
+    stream = spec_for(c).planner.residual_width(c) * b  # a layer's input, kept under full recompute
     if layout.recompute == "full":
         kept = layer_count * stream * seq_tokens
     elif layout.recompute == "selective":
@@ -244,7 +206,7 @@ def _stage_memory(job: Job, layout: Layout, stage: int) -> Memory:
     if layout.ep > 1:  # all-to-all send / receive buffers of one MoE layer
         buffers += 2 * tokens * c.num_experts_per_tok * c.hidden_size * b
     if layout.pp > 1:
-        buffers += 2 * tokens * c.hidden_size * b * (c.hc_mult if c.is_v4 else 1)  # p2p send / receive
+        buffers += 2 * tokens * spec_for(c).planner.residual_width(c) * b  # p2p send / receive
     rl = 0.0
     if job.algorithm == "grpo":
         rl = _rl_memory(job, layout, local_dense + local_experts)
@@ -267,10 +229,7 @@ def _rl_memory(job: Job, layout: Layout, local_params: float) -> float:
     reference = 2 * local_params / (layout.dp * layout.cp if layout.zero == 3 else 1)
     samples = max(1, job.global_batch_tokens // (job.prompt_len + job.response_len)) / layout.dp
     length = job.prompt_len + job.response_len
-    if c.is_v4:
-        per_token_layer = c.head_dim * 2  # one shared key/value head (plus compressed entries, ignored)
-    else:
-        per_token_layer = (c.kv_lora_rank + c.qk_rope_head_dim) * 2  # MLA caches the latent and the rotary key
+    per_token_layer = spec_for(c).planner.kv_width(c) * 2  # bf16
     layers = c.num_hidden_layers / layout.pp
     kv_cache = samples * length * per_token_layer * layers
     sync_bucket = 512 * 2**20

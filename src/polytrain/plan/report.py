@@ -6,8 +6,8 @@ from typing import Any
 
 import tomli_w
 
-from polytrain.models.config import PRESETS
 from polytrain.models.params import count_parameters
+from polytrain.models.registry import PRESETS, spec_for
 from polytrain.plan.hardware import Chip
 from polytrain.plan.layout import Job, Layout
 from polytrain.plan.memory import GiB
@@ -125,7 +125,7 @@ def emit_config(job: Job, plan: Plan) -> str:
         "run": {"algorithm": "sft", "output_dir": f"runs/{job.model.preset}-{lay.devices}x", "precision": "bf16"},
         "model": model,
         "data": {"train_path": "data/train.jsonl", "tokenizer": "path/to/tokenizer.json", "max_seq_len": job.seq_len,
-                 "packing": not job.model.is_v4},
+                 "packing": spec_for(job.model).supports_packing},
         "train": {"global_batch_size": job.global_batch_sequences, "micro_batch_size": lay.micro_batch},
         "parallel": parallel,
     }

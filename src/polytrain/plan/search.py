@@ -8,8 +8,10 @@ import time
 from dataclasses import dataclass
 
 from polytrain.errors import ConfigError
+from polytrain.models.registry import spec_for
+from polytrain.parallel.validate import ENGINE_SCHEDULES
 from polytrain.plan.hardware import Chip
-from polytrain.plan.layout import ENGINE_SCHEDULES, Job, Layout
+from polytrain.plan.layout import Job, Layout
 from polytrain.plan.memory import GiB, Memory, device_memory
 from polytrain.plan.timing import StepTime, step_time
 
@@ -76,7 +78,7 @@ def _powers_of_two(limit: int) -> list[int]:
 def candidates(job: Job, devices: int, chip: Chip, *, engine_only: bool = True) -> list[Layout]:
     c = job.model
     tps = [t for t in _powers_of_two(min(chip.devices_per_node, 8)) if c.num_attention_heads % t == 0]
-    if engine_only and c.is_v4:
+    if engine_only and spec_for(c).tensor_parallel is None:
         tps = [1]
     pps = [p for p in _powers_of_two(min(64, c.num_hidden_layers)) if devices % p == 0]
     cps = [1] if engine_only or job.seq_len < 16384 else [1, 2, 4, 8]

@@ -10,9 +10,9 @@ import json
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 
-from polytrain.models.config import ModelConfig
-from polytrain.models.params import component_of
-from polytrain.models.transformer import build_model
+from polytrain.models.common.config import ModelConfig
+from polytrain.models.params import components
+from polytrain.models.registry import build_model, model_config_from_table
 from polytrain.parallel.pp import split_layers
 
 
@@ -62,8 +62,9 @@ def _key(config: ModelConfig) -> str:
 
 @lru_cache(maxsize=16)
 def _shape(key: str) -> ModelShape:
-    config = ModelConfig(**json.loads(key))
+    config = model_config_from_table(json.loads(key))
     model = build_model(config, "meta")
+    component_of = components(model)
     layers = config.num_hidden_layers
     dense, experts = [0] * layers, [0] * layers
     embedding = head = mtp_dense = mtp_experts = 0
@@ -73,7 +74,7 @@ def _shape(key: str) -> ModelShape:
             continue
         seen.add(id(param))
         n = param.numel()
-        routed = component_of(name) == "routed_experts"
+        routed = component_of[name] == "routed_experts"
         if name.startswith("layers."):
             i = int(name.split(".")[1])
             (experts if routed else dense)[i] += n

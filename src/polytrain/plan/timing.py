@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from polytrain.models.registry import spec_for
 from polytrain.plan.hardware import Chip
 from polytrain.plan.layout import Job, Layout
 from polytrain.plan.memory import microbatches
@@ -140,13 +141,13 @@ def step_time(job: Job, layout: Layout, chip: Chip) -> StepTime:
         per_layer = 8 * _collective(mb_tokens * c.hidden_size * b, layout.tp, _bandwidth(chip, layout.tp, 1))
         tp_time = per_layer * layers_per_stage * m
     if layout.cp > 1:  # context parallel: all-gather the compact keys / values forward, reduce-scatter their grads
-        kv_width = c.head_dim if c.is_v4 else c.kv_lora_rank + c.qk_rope_head_dim
+        kv_width = spec_for(c).planner.kv_width(c)
         sequence = layout.micro_batch * job.seq_len
         per_layer = 2 * _collective(sequence * kv_width * b, layout.cp, _bandwidth(chip, layout.cp, layout.tp))
         tp_time += per_layer * layers_per_stage * m
     p2p = 0.0
     if layout.pp > 1:
-        width = c.hidden_size * (c.hc_mult if c.is_v4 else 1)
+        width = spec_for(c).planner.residual_width(c)
         p2p = 2 * m * mb_tokens * width * b / layout.tp / (chip.inter_node_gbps * 1e9 * chip.comm_efficiency)
 
     local_dense = max(job.params_of_stage(layout.pp, s)[0] for s in range(layout.pp)) / layout.tp
@@ -210,7 +211,7 @@ def grpo_phases(job: Job, layout: Layout, chip: Chip, update: StepTime) -> GRPOP
     batch = samples / (layout.dp * layout.cp)  # sequences decoded together by one model replica
     touched = 1 - (1 - c.num_experts_per_tok / c.n_routed_experts) ** batch  # share of experts a step reads
     weight_bytes = 2 * (dense + experts * touched)
-    kv_per_token = (c.head_dim * 2 if c.is_v4 else (c.kv_lora_rank + c.qk_rope_head_dim) * 2)
+    kv_per_token = spec_for(c).planner.kv_width(c) * 2
     kv_bytes = batch * length / 2 * kv_per_token * c.num_hidden_layers / layout.pp
     memory_time = (weight_bytes + kv_bytes) / (chip.hbm_tbps * 1e12 * DECODE_EFFICIENCY)
     flops_time = batch * job.flops.total / 3 / (layout.tp * layout.ep * layout.pp) / (

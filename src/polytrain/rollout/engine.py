@@ -52,3 +52,11 @@ class BuiltinEngine:
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Nothing to do: the policy is the sampler."""
+
+
+def full_weights(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """(name, full tensor) for every parameter and buffer; sharded (DTensor) ones are gathered (a collective)."""
+    from torch.distributed.tensor import DTensor
+
+    return [(name, t.full_tensor() if isinstance(t, DTensor) else t.detach())
+            for name, t in model.state_dict().items()]

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from polytrain.models.transformer import CausalLM
+from polytrain.models.common.decoder import DecoderLM
 
 
 @dataclass
@@ -63,7 +63,7 @@ def alone(any_left: bool) -> bool:
 
 @torch.no_grad()
 def sample(
-    model: CausalLM, prompts: list[list[int]], cfg: SamplingConfig, stop_ids: set[int], pad_id: int = 0,
+    model: DecoderLM, prompts: list[list[int]], cfg: SamplingConfig, stop_ids: set[int], pad_id: int = 0,
     keep_going: KeepGoing = alone, row_seeds: list[int] | None = None,
 ) -> tuple[list[list[int]], list[bool]]:
     """(new tokens per prompt with the stop token included when one was sampled, whether each row stopped).
@@ -105,7 +105,7 @@ def sample(
 
 @torch.no_grad()
 def generate(
-    model: CausalLM, prompts: list[list[int]], cfg: SamplingConfig, stop_ids: set[int], pad_id: int = 0
+    model: DecoderLM, prompts: list[list[int]], cfg: SamplingConfig, stop_ids: set[int], pad_id: int = 0
 ) -> list[list[int]]:
     """New tokens for each prompt, the stop token excluded."""
     tokens, finished = sample(model, prompts, cfg, stop_ids, pad_id)
@@ -114,7 +114,7 @@ def generate(
 
 @torch.no_grad()
 def _sample_without_cache(
-    model: CausalLM, prompts: list[list[int]], cfg: SamplingConfig, stop_ids: set[int], pad_id: int,
+    model: DecoderLM, prompts: list[list[int]], cfg: SamplingConfig, stop_ids: set[int], pad_id: int,
     keep_going: KeepGoing, row_seeds: list[int] | None,
 ) -> tuple[list[list[int]], list[bool]]:
     """Recompute the whole sequence for every new token (models without a KV cache, e.g. DeepSeek-V4 here).

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from polytrain.models.moe import Router
+from polytrain.models.common.moe import Router
 
 
 def routers_of(model: nn.Module) -> list[Router]:

@@ -15,12 +15,12 @@ import torch
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+from polytrain.config import read_run_config
 from polytrain.errors import CheckpointError
 from polytrain.models.hf.checkpoint import KEEP_FP32, _commit, _start, write_shards
 from polytrain.models.hf.config import hf_config_from_model
 from polytrain.models.hf.names import names_for
 from polytrain.train.checkpoint import _dcp_quiet, checkpoint_root, latest_checkpoint, problems, step_dir
-from polytrain.train.run_model import run_config
 
 
 def export_run(run_dir: str | Path, out: str | Path, step: int | None = None, dtype: torch.dtype = torch.bfloat16,
@@ -28,7 +28,7 @@ def export_run(run_dir: str | Path, out: str | Path, step: int | None = None, dt
     """Write the checkpoint of `step` (default: newest) as a Hugging Face model directory; returns (out, step)."""
     import torch.distributed.checkpoint as dcp
 
-    config = run_config(run_dir)
+    config = read_run_config(run_dir)
     root = checkpoint_root(run_dir, config.checkpoint.dir)
     path = step_dir(root, step) if step is not None else latest_checkpoint(root)
     if path is None or not path.is_dir():

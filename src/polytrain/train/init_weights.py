@@ -19,10 +19,10 @@ def load_initial_weights(init: Any, model: nn.Module) -> str:
         stats = load_hf_weights(model, HFCheckpoint(init.hf_path), skip=skip)
         return f"loaded {stats['tensors']} tensors from {init.hf_path} in {time.perf_counter() - started:.1f} s"
     if init.from_run:
+        from polytrain.config import read_run_config
         from polytrain.train.checkpoint import checkpoint_root, latest_checkpoint, load_checkpoint
-        from polytrain.train.run_model import run_config
 
-        source = run_config(init.from_run)
+        source = read_run_config(init.from_run, "init.from_run")
         path = latest_checkpoint(checkpoint_root(init.from_run, source.checkpoint.dir))
         if path is None:
             from polytrain.errors import CheckpointError

@@ -6,18 +6,11 @@ from pathlib import Path
 
 import torch
 
-from polytrain.config import JobConfig, build_config, read_toml
-from polytrain.errors import CheckpointError, RunDirError
-from polytrain.models.transformer import CausalLM, build_model
+from polytrain.config import JobConfig, read_run_config
+from polytrain.errors import CheckpointError
+from polytrain.models.common.decoder import DecoderLM
+from polytrain.models.registry import build_model
 from polytrain.train.checkpoint import checkpoint_root, latest_checkpoint, load_checkpoint, step_dir
-from polytrain.train.run_dir import CONFIG_FILE
-
-
-def run_config(run_dir: str | Path) -> JobConfig:
-    run_dir = Path(run_dir)
-    if not (run_dir / CONFIG_FILE).is_file():
-        raise RunDirError(f"{run_dir} is not a polytrain run directory ({CONFIG_FILE} missing)")
-    return build_config(read_toml(run_dir / CONFIG_FILE))
 
 
 def load_run_model(
@@ -25,10 +18,10 @@ def load_run_model(
     device: torch.device | str = "cpu",
     checkpoint: str | Path | None = None,
     step: int | None = None,
-) -> tuple[JobConfig, CausalLM, int]:
+) -> tuple[JobConfig, DecoderLM, int]:
     """(config, model with the checkpoint's weights, its step). `checkpoint` is a directory; `step` picks
     run_dir/checkpoints/step_N; neither means the newest."""
-    config = run_config(run_dir)
+    config = read_run_config(run_dir)
     root = checkpoint_root(run_dir, config.checkpoint.dir)
     if checkpoint is not None:
         path = Path(checkpoint)

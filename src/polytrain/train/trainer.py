@@ -1,5 +1,6 @@
-"""The SFT training loop: data, optimizer steps with gradient accumulation and clipping, eval, metrics, checkpoints,
-resume, the guard and the hang watchdog; single process or one rank of a torchrun job (layout = `[parallel]`)."""
+"""The one training loop, for every objective: data, optimizer steps with gradient accumulation and clipping, eval,
+metrics, checkpoints, resume, the guard and the hang watchdog; single process or one rank of a torchrun job
+(layout = `[parallel]`). The objective (objectives/) sees the job only through its ObjectiveContext."""
 
 from __future__ import annotations
 
@@ -19,18 +20,21 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from polytrain.backends import Backend, get_backend
 from polytrain.config import JobConfig
+from polytrain.data.batches import BatchMaker
 from polytrain.data.chat import get_template
 from polytrain.data.loader import StepLoader
 from polytrain.data.tokenizer import Tokenizer
 from polytrain.errors import BackendError, CheckpointError, ConfigError
-from polytrain.models.moe import Router, update_router_biases
+from polytrain.models.common.moe import Router, update_router_biases
+from polytrain.objectives import registry
+from polytrain.objectives.base import Objective
+from polytrain.objectives.context import ObjectiveContext
 from polytrain.parallel.runtime import ParallelRuntime
-from polytrain.train.batches import BatchMaker
 from polytrain.train.checkpoint import Checkpointer, checkpoint_root, latest_checkpoint, load_checkpoint
 from polytrain.train.faults import Faults
+from polytrain.train.frozen import frozen_run_model, reference_model
 from polytrain.train.guard import EVENTS_FILE, Guard, GuardEvent
 from polytrain.train.metrics import MetricsWriter
-from polytrain.train.objectives.base import Objective
 from polytrain.train.optim import build_optimizer, lr_at, set_lr
 from polytrain.train.plot import plot_run
 from polytrain.train.run_dir import check_run_dir, write_run_dir
@@ -39,7 +43,7 @@ from polytrain.train.watchdog import Watchdog
 
 SUMMARY_FILE = "summary.json"
 
-__all__ = ["SFTTrainer", "Trainer", "TrainingInterrupted"]
+__all__ = ["Trainer", "TrainingInterrupted"]
 
 
 def resolve_precision(precision: str, backend: Backend) -> torch.dtype | None:
@@ -59,10 +63,12 @@ def restarted_by_launcher() -> bool:
 
 
 class Trainer:
-    """Runs one Objective: set-up, the optimizer-step loop, eval, checkpoints, guard, watchdog, metrics."""
+    """Runs one Objective: set-up, the optimizer-step loop, eval, checkpoints, guard, watchdog, metrics.
+    `objective`: the Objective class (default: the one registered for `run.algorithm`)."""
 
-    def __init__(self, config: JobConfig, objective: type[Objective], resume: bool = False, overwrite: bool = False,
-                 console: Console | None = None, stop_at_step: int | None = None) -> None:
+    def __init__(self, config: JobConfig, objective: type[Objective] | None = None, resume: bool = False,
+                 overwrite: bool = False, console: Console | None = None,
+                 stop_at_step: int | None = None) -> None:
         self.config = config
         self.stop_at_step = stop_at_step
         self.backend = get_backend(config.run.device)
@@ -75,12 +81,18 @@ class Trainer:
         self.per_rank = config.train.global_batch_size // self.runtime.dp_size
 
         data = config.data
-        self.tokenizer = Tokenizer.load(data.tokenizer)
-        self.template = get_template(data.chat_template, self.tokenizer)
+        tokenizer = Tokenizer.load(data.tokenizer)
         multiple = self.runtime.dims.tp if config.parallel.sequence_parallel else 1
-        self.batches = BatchMaker(data.max_seq_len, data.packing, config.train.micro_batch_size, multiple,
-                                  self.device)
-        self.objective = objective(self)
+        self.ctx = ObjectiveContext(
+            config=config, device=self.device, tokenizer=tokenizer,
+            template=get_template(data.chat_template, tokenizer),
+            batches=BatchMaker(data.max_seq_len, data.packing, config.train.micro_batch_size, multiple, self.device),
+            collectives=self.runtime, autocast=self.autocast, warn=self.warn, info=self.console.print,
+            reference_model=lambda: reference_model(config, self.runtime, self.device),
+            frozen_run_model=lambda run_dir: frozen_run_model(run_dir, config, self.runtime, self.device),
+        )
+        objective = objective or registry.objective_class(config.run.algorithm)
+        self.objective = objective(self.ctx)
         self._check_layout()
         if self.runtime.dims.pp > 1 and not self.objective.supports_pipeline:
             raise ConfigError(f"parallel.pp > 1 is not supported for {self.objective.name} yet")
@@ -93,6 +105,7 @@ class Trainer:
             write_run_dir(config, overwrite)
         self.runtime.barrier()
         self.run_dir = Path(config.run.output_dir)
+        self.ctx.run_dir = self.run_dir
 
         self.faults = Faults(self.runtime.rank)
         ckpt = config.checkpoint
@@ -113,7 +126,8 @@ class Trainer:
             self._load_initial_weights()
         train = config.train
         self.model = self.runtime.parallelize(self.model, self.per_rank // train.micro_batch_size,
-                                              train.micro_batch_size, data.max_seq_len, self.amp_dtype)
+                                              train.micro_batch_size, data.max_seq_len, self.objective.train_outputs)
+        self.ctx.pipeline = self.runtime.pipeline
         self.model.train()
         self.objective.after_parallelize(self.model)
         self.optimizer = build_optimizer(self.model, train, foreach=not self.runtime.dims.enabled)
@@ -125,7 +139,7 @@ class Trainer:
 
     def _check_layout(self) -> None:
         config, dims = self.config, self.runtime.dims
-        self.objective.check_layout(self.runtime.dp_size)
+        self.objective.check_config(config, self.runtime.dp_size)
         if dims.tp > 1 and dims.pp > 1 and config.parallel.sequence_parallel and config.data.max_seq_len % dims.tp:
             raise ConfigError(f"data.max_seq_len = {config.data.max_seq_len} must be a multiple of parallel.tp = "
                               f"{dims.tp} for sequence parallelism inside pipeline stages")
@@ -144,7 +158,7 @@ class Trainer:
         """Weights of init.hf_path or init.from_run, for a run that starts at step 0 (loaded before sharding)."""
         from polytrain.train.init_weights import load_initial_weights
 
-        message = load_initial_weights(self.config.init, getattr(self.model, "language_model", self.model))
+        message = load_initial_weights(self.config.init, self.model)
         if message:
             self.console.print(message)
 
@@ -187,13 +201,15 @@ class Trainer:
         cfg = self.config.train
         objective = self.objective
         batch_position = self.loader.position
-        items = objective.step_items(self.step)
-        ctx = objective.begin_step(self.step, items)
+        items = None
+        if objective.takes_items(self.step):
+            items = [objective.train_items[i] for i in self.loader.next_step()]
+        step = objective.begin_step(self.step, items)
         factor = self.faults.loss_factor(self.step + 1)
-        sums = objective.forward_backward(self.model, objective.my_share(items), ctx, factor)
+        sums = objective.forward_backward(self.model, objective.my_share(items), step, factor)
         self.faults.during_step(self.step + 1)
         self.runtime.dp_sum(sums)
-        stats = objective.stats(dict(zip(objective.sum_keys, sums.tolist())), ctx)
+        stats = objective.stats(dict(zip(objective.sum_keys, sums.tolist())), step)
         tokens = int(sums[-1])
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
         grad_norm = self.runtime.clip_grad_norm(self.model, max_norm)
@@ -381,12 +397,3 @@ class Trainer:
             "python": sys.version.split()[0],
             "torch": torch.__version__,
         }
-
-
-class SFTTrainer(Trainer):
-    """The Trainer running supervised fine-tuning."""
-
-    def __init__(self, config: JobConfig, **kwargs: Any) -> None:
-        from polytrain.train.objectives.sft import SFTObjective
-
-        super().__init__(config, SFTObjective, **kwargs)

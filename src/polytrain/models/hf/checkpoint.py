@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from polytrain.errors import CheckpointError
-from polytrain.models.config import ModelConfig
+from polytrain.models.common.config import ModelConfig
 from polytrain.models.hf.config import hf_config_from_model, model_config_from_hf
 from polytrain.models.hf.names import names_for
 from polytrain.models.hf.quant import dequantize_fp8, dequantize_mxfp4

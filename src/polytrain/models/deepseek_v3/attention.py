@@ -15,14 +15,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from polytrain.models.config import ModelConfig
-from polytrain.models.kv_cache import KVCache
-from polytrain.models.layers import RMSNorm
-from polytrain.models.rope import apply_rotary, rope_parameters
+from polytrain.models.common.layers import RMSNorm
+from polytrain.models.common.rope import apply_rotary, rope_parameters
+from polytrain.models.deepseek_v3.config import DeepSeekV3Config
+from polytrain.models.deepseek_v3.kv_cache import KVCache
 
 
 class MLA(nn.Module):
-    shared_key_hook: Callable[[torch.Tensor], torch.Tensor] | None = None
+    component = "attention"
+
+    tp_sum_grad: Callable[[torch.Tensor], torch.Tensor] | None = None
     """Applied to the rotary key that every head shares. Identity unless heads are split across ranks (tensor
     parallelism), where its gradient, summed over local heads only, must be summed over the ranks too."""
 
@@ -31,7 +33,7 @@ class MLA(nn.Module):
     pad_values: bool = True
     """Pad values to the query head size so SDPA can use its fused kernels (see forward); off = the plain shapes."""
 
-    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+    def __init__(self, config: DeepSeekV3Config, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
@@ -80,8 +82,8 @@ class MLA(nn.Module):
         latent, k_rot = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         latent = self.kv_a_layernorm(latent)
         k_rot = apply_rotary(k_rot.unsqueeze(1), cos, sin, self.rope_interleave).squeeze(1)
-        if self.shared_key_hook is not None:
-            k_rot = self.shared_key_hook(k_rot)
+        if self.tp_sum_grad is not None:
+            k_rot = self.tp_sum_grad(k_rot)
         if cache is not None:
             latent, k_rot = cache.update(self.layer_idx, latent, k_rot)
             if seq == 1 and self.absorb_for_decode and not isinstance(self.kv_b_proj.weight, DTensor):

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from polytrain.backends import kernel
-from polytrain.models.config import ModelConfig
-from polytrain.models.layers import SwiGLU, swiglu
+from polytrain.models.common.config import ModelConfig
+from polytrain.models.common.layers import SwiGLU, swiglu
 
 
 def route(
@@ -74,7 +74,8 @@ def sequence_balance_loss(
 ) -> torch.Tensor:
     """DeepSeek-V3 sequence-wise balance loss: alpha * mean over sequences of sum_i f_i * P_i, where f_i is expert
     i's share of the sequence's routed slots times E/K and P_i its mean normalised score over the sequence.
-    A row of a packed batch counts as one sequence; padding (token_mask False) is left out."""
+    A row of a packed batch counts as one sequence; padding (token_mask False) is left out, and so are rows of
+    padding only (a fixed-shape pipeline micro-batch may hold some), so the mean is over the real sequences."""
     num_experts, top_k = scores.shape[1], indices.shape[1]
     scores = scores.view(rows, -1, num_experts)
     weight = (torch.ones(scores.shape[:2], device=scores.device) if token_mask is None
@@ -86,7 +87,8 @@ def sequence_balance_loss(
     counts.scatter_add_(1, indices.view(rows, -1), slot_weight)
     f = counts * num_experts / (top_k * tokens.unsqueeze(-1))
     p = (normalised * weight.unsqueeze(-1)).sum(dim=1) / tokens.unsqueeze(-1)
-    return alpha * (f * p).sum(dim=1).mean()
+    real = (weight.sum(dim=1) > 0).to(scores.dtype)
+    return alpha * ((f * p).sum(dim=1) * real).sum() / real.sum().clamp(min=1)
 
 
 class Router(nn.Module):
@@ -96,6 +98,8 @@ class Router(nn.Module):
     turns the counts into the bias update after each optimizer step. With `aux_loss_alpha` > 0 it also leaves
     the sequence-wise balance loss of its last training forward in `aux_loss`.
     """
+
+    component = "router"
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -355,6 +359,8 @@ class GroupedExperts(nn.Module):
     called as dispatcher(self, x, weights, indices) and must return the same [N, H] result.
     """
 
+    component = "routed_experts"
+
     dispatcher: Callable[..., torch.Tensor] | None = None
     regather_rows: bool = True
     """Backward gathers the expert-sorted token rows again instead of keeping them (see `grouped_swiglu`'s rows_of).
@@ -384,6 +390,8 @@ class HashRouter(nn.Module):
     """DeepSeek-V4's first layers: experts come from a fixed token-id table `tid2eid` [vocab, k]; the learned gate
     only weights them (normalised scores of the table's experts, times routed_scaling_factor)."""
 
+    component = "router"
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
@@ -410,6 +418,8 @@ class MoE(nn.Module):
             if config.n_shared_experts
             else None
         )
+        if self.shared_experts is not None:
+            self.shared_experts.component = "shared_experts"
 
     def forward(
         self, x: torch.Tensor, input_ids: torch.Tensor | None = None, token_mask: torch.Tensor | None = None

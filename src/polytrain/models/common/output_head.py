@@ -76,15 +76,23 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         # kept as attributes, not saved tensors: backward hands them over (scaled in place), so autograd can adopt
         # the [V, H] weight gradient as .grad instead of copying it
         ctx.grads = [grad_hidden, grad_weight]
+        ctx.scale = None
         return total
 
     @staticmethod
     def backward(ctx, grad_total: torch.Tensor):
-        grads, ctx.grads = ctx.grads, None
-        if grads is None:
-            raise RuntimeError("the fused output-head loss was backpropagated twice (its gradients are consumed)")
+        # A split backward (zero-bubble pipeline schedules: input gradients first, weight gradients later) runs this
+        # node twice with the same incoming gradient: the buffers are scaled once and handed over both times.
         scale = grad_total.float()
-        return (*(None if g is None else g.mul_(scale.to(g.dtype)) for g in grads), None, None)
+        if ctx.scale is None:
+            for g in ctx.grads:
+                if g is not None:
+                    g.mul_(scale.to(g.dtype))
+            ctx.scale = scale
+        elif not torch.equal(scale, ctx.scale):
+            raise RuntimeError("the fused output-head loss was backpropagated twice with different gradients (its "
+                               "gradient buffers are scaled in place)")
+        return (*ctx.grads, None, None)
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -97,6 +105,8 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
 class OutputHead(nn.Linear):
     """nn.Linear(hidden, vocab, bias=False) with a fused-loss method. Sharding wrappers that gather parameters
     around `forward` must register `loss_sum` too (FSDP: `register_fsdp_forward_method`)."""
+
+    component = "output_head"
 
     fused: bool = True
     """Off: the plain path (full logits in fp32, then cross-entropy), e.g. to compare memory."""

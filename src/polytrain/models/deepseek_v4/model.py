@@ -4,21 +4,23 @@ modules of the same shape after the last layer."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from polytrain.models.config import ModelConfig
-from polytrain.models.hybrid_attention import Compressor, HybridAttention
-from polytrain.models.hyper_connections import HyperConnection, HyperHead, merge
-from polytrain.models.layers import RMSNorm
-from polytrain.models.moe import GroupedExperts, HashRouter, MoE, Router
-from polytrain.models.output_head import OutputHead
-from polytrain.models.rope import RotaryEmbedding
-from polytrain.models.transformer import TrainOutput, shift_left
+from polytrain.models.common.decoder import DecoderLM, shift_left
+from polytrain.models.common.layers import RMSNorm
+from polytrain.models.common.moe import GroupedExperts, HashRouter, MoE, Router
+from polytrain.models.common.output_head import OutputHead
+from polytrain.models.common.rope import RotaryEmbedding
+from polytrain.models.deepseek_v4.attention import Compressor, HybridAttention
+from polytrain.models.deepseek_v4.config import DeepSeekV4Config
+from polytrain.models.deepseek_v4.hyper_connections import HyperConnection, HyperHead, merge
 
 
 class V4Block(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+    def __init__(self, config: DeepSeekV4Config, layer_idx: int) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = HybridAttention(config, layer_idx)
@@ -48,7 +50,7 @@ class V4MTPModule(nn.Module):
     """MTP depth k: streams = h_proj(hnorm(previous streams)) + e_proj(enorm(emb(t[i+k]))), one V4 block, its own
     hyper head, norm; the shared output head predicts token i+k+1."""
 
-    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+    def __init__(self, config: DeepSeekV4Config, layer_idx: int) -> None:
         super().__init__()
         self.enorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.hnorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -58,11 +60,35 @@ class V4MTPModule(nn.Module):
         self.hc_head = HyperHead(config)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
+    def forward(
+        self,
+        previous: torch.Tensor,
+        next_embeddings: torch.Tensor,
+        ropes: dict[str, RotaryEmbedding],
+        tables: dict[str, tuple[torch.Tensor, torch.Tensor]],
+        position_ids: torch.Tensor,
+        shifted_ids: torch.Tensor,
+        token_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(streams for the next depth, hidden states for the output head)."""
+        embedded = self.e_proj(self.enorm(next_embeddings))
+        streams = self.h_proj(self.hnorm(previous)) + embedded.unsqueeze(2)
+        streams = self.block(streams, ropes, tables, position_ids, shifted_ids, token_mask)
+        return streams, self.norm(self.hc_head(streams))
 
-class V4CausalLM(nn.Module):
-    supports_kv_cache = False
 
-    def __init__(self, config: ModelConfig) -> None:
+@dataclass
+class LayerInputs:
+    """What every block of a forward takes besides the streams."""
+
+    tables: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    position_ids: torch.Tensor
+    input_ids: torch.Tensor
+    token_mask: torch.Tensor | None
+
+
+class DeepSeekV4LM(DecoderLM):
+    def __init__(self, config: DeepSeekV4Config) -> None:
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
@@ -80,68 +106,43 @@ class V4CausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
-    def _streams(
-        self,
-        input_ids: torch.Tensor,
-        position_ids: torch.Tensor | None,
-        doc_ids: torch.Tensor | None,
-        token_mask: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, dict, torch.Tensor]:
+    def layer_inputs(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None, doc_ids: torch.Tensor | None,
+                     token_mask: torch.Tensor | None, cache: object | None = None,
+                     valid: torch.Tensor | None = None) -> LayerInputs:
+        if cache is not None:
+            raise NotImplementedError("DeepSeek-V4 models decode without a KV cache in polytrain (yet)")
         if doc_ids is not None and bool((doc_ids.amax(dim=1) > 0).any()):
             raise ValueError("DeepSeek-V4 compressed attention does not support packed documents (data.packing)")
         batch, seq = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(seq, device=input_ids.device).expand(batch, seq)
         tables = {name: rope(position_ids) for name, rope in self.ropes.items()}
-        streams = self.embed_tokens(input_ids).unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1).contiguous()
-        for layer in self.layers:
-            streams = layer(streams, self.ropes, tables, position_ids, input_ids, token_mask)
-        return streams, tables, position_ids
+        return LayerInputs(tables, position_ids, input_ids, token_mask)
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        position_ids: torch.Tensor | None = None,
-        doc_ids: torch.Tensor | None = None,
-        cache: object | None = None,
-        valid: torch.Tensor | None = None,
-        token_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        return self.lm_head(self.hidden_states(input_ids, position_ids, doc_ids, cache, valid, token_mask))
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids).unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1).contiguous()
 
-    def hidden_states(
-        self,
-        input_ids: torch.Tensor,
-        position_ids: torch.Tensor | None = None,
-        doc_ids: torch.Tensor | None = None,
-        cache: object | None = None,
-        valid: torch.Tensor | None = None,
-        token_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        if cache is not None:
-            raise NotImplementedError("DeepSeek-V4 models decode without a KV cache in polytrain (yet)")
-        streams, _, _ = self._streams(input_ids, position_ids, doc_ids, token_mask)
-        return self.norm(self.hc_head(streams))
+    def state_shape(self, rows: int, width: int) -> tuple[int, ...]:
+        return (rows, width, self.config.hc_mult, self.config.hidden_size)
 
-    def forward_train(
-        self,
-        input_ids: torch.Tensor,
-        position_ids: torch.Tensor | None = None,
-        doc_ids: torch.Tensor | None = None,
-        token_mask: torch.Tensor | None = None,
-    ) -> TrainOutput:
-        streams, tables, position_ids = self._streams(input_ids, position_ids, doc_ids, token_mask)
-        mtp_hidden = []
-        previous = streams
-        for k, module in enumerate(self.mtp, start=1):
-            shifted = shift_left(input_ids, k, 0)
-            embedded = module.e_proj(module.enorm(self.embed_tokens(shifted)))
-            previous = module.h_proj(module.hnorm(previous)) + embedded.unsqueeze(2)
-            previous = module.block(previous, self.ropes, tables, position_ids, shifted, token_mask)
-            mtp_hidden.append(module.norm(module.hc_head(previous)))
-        losses = [m.aux_loss for m in self.modules() if isinstance(m, Router) and m.aux_loss is not None]
-        aux = torch.stack(losses).sum() if losses else None
-        return TrainOutput(self.norm(self.hc_head(streams)), mtp_hidden, aux)
+    def run_block(self, block: nn.Module, state: torch.Tensor, inputs: LayerInputs) -> torch.Tensor:
+        return block(state, self.ropes, inputs.tables, inputs.position_ids, inputs.input_ids, inputs.token_mask)
+
+    def head_input(self, state: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.hc_head(state))
+
+    def run_mtp(self, module: nn.Module, previous: torch.Tensor, next_embeddings: torch.Tensor,
+                inputs: LayerInputs, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return module(previous, next_embeddings, self.ropes, inputs.tables, inputs.position_ids,
+                      shift_left(inputs.input_ids, depth, 0), inputs.token_mask)
+
+    def stage_modules(self, first: bool, last: bool) -> dict[str, nn.Module]:
+        modules: dict[str, nn.Module] = {"ropes": self.ropes}
+        if first:
+            modules["embed_tokens"] = self.embed_tokens
+        if last:
+            modules.update(hc_head=self.hc_head, norm=self.norm, lm_head=self.lm_head, mtp=self.mtp)
+        return modules
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:

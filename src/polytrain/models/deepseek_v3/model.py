@@ -1,5 +1,5 @@
-"""The DeepSeek-V3-style causal LM: embedding, decoder blocks (MLA + dense MLP or MoE), final norm, output head,
-and optional multi-token-prediction (MTP) modules.
+"""The DeepSeek-V3 causal LM: embedding, decoder blocks (MLA + dense MLP or MoE), final norm, output head, and
+optional multi-token-prediction (MTP) modules.
 
 Plain PyTorch with no distribution inside; polytrain.parallel applies sharding from outside.
 """
@@ -11,19 +11,20 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from polytrain.models.attention import MLA
-from polytrain.models.config import ModelConfig
-from polytrain.models.kv_cache import KVCache
-from polytrain.models.layers import RMSNorm, SwiGLU
-from polytrain.models.moe import GroupedExperts, MoE, Router
-from polytrain.models.output_head import OutputHead
-from polytrain.models.rope import RotaryEmbedding
+from polytrain.models.common.decoder import DecoderLM
+from polytrain.models.common.layers import RMSNorm, SwiGLU
+from polytrain.models.common.moe import GroupedExperts, MoE, Router
+from polytrain.models.common.output_head import OutputHead
+from polytrain.models.common.rope import RotaryEmbedding
+from polytrain.models.deepseek_v3.attention import MLA
+from polytrain.models.deepseek_v3.config import DeepSeekV3Config
+from polytrain.models.deepseek_v3.kv_cache import KVCache
 
 
 class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+    def __init__(self, config: DeepSeekV3Config, layer_idx: int) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = MLA(config, layer_idx)
@@ -53,7 +54,7 @@ class MTPModule(nn.Module):
     head then predicts token i+k+1. HF checkpoints store it as layer `num_hidden_layers + k - 1`.
     """
 
-    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+    def __init__(self, config: DeepSeekV3Config, layer_idx: int) -> None:
         super().__init__()
         self.enorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.hnorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -73,16 +74,6 @@ class MTPModule(nn.Module):
         x = self.eh_proj(torch.cat([self.enorm(next_embeddings), self.hnorm(previous)], dim=-1))
         x = self.block(x, rope, mask, token_mask=token_mask)
         return x, self.norm(x)
-
-
-@dataclass
-class TrainOutput:
-    hidden: torch.Tensor
-    """Final-norm hidden states [B, T, hidden] of the main model."""
-    mtp_hidden: list[torch.Tensor]
-    """Per MTP depth k (1-based position k-1): normalised hidden states [B, T, hidden] predicting token i+k+1."""
-    aux_loss: torch.Tensor | None
-    """Sum of the MoE layers' sequence-wise balance losses (None when disabled)."""
 
 
 def attention_mask(
@@ -113,17 +104,22 @@ def attention_mask(
     return mask | (k_pos == q_pos)[None, None]
 
 
-def shift_left(x: torch.Tensor, k: int, fill: int) -> torch.Tensor:
-    """x[:, i] <- x[:, i + k], with `fill` in the last k columns."""
-    out = torch.full_like(x, fill)
-    out[:, :-k] = x[:, k:]
-    return out
+
+@dataclass
+class LayerInputs:
+    """What every block of a forward takes besides the residual stream."""
+
+    rope: tuple[torch.Tensor, torch.Tensor]
+    mask: torch.Tensor | None
+    cache: KVCache | None
+    valid: torch.Tensor | None
+    token_mask: torch.Tensor | None
 
 
-class CausalLM(nn.Module):
+class DeepSeekV3LM(DecoderLM):
     supports_kv_cache = True
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: DeepSeekV3Config) -> None:
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
@@ -137,16 +133,9 @@ class CausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
-    def _trunk(
-        self,
-        input_ids: torch.Tensor,
-        position_ids: torch.Tensor | None,
-        doc_ids: torch.Tensor | None,
-        cache: KVCache | None,
-        valid: torch.Tensor | None,
-        token_mask: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]:
-        """(last layer's residual stream before the final norm, rope tables, attention mask)."""
+    def layer_inputs(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None, doc_ids: torch.Tensor | None,
+                     token_mask: torch.Tensor | None, cache: KVCache | None = None,
+                     valid: torch.Tensor | None = None) -> LayerInputs:
         batch, seq = input_ids.shape
         past = cache.length if cache is not None else 0
         if position_ids is None:
@@ -157,62 +146,35 @@ class CausalLM(nn.Module):
                 valid = torch.ones(batch, seq, dtype=torch.bool, device=input_ids.device)
             key_valid = torch.cat([cache.key_valid[:, :past], valid], dim=1)
         mask = attention_mask(doc_ids, key_valid, past, seq)
-        rope = self.rotary(position_ids)
-        x = self.embed_tokens(input_ids)
-        for layer in self.layers:
-            x = layer(x, rope, mask, cache, token_mask=token_mask)
-        if cache is not None:
-            cache.advance(valid)
-        return x, rope, mask
+        return LayerInputs(self.rotary(position_ids), mask, cache, valid, token_mask)
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        position_ids: torch.Tensor | None = None,
-        doc_ids: torch.Tensor | None = None,
-        cache: KVCache | None = None,
-        valid: torch.Tensor | None = None,
-        token_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Logits [B, T, V] of the main model for `input_ids` [B, T].
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
 
-        position_ids [B, T]: rotary positions (restart at 0 per packed document); defaults to 0..T-1 after the cache.
-        doc_ids [B, T]: document of each token when several are packed in one row (training).
-        cache / valid [B, T]: incremental decoding; `valid` marks real tokens (False = left padding).
-        token_mask [B, T]: False on padding, which then never counts in the expert load (training).
-        """
-        return self.lm_head(self.hidden_states(input_ids, position_ids, doc_ids, cache, valid, token_mask))
+    def state_shape(self, rows: int, width: int) -> tuple[int, ...]:
+        return (rows, width, self.config.hidden_size)
 
-    def hidden_states(
-        self,
-        input_ids: torch.Tensor,
-        position_ids: torch.Tensor | None = None,
-        doc_ids: torch.Tensor | None = None,
-        cache: KVCache | None = None,
-        valid: torch.Tensor | None = None,
-        token_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """The final-norm hidden states [B, T, hidden] (what the output head multiplies)."""
-        return self.norm(self._trunk(input_ids, position_ids, doc_ids, cache, valid, token_mask)[0])
+    def run_block(self, block: nn.Module, state: torch.Tensor, inputs: LayerInputs) -> torch.Tensor:
+        return block(state, inputs.rope, inputs.mask, inputs.cache, token_mask=inputs.token_mask)
 
-    def forward_train(
-        self,
-        input_ids: torch.Tensor,
-        position_ids: torch.Tensor | None = None,
-        doc_ids: torch.Tensor | None = None,
-        token_mask: torch.Tensor | None = None,
-    ) -> TrainOutput:
-        """Everything a training loss needs: main hidden states, MTP hidden states and the balance loss.
-        token_mask [B, T] (False on padding) keeps padding out of the expert load and the balance loss."""
-        x, rope, mask = self._trunk(input_ids, position_ids, doc_ids, None, None, token_mask)
-        mtp_hidden = []
-        previous = x
-        for k, module in enumerate(self.mtp, start=1):
-            next_embeddings = self.embed_tokens(shift_left(input_ids, k, 0))
-            previous, normed = module(previous, next_embeddings, rope, mask, token_mask)
-            mtp_hidden.append(normed)
-        losses = [m.aux_loss for m in self.modules() if isinstance(m, Router) and m.aux_loss is not None]
-        return TrainOutput(self.norm(x), mtp_hidden, torch.stack(losses).sum() if losses else None)
+    def end_of_layers(self, inputs: LayerInputs) -> None:
+        if inputs.cache is not None:
+            inputs.cache.advance(inputs.valid)
+
+    def head_input(self, state: torch.Tensor) -> torch.Tensor:
+        return self.norm(state)
+
+    def run_mtp(self, module: nn.Module, previous: torch.Tensor, next_embeddings: torch.Tensor,
+                inputs: LayerInputs, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return module(previous, next_embeddings, inputs.rope, inputs.mask, inputs.token_mask)
+
+    def stage_modules(self, first: bool, last: bool) -> dict[str, nn.Module]:
+        modules: dict[str, nn.Module] = {"rotary": self.rotary}
+        if first:
+            modules["embed_tokens"] = self.embed_tokens
+        if last:
+            modules.update(norm=self.norm, lm_head=self.lm_head, mtp=self.mtp)
+        return modules
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         param = self.embed_tokens.weight
@@ -241,15 +203,3 @@ class CausalLM(nn.Module):
             elif isinstance(module, GroupedExperts):
                 module.gate_up_proj.normal_(0.0, std, generator=generator)
                 module.down_proj.normal_(0.0, std, generator=generator)
-
-
-def build_model(config: ModelConfig, device: torch.device | str = "meta", seed: int | None = 0) -> CausalLM:
-    """Allocate the model of `config.architecture` on `device` and initialise it (meta-device models are left
-    uninitialised). DeepSeek-V4 models (`V4CausalLM`) have the same methods."""
-    from polytrain.models.v4 import V4CausalLM
-
-    with torch.device(device):
-        model = V4CausalLM(config) if config.is_v4 else CausalLM(config)
-    if torch.device(device).type != "meta":
-        model.init_weights(seed)
-    return model

@@ -10,6 +10,8 @@ from torch import nn
 class RMSNorm(nn.Module):
     """Root-mean-square norm, computed in fp32 whatever the input dtype."""
 
+    component = "norms"
+
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__()
         self.eps = eps
@@ -32,6 +34,8 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float = 0.0) -> torch.Te
 
 class SwiGLU(nn.Module):
     """down(swiglu(gate(x), up(x))): the dense MLP, the shared experts, and the reference for one routed expert."""
+
+    component = "dense_mlp"
 
     def __init__(self, dim: int, hidden: int, limit: float = 0.0) -> None:
         super().__init__()

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from polytrain.models.config import ModelConfig
+from polytrain.models.deepseek_v4.config import DeepSeekV4Config
 
 
 def _normalised_flat(streams: torch.Tensor, eps: float) -> torch.Tensor:
@@ -21,7 +21,9 @@ def _normalised_flat(streams: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class HyperConnection(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    component = "hyper_connections"
+
+    def __init__(self, config: DeepSeekV4Config) -> None:
         super().__init__()
         n = config.hc_mult
         self.n, self.iters, self.hc_eps, self.norm_eps = n, config.hc_sinkhorn_iters, config.hc_eps, config.rms_norm_eps
@@ -56,7 +58,9 @@ def merge(streams: torch.Tensor, output: torch.Tensor, post: torch.Tensor, comb:
 class HyperHead(nn.Module):
     """Collapse the streams into one hidden state before the final norm (sigmoid weights, no mixing)."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    component = "hyper_connections"
+
+    def __init__(self, config: DeepSeekV4Config) -> None:
         super().__init__()
         n = config.hc_mult
         self.hc_eps, self.norm_eps = config.hc_eps, config.rms_norm_eps

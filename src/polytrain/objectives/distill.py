@@ -8,9 +8,8 @@ micro-batch as the student's forward, so nothing vocabulary-sized is ever stored
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -18,15 +17,14 @@ from torch import nn
 
 from polytrain.algorithms.distill import mean_teacher_logprobs, reverse_kl
 from polytrain.algorithms.grpo import aggregate
+from polytrain.config import JobConfig, read_run_config
 from polytrain.data.dataset import IGNORE
 from polytrain.data.prompts import PromptItem
 from polytrain.data.tokenizer import Tokenizer
 from polytrain.errors import ConfigError
+from polytrain.objectives.context import ObjectiveContext
+from polytrain.objectives.rollout import Rollout, RolloutObjective
 from polytrain.rollout.generate import SamplingConfig
-from polytrain.train.objectives.grpo import Rollout, RolloutObjective
-
-if TYPE_CHECKING:
-    from polytrain.train.trainer import Trainer
 
 
 def parse_teachers(specs: list[str]) -> dict[str, str]:
@@ -57,15 +55,18 @@ class DistillObjective(RolloutObjective):
     name = "distill"
     sum_keys = ("loss_sum", "kl_sum", "k1_sum")
 
-    def __init__(self, trainer: Trainer) -> None:
-        cfg = trainer.config.distill
+    def __init__(self, ctx: ObjectiveContext) -> None:
+        cfg = ctx.config.section("distill")
         self.cfg = cfg
-        self.group_size = cfg.group_size
-        super().__init__(trainer)
+        super().__init__(ctx)
         if not cfg.teachers:
             raise ConfigError("distill.teachers is empty: name at least one teacher run directory")
         self.teacher_dirs = parse_teachers(cfg.teachers)
         self.teachers: dict[str, nn.Module] = {}
+
+    @classmethod
+    def rollout_shape(cls, config: JobConfig) -> tuple[int, int, int]:
+        return config.section("distill").group_size, 1, 1
 
     @property
     def sampling(self) -> SamplingConfig:
@@ -82,33 +83,26 @@ class DistillObjective(RolloutObjective):
                                   f"distill.teachers has {', '.join(sorted(names))}")
 
     def after_parallelize(self, model: nn.Module) -> None:
-        from polytrain.parallel.plan import apply_parallelism
-        from polytrain.train.run_model import load_run_model, run_config
-
         super().after_parallelize(model)
-        t = self.trainer
+        ctx = self.ctx
         for name, run_dir in self.teacher_dirs.items():
-            teacher_cfg = run_config(run_dir)
-            check_same_tokenizer(t.tokenizer, self.config.data.chat_template, teacher_cfg, name)
+            teacher_cfg = read_run_config(run_dir, f"distill teacher `{name}`")
+            check_same_tokenizer(ctx.tokenizer, self.config.data.chat_template, teacher_cfg, name)
             if teacher_cfg.model.vocab_size != self.config.model.vocab_size:
                 raise ConfigError(f"distill teacher `{name}` has vocab_size {teacher_cfg.model.vocab_size}, the "
                                   f"student {self.config.model.vocab_size}")
-            _, teacher, step = load_run_model(run_dir, t.device)
-            for param in teacher.parameters():
-                param.requires_grad_(False)
-            layout = replace(self.config.parallel, activation_checkpointing="none", cpu_offload=False)
-            teacher, _ = apply_parallelism(teacher, t.runtime.meshes, layout, device=t.device)
-            self.teachers[name] = teacher.eval()
-            t.console.print(f"teacher `{name}`: {run_dir} (step {step}, {teacher_cfg.model.preset})")
+            _, teacher, step = ctx.frozen_run_model(run_dir)
+            self.teachers[name] = teacher
+            ctx.info(f"teacher `{name}`: {run_dir} (step {step}, {teacher_cfg.model.preset})")
 
     def describe_data(self) -> str:
         return super().describe_data() + f", {len(self.teacher_dirs)} teacher(s)"
 
     # ------------------------------------------------------------------------------------------- rollouts
     def rollout(self, prompts: list[PromptItem], step: int) -> list[Rollout]:
-        runtime = self.trainer.runtime
-        per_rank = len(prompts) // runtime.dp_size
-        first = runtime.dp_rank * per_rank
+        collectives = self.ctx.collectives
+        per_rank = len(prompts) // collectives.dp_size
+        first = collectives.dp_rank * per_rank
         return [self.make_rollout(p, c) for p, c in self.sample_completions(prompts[first : first + per_rank], step,
                                                                            first)]
 
@@ -117,7 +111,7 @@ class DistillObjective(RolloutObjective):
         """[R, T, V] log-probs of each row's teacher (the named one, else the mean of all)."""
         per_teacher = {}
         for name, teacher in self.teachers.items():
-            with self.trainer.autocast():
+            with self.ctx.autocast():
                 logits = teacher(batch.input_ids, position_ids=batch.position_ids)
             per_teacher[name] = F.log_softmax(logits.float(), dim=-1)
         mean = mean_teacher_logprobs(list(per_teacher.values()))
@@ -162,12 +156,12 @@ class DistillObjective(RolloutObjective):
         seeds, so every evaluation draws comparable samples)."""
         if not self.eval_items:
             return {}
-        runtime, mbs = self.trainer.runtime, self.config.train.micro_batch_size
+        collectives, mbs = self.ctx.collectives, self.config.train.micro_batch_size
         items = self.eval_items
         if self.config.eval.max_batches:
             items = items[: self.config.eval.max_batches * mbs]
-        per_rank = -(-len(items) // runtime.dp_size)
-        first = runtime.dp_rank * per_rank
+        per_rank = -(-len(items) // collectives.dp_size)
+        first = collectives.dp_rank * per_rank
         mine = items[first : first + per_rank]
         prompts = mine + items[: per_rank - len(mine)]  # equal shares: every rank runs the same forwards
         real = len(mine) * self.group_size
@@ -179,6 +173,6 @@ class DistillObjective(RolloutObjective):
             _, kl, _, mask, _ = self.divergences(model, micro)
             keep = torch.tensor([float(start + i < real) for i in range(len(micro))], device=kl.device)[:, None]
             sums += torch.tensor([float((kl * keep).sum()), float((mask * keep).sum())], dtype=torch.float64)
-        runtime.dp_sum(sums)
+        collectives.dp_sum(sums)
         model.train()
         return {"eval_reverse_kl": float(sums[0]) / max(float(sums[1]), 1.0)}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -14,27 +14,25 @@ from polytrain.data.packing import Batch, collate
 from polytrain.data.preference import PreferencePair, load_preference_pairs
 from polytrain.errors import ConfigError
 from polytrain.models.reward import build_reward_model
-from polytrain.train.objectives.base import Objective, chunks
-
-if TYPE_CHECKING:
-    from polytrain.train.trainer import Trainer
+from polytrain.objectives.base import Objective, chunks
+from polytrain.objectives.context import ObjectiveContext
 
 
 class PairObjective(Objective):
     """Shared by DPO and RM: preference-pair data, pair batches, eval over pairs."""
 
     def load_data(self) -> None:
-        data, t = self.config.data, self.trainer
+        data, ctx = self.config.data, self.ctx
         vocab = self.config.model.vocab_size
-        self.train_items, dropped = load_preference_pairs(data.train_path, t.tokenizer, t.template, data.max_seq_len,
-                                                          vocab)
+        self.train_items, dropped = load_preference_pairs(data.train_path, ctx.tokenizer, ctx.template,
+                                                          data.max_seq_len, vocab)
         if dropped:
-            t.warn(f"train: {dropped} pairs dropped: no scored reply fits in data.max_seq_len={data.max_seq_len}")
+            ctx.warn(f"train: {dropped} pairs dropped: no scored reply fits in data.max_seq_len={data.max_seq_len}")
         if data.eval_path:
-            self.eval_items, dropped = load_preference_pairs(data.eval_path, t.tokenizer, t.template,
+            self.eval_items, dropped = load_preference_pairs(data.eval_path, ctx.tokenizer, ctx.template,
                                                              data.max_seq_len, vocab)
             if dropped:
-                t.warn(f"eval: {dropped} pairs dropped (too long)")
+                ctx.warn(f"eval: {dropped} pairs dropped (too long)")
 
     def describe_data(self) -> str:
         eval_part = f", {len(self.eval_items)} eval" if self.eval_items else ""
@@ -42,7 +40,7 @@ class PairObjective(Objective):
 
     def pair_batch(self, pairs: list[PreferencePair]) -> Batch:
         samples = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-        return collate(samples, self.config.data.max_seq_len, packing=False).to(self.trainer.device)
+        return collate(samples, self.config.data.max_seq_len, packing=False).to(self.ctx.device)
 
     def begin_step(self, step: int, items: list[PreferencePair]) -> dict[str, int]:
         return {"pairs": len(items), "chosen_tokens": sum(p.chosen.num_loss_tokens for p in items)}
@@ -51,9 +49,9 @@ class PairObjective(Objective):
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         if not self.eval_items:
             return {}
-        runtime, mbs = self.trainer.runtime, self.config.train.micro_batch_size
-        mine = self.eval_items[runtime.dp_rank :: runtime.dp_size]
-        count = math.ceil(math.ceil(len(self.eval_items) / runtime.dp_size) / mbs)
+        collectives, mbs = self.ctx.collectives, self.config.train.micro_batch_size
+        mine = self.eval_items[collectives.dp_rank :: collectives.dp_size]
+        count = math.ceil(math.ceil(len(self.eval_items) / collectives.dp_size) / mbs)
         if self.config.eval.max_batches:
             count = min(count, self.config.eval.max_batches)
         model.eval()
@@ -61,13 +59,13 @@ class PairObjective(Objective):
         ctx = {"pairs": 1, "chosen_tokens": 1}
         for b in range(count):  # every rank runs `count` passes; a rank out of pairs repeats one, weighted 0
             micro = mine[b * mbs : (b + 1) * mbs]
-            with self.trainer.autocast():
+            with self.ctx.autocast():
                 _, parts, _ = self.loss(model, micro or self.eval_items[:1], ctx)
             weight = 1.0 if micro else 0.0
             for i, key in enumerate(self.sum_keys):
                 sums[i] += weight * float(parts.get(key, 0.0))
             sums[-1] += weight * len(micro)
-        runtime.dp_sum(sums)
+        collectives.dp_sum(sums)
         model.train()
         values = dict(zip(self.sum_keys, sums.tolist()))
         pairs = max(float(sums[-1]), 1.0)
@@ -83,9 +81,9 @@ class DPOObjective(PairObjective):
     sum_keys = ("loss_sum", "correct", "margin_sum", "chosen_logp_sum", "rejected_logp_sum", "sft_sum",
                 "policy_correct")
 
-    def __init__(self, trainer: Trainer) -> None:
-        super().__init__(trainer)
-        self.cfg = self.config.dpo
+    def __init__(self, ctx: ObjectiveContext) -> None:
+        super().__init__(ctx)
+        self.cfg = self.config.section("dpo")
         if self.cfg.loss in REFERENCE_FREE and self.cfg.reference != "none":
             self.cfg.reference = "none"  # SimPO and ORPO never look at a reference
         if self.cfg.loss not in REFERENCE_FREE and self.cfg.reference == "none":
@@ -110,9 +108,7 @@ class DPOObjective(PairObjective):
 
     def after_parallelize(self, model: nn.Module) -> None:
         if self.cfg.reference == "model":
-            from polytrain.train.reference import build_reference
-
-            self.reference = build_reference(self.trainer)
+            self.reference = self.ctx.reference_model()
 
     def reference_logprobs(self, pairs: list[PreferencePair], batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         n = len(pairs)
@@ -155,16 +151,14 @@ class DPOObjective(PairObjective):
         return stats
 
     @torch.no_grad()
-    def precompute_reference(self, out: str) -> int:
+    def precompute_reference(self, out: str) -> dict[str, Any]:
         """Write the training pairs with the starting model's log-probabilities (one process)."""
         import json
 
-        if self.trainer.runtime.world_size > 1:
+        if self.ctx.collectives.world_size > 1:
             raise ConfigError("--precompute-reference runs as a single process")
         self.cfg.reference = "model"
-        from polytrain.train.reference import build_reference
-
-        reference = build_reference(self.trainer)
+        reference = self.ctx.reference_model()
         with open(out, "w") as handle:
             for part in chunks(self.train_items, self.config.train.micro_batch_size):
                 batch = self.pair_batch(part)
@@ -173,7 +167,7 @@ class DPOObjective(PairObjective):
                     record = {**pair.record, "ref_chosen_logp": float(logp[i]),
                               "ref_rejected_logp": float(logp[len(part) + i])}
                     handle.write(json.dumps(record) + "\n")
-        return len(self.train_items)
+        return {"out": out, "pairs": len(self.train_items)}
 
 
 class RewardObjective(PairObjective):
@@ -182,12 +176,6 @@ class RewardObjective(PairObjective):
 
     def build_model(self, device: torch.device) -> nn.Module:
         return build_reward_model(self.config.model, device, seed=self.config.run.seed)
-
-    def after_parallelize(self, model: nn.Module) -> None:
-        from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
-
-        if isinstance(model, FSDPModule):
-            register_fsdp_forward_method(model, "reward")
 
     def rewards(self, model: nn.Module, pairs: list[PreferencePair]) -> tuple[torch.Tensor, torch.Tensor, Any]:
         n = len(pairs)

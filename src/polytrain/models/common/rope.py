@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from polytrain.models.config import ModelConfig
+from polytrain.models.common.config import ModelConfig
 
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:

@@ -1,4 +1,5 @@
-"""Turning a rank's samples into device batches the active layout accepts."""
+"""Turning a rank's samples into device batches the active layout accepts (packed or padded rows; widths rounded
+for sequence parallelism; one fixed shape for pipeline stages)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,6 @@ class BatchMaker:
 
     def pipeline(self, micro_batches: list[list[Sample]]) -> Batch:
         """Every micro-batch padded to the same [micro_batch_size, max_len] shape, stacked (pipelines need one
-        shape)."""
+        shape); `Batch.rows` takes micro-batch i back out."""
         parts = [collate(m, self.max_len, self.packing, fixed_rows=self.rows) for m in micro_batches]
         return concat(parts).to(self.device)

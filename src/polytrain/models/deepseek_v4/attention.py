@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from polytrain.models.config import ModelConfig
-from polytrain.models.layers import RMSNorm
-from polytrain.models.rope import RotaryEmbedding, apply_rotary_tail
+from polytrain.models.common.layers import RMSNorm
+from polytrain.models.common.rope import RotaryEmbedding, apply_rotary_tail
+from polytrain.models.deepseek_v4.config import DeepSeekV4Config
 
 
 def unweighted_rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -74,7 +74,7 @@ class Indexer(nn.Module):
     """Lightning indexer: its own overlapping compressor at `index_head_dim`, scored against queries from the
     attention's query latent; returns the top-k visible entries per query (-1 where fewer are visible)."""
 
-    def __init__(self, config: ModelConfig, ratio: int) -> None:
+    def __init__(self, config: DeepSeekV4Config, ratio: int) -> None:
         super().__init__()
         self.num_heads, self.head_dim, self.topk, self.ratio = (
             config.index_n_heads, config.index_head_dim, config.index_topk, ratio
@@ -103,7 +103,9 @@ class Indexer(nn.Module):
 
 
 class HybridAttention(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+    component = "attention"
+
+    def __init__(self, config: DeepSeekV4Config, layer_idx: int) -> None:
         super().__init__()
         self.num_heads, self.head_dim = config.num_attention_heads, config.head_dim
         self.sliding_window, self.o_groups, self.eps = config.sliding_window, config.o_groups, config.rms_norm_eps

@@ -1,0 +1,268 @@
+"""What the RL-style objectives share (GRPO, on-policy distillation): prompts, sampling through a rollout engine,
+stored rollouts and their minibatches.
+
+One rollout feeds `epochs x minibatches` optimizer steps: at the first of them the step's `train.global_batch_size`
+prompts are sampled `group_size` times (each data-parallel rank samples its share of the prompts, whole groups) and
+stored with what the loss needs; each following step trains on one minibatch of the stored completions.
+Checkpoints and stops happen only at rollout boundaries, so a resumed run never needs a rollout it did not save.
+
+Sampling draws one uniform per completion row from a generator seeded by (run seed, step, completion index), so the
+rollouts, and therefore the gradients, are the same for any number of data-parallel ranks or micro-batch split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from polytrain.algorithms.logprobs import batch_logprobs
+from polytrain.data.chat import stop_token_ids
+from polytrain.data.dataset import Sample, make_sample
+from polytrain.data.packing import Batch, collate
+from polytrain.data.prompts import PromptItem, load_prompts
+from polytrain.errors import ConfigError, PolytrainError
+from polytrain.objectives.base import Objective, chunks
+from polytrain.objectives.context import ObjectiveContext
+from polytrain.rollout.engine import BuiltinEngine, Completion, RolloutEngine, full_weights
+from polytrain.rollout.generate import SamplingConfig
+from polytrain.rollout.routing import batch_routing, replayed
+
+if TYPE_CHECKING:
+    from polytrain.config import JobConfig
+
+
+@dataclass
+class Rollout:
+    """One sampled completion and everything the loss needs about it."""
+
+    prompt: PromptItem
+    tokens: list[int]
+    finished: bool
+    text: str
+    sample: Sample
+    reward: float = 0.0
+    advantage: float = 0.0
+    old_logp: torch.Tensor | None = None
+    ref_logp: torch.Tensor | None = None
+    routing: list[torch.Tensor] | None = field(default=None, repr=False)
+
+    @property
+    def span(self) -> slice:
+        """Where the completion's tokens sit in the sample's labels (and in a right-padded batch row)."""
+        start = len(self.prompt.ids) - 1
+        return slice(start, start + len(self.tokens))
+
+
+def row_seed(seed: int, step: int, index: int) -> int:
+    return ((seed * 1_000_003 + step) * 1_048_583 + index) % (2**63)
+
+
+def load_engine(spec: str, ctx: ObjectiveContext, model: nn.Module) -> RolloutEngine:
+    """`builtin`, or 'module:Class' constructed with the job config (an external engine, e.g. a vLLM client)."""
+    if spec == "builtin":
+        return BuiltinEngine(model, keep_going=ctx.collectives.any_rank)
+    import importlib
+
+    if ":" not in spec:
+        raise ConfigError(f"grpo.engine = \"{spec}\": expected builtin or 'module:Class'")
+    module_name, attr = spec.split(":", 1)
+    try:
+        cls = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise ConfigError(f"grpo.engine = \"{spec}\" cannot be imported ({err})") from None
+    engine = cls(ctx.config)
+    for method in ("generate", "update_weights"):
+        if not callable(getattr(engine, method, None)):
+            raise ConfigError(f"grpo.engine {spec} has no `{method}` method (see polytrain.rollout.engine)")
+    return engine
+
+
+class RolloutObjective(Objective):
+    """Shared by GRPO and on-policy distillation: prompts, sampling, stored rollouts and minibatches."""
+
+    watch_loss_spikes = False  # a policy-gradient loss has no stable level to spike from
+
+    def __init__(self, ctx: ObjectiveContext) -> None:
+        super().__init__(ctx)
+        self.group_size, self.epochs, self.minibatches = self.rollout_shape(ctx.config)
+        self.steps_per_rollout = self.epochs * self.minibatches
+        self.buffer: list[Rollout] = []
+        self.current: list[Rollout] = []
+        self.rollout_stats: dict[str, float] = {}
+        self.engine: RolloutEngine | None = None
+        self.model: nn.Module | None = None
+
+    @property
+    def sampling(self) -> SamplingConfig:
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------------------------------------- set-up
+    @classmethod
+    def rollout_shape(cls, config: JobConfig) -> tuple[int, int, int]:
+        """(completions per prompt, passes over each rollout, optimizer steps per pass)."""
+        return 1, 1, 1
+
+    @classmethod
+    def check_config(cls, config: JobConfig, dp: int) -> None:
+        train, name = config.train, cls.name
+        group_size, epochs, minibatches = cls.rollout_shape(config)
+        if train.global_batch_size % dp:
+            raise ConfigError(f"train.global_batch_size = {train.global_batch_size} prompts must be a multiple of "
+                              f"the {dp} data-parallel ranks")
+        completions = train.global_batch_size // dp * group_size
+        if completions % minibatches or (completions // minibatches) % train.micro_batch_size:
+            raise ConfigError(
+                f"{name}: each rank samples global_batch_size / ranks x group_size = {completions} completions per "
+                f"rollout; that must split into {minibatches} minibatch(es) of whole micro-batches of "
+                f"train.micro_batch_size = {train.micro_batch_size}"
+            )
+        s = epochs * minibatches
+        if s > 1 and (train.steps % s or (config.checkpoint.every and config.checkpoint.every % s)):
+            raise ConfigError(f"{name}: one rollout feeds {s} optimizer steps (epochs x minibatches), so "
+                              f"train.steps = {train.steps} and checkpoint.every = {config.checkpoint.every} must be "
+                              f"multiples of {s}")
+
+    def max_prompt_len(self) -> int:
+        limit = self.config.data.max_seq_len - self.sampling.max_new_tokens
+        if limit < 2:
+            raise ConfigError(f"data.max_seq_len = {self.config.data.max_seq_len} leaves no room for a prompt next "
+                              f"to max_new_tokens = {self.sampling.max_new_tokens}")
+        return limit
+
+    def load_data(self) -> None:
+        data, ctx = self.config.data, self.ctx
+        limit = self.max_prompt_len()
+        self.train_items, dropped = load_prompts(data.train_path, ctx.tokenizer, ctx.template, limit)
+        if dropped:
+            ctx.warn(f"train: {dropped} prompts dropped: longer than data.max_seq_len - max_new_tokens = {limit} "
+                     "tokens")
+        if data.eval_path:
+            self.eval_items, dropped = load_prompts(data.eval_path, ctx.tokenizer, ctx.template, limit)
+            if dropped:
+                ctx.warn(f"eval: {dropped} prompts dropped (longer than {limit} tokens)")
+        self.stop_ids = stop_token_ids(ctx.template, ctx.tokenizer)
+
+    def describe_data(self) -> str:
+        eval_part = f", {len(self.eval_items)} eval" if self.eval_items else ""
+        return f"{len(self.train_items)} prompts x {self.group_size} samples{eval_part}"
+
+    def after_parallelize(self, model: nn.Module) -> None:
+        self.model = model
+        self.engine = load_engine(self.engine_spec(), self.ctx, model)
+        if not isinstance(self.engine, BuiltinEngine):
+            self.engine.update_weights(full_weights(model))
+
+    def engine_spec(self) -> str:
+        return "builtin"
+
+    def can_stop_after(self, step: int) -> bool:
+        return step % self.steps_per_rollout == 0
+
+    # ------------------------------------------------------------------------------------------------ steps
+    def takes_items(self, step: int) -> bool:
+        return step % self.steps_per_rollout == 0
+
+    def begin_step(self, step: int, items: list[PromptItem] | None) -> dict[str, float]:
+        fresh = items is not None
+        if fresh:
+            self.buffer = self.rollout(items, step)
+        index = (step % self.steps_per_rollout) % self.minibatches
+        size = len(self.buffer) // self.minibatches
+        self.current = self.buffer[index * size : (index + 1) * size]
+        counts = torch.tensor([sum(len(r.tokens) for r in self.current), len(self.current)], dtype=torch.float64)
+        self.ctx.collectives.dp_sum(counts)
+        return {"tokens": float(counts[0]), "sequences": float(counts[1]), "fresh": fresh}
+
+    def my_share(self, items: list[Any] | None) -> list[Rollout]:
+        return self.current
+
+    def sample_completions(self, prompts: list[PromptItem], step: int, first_index: int,
+                           record_routing: bool = False) -> list[tuple[PromptItem, Completion]]:
+        """`group_size` completions of each prompt (in order), seeded per completion."""
+        g = self.group_size
+        ids = [p.ids for p in prompts for _ in range(g)]
+        seeds = [row_seed(self.config.run.seed, step, first_index * g + i) for i in range(len(ids))]
+        completions = self.engine.generate(ids, self.sampling, self.stop_ids, record_routing=record_routing,
+                                           row_seeds=seeds)
+        if len(completions) != len(ids):
+            raise PolytrainError(f"the rollout engine returned {len(completions)} completions for {len(ids)} prompts")
+        return [(prompts[i // g], c) for i, c in enumerate(completions)]
+
+    def make_rollout(self, prompt: PromptItem, completion: Completion) -> Rollout:
+        tokens, finished = list(completion.tokens), completion.finished
+        text = self._text(tokens, finished)
+        tokens, finished, text = self._apply_stop_strings(tokens, finished, text)
+        ids = prompt.ids + tokens
+        sample = make_sample(ids, [False] * len(prompt.ids) + [True] * len(tokens), len(ids))
+        routing = None
+        if completion.routing is not None:
+            routing = [r[: len(ids) - 1] for r in completion.routing]
+        return Rollout(prompt, tokens, finished, text, sample, routing=routing)
+
+    def _text(self, tokens: list[int], finished: bool) -> str:
+        body = tokens[:-1] if finished and tokens and tokens[-1] in self.stop_ids else tokens
+        return self.ctx.tokenizer.decode(body)
+
+    def stop_strings(self) -> list[str]:
+        return []
+
+    def _apply_stop_strings(self, tokens: list[int], finished: bool, text: str) -> tuple[list[int], bool, str]:
+        """Cut at the first configured stop string: the completion keeps the tokens up to the one that completes it."""
+        cuts = [i for s in self.stop_strings() if (i := text.find(s)) >= 0]
+        if not cuts:
+            return tokens, finished, text
+        decode = self.ctx.tokenizer.decode
+        for k in range(1, len(tokens) + 1):
+            if any(s in decode(tokens[:k]) for s in self.stop_strings()):
+                return tokens[:k], True, text[: min(cuts)]
+        return tokens, finished, text
+
+    def rollout(self, prompts: list[PromptItem], step: int) -> list[Rollout]:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------------------ log-probs
+    def batch(self, rollouts: list[Rollout]) -> Batch:
+        return collate([r.sample for r in rollouts], self.config.data.max_seq_len,
+                       packing=False).to(self.ctx.device)
+
+    def routing_for(self, rollouts: list[Rollout], batch: Batch) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        if rollouts[0].routing is None:
+            return None
+        return [(e.to(batch.input_ids.device), k.to(batch.input_ids.device))
+                for e, k in batch_routing([r.routing for r in rollouts], batch.input_ids.shape[1])]
+
+    def logits(self, model: nn.Module, rollouts: list[Rollout], batch: Batch) -> torch.Tensor:
+        """Full-vocabulary logits (distillation compares whole distributions), routing replayed."""
+        with replayed(model, self.routing_for(rollouts, batch)), self.ctx.autocast():
+            return model(batch.input_ids, position_ids=batch.position_ids, token_mask=batch.doc_ids >= 0)
+
+    def logprobs(self, model: nn.Module, rollouts: list[Rollout], batch: Batch) -> torch.Tensor:
+        """log p of each label token (chunked output head: no full-vocabulary logits), routing replayed."""
+        with replayed(model, self.routing_for(rollouts, batch)), self.ctx.autocast():
+            return batch_logprobs(model, batch)
+
+    def per_token(self, batch: Batch, rollouts: list[Rollout], attr: str) -> torch.Tensor:
+        """A stored per-completion-token value laid out like `batch.labels` (0 elsewhere)."""
+        out = torch.zeros(batch.labels.shape, dtype=torch.float32, device=batch.labels.device)
+        for row, r in enumerate(rollouts):
+            out[row, r.span] = getattr(r, attr).to(out.device)
+        return out
+
+    @torch.no_grad()
+    def store_logprobs(self, model: nn.Module, rollouts: list[Rollout], attr: str) -> None:
+        """Per-token log-probs of each rollout's completion under `model`, kept on the rollout (CPU)."""
+        was_training = model.training
+        model.eval()  # no expert-load counting for passes that are not trained on
+        for micro in chunks(rollouts, self.config.train.micro_batch_size):
+            batch = self.batch(micro)
+            logp = self.logprobs(model, micro, batch).cpu()
+            for row, r in enumerate(micro):
+                setattr(r, attr, logp[row, r.span].clone())
+        model.train(was_training)
+
+    def end_step(self, step: int) -> None:
+        if step % self.steps_per_rollout == 0 and not isinstance(self.engine, BuiltinEngine):
+            self.engine.update_weights(full_weights(self.model))
