@@ -33,12 +33,15 @@ demo: $(VENV)/.test
 test: $(VENV)/.test
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m pytest -q
 
+# Each benchmark rewrites its one results file, benchmarks/results/<name>.json, stamped with commit, date and machine.
 bench: $(VENV)/.test
 	$(PY) benchmarks/convert_memory.py
 	$(PY) benchmarks/parallel_memory.py
 	$(PY) benchmarks/export_memory.py
 	$(VENV)/bin/polytrain bench examples/sft_tiny.toml --steps 20 --json benchmarks/results/bench_cpu_tiny.json
+	$(PY) benchmarks/provenance.py benchmarks/results/bench_cpu_tiny.json
 	$(PY) benchmarks/decode_speed.py
+	$(PY) benchmarks/plan_validation.py
 	$(PY) benchmarks/vs_transformers.py --profile
 	$(PY) benchmarks/gemm_shapes.py
 	$(PY) benchmarks/audit_speed.py

@@ -18,7 +18,7 @@ from polytrain.plan import cli as plan_cli
 
 BENCH_EPILOG = """\
 Runs the job's real training step (same Trainer, layout and precision as `polytrain sft|dpo|... CONFIG`) in a
-throw-away run directory: --warmup untimed steps, then --steps timed ones. MFU is model FLOPs (polytrain.plan.flops,
+temporary run directory: --warmup untimed steps, then --steps timed ones. MFU is model FLOPs (polytrain.plan.flops,
 no recomputation counted) over the peak: a measured large-matmul peak unless --peak-flops gives the spec figure.
 Multi-device: launch with torchrun like any job. Figures are for the whole job; rank 0 prints and writes them.
 examples:

@@ -50,9 +50,9 @@ class CPUBackend(Backend):
 
     @property
     def amp_dtype(self) -> torch.dtype | None:
-        """None: on the small models a CPU trains, autocast casts cost more than bf16 matmuls save (measured:
-        tiny preset 15.4k tok/s fp32 vs 13.7k bf16). `precision = "bf16"` still turns it on where the CPU has
-        bf16 instructions (`capabilities.bf16`)."""
+        """None: on the small models a CPU trains, autocast casts cost more than bf16 matmuls save (`polytrain bench
+        examples/sft_tiny.toml --set run.precision=...` compares them). `precision = "bf16"` still turns it on where
+        the CPU has bf16 instructions (`capabilities.bf16`)."""
         return None
 
     def prepare_training(self) -> None:

@@ -1,7 +1,7 @@
 """Benchmark a job config: the real training step (data, forward, backward, clipping, optimizer), timed.
 
 The job is built exactly as `polytrain sft|dpo|... CONFIG` builds it (same Trainer, same parallel layout, same
-precision), in a throw-away run directory. The first `warmup` steps (allocation, autotuning, first-touch) are not
+precision), in a temporary run directory. The first `warmup` steps (allocation, autotuning, first-touch) are not
 timed; each measured step is bracketed by device synchronisation.
 """
 
@@ -30,7 +30,7 @@ def bench_job(
     peak_flops: float | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Run `warmup` + `steps` optimizer steps of the job; return the figures (see README, "Performance")."""
+    """Run `warmup` + `steps` optimizer steps of the job; return the figures (see docs/performance.md)."""
     from polytrain.train.trainer import Trainer
 
     if steps < 2:

@@ -29,10 +29,12 @@ register(ObjectiveEntry(
     epilog="""\
 data: JSONL conversations, one per line: {"messages": [{"role": "user", "content": "..."}, {"role": "assistant",
 "content": "..."}]}.
+
 examples:
   polytrain sft examples/sft_tiny.toml
   polytrain sft examples/sft_tiny.toml --set train.steps=50 --set run.output_dir=runs/short
   polytrain sft examples/sft_tiny.toml --resume          # continue from the newest checkpoint
+
 """ + _COMMON_EPILOG.format(name="sft"),
 ))
 
@@ -43,10 +45,12 @@ register(ObjectiveEntry(
     objective="polytrain.objectives.preference:DPOObjective",
     section="polytrain.algorithms.preference:DPOConfig",
     epilog=_PAIRS + """\
+
 examples:
   polytrain dpo examples/dpo_tiny.toml
   polytrain dpo examples/dpo_tiny.toml --set dpo.loss="ipo" --set dpo.beta=0.5
   polytrain dpo examples/dpo_tiny.toml --precompute-reference runs/pairs_with_ref.jsonl
+
 """ + _COMMON_EPILOG.format(name="dpo"),
     flags=(Flag("--precompute-reference", "OUT.jsonl", "write the training pairs with the starting model's "
                 "log-probabilities (then train with dpo.reference = \"precomputed\" and data.train_path = OUT.jsonl: "
@@ -60,8 +64,10 @@ register(ObjectiveEntry(
     "ones.",
     objective="polytrain.objectives.preference:RewardObjective",
     epilog=_PAIRS + """\
+
 examples:
   polytrain rm examples/rm_tiny.toml
+
 """ + _COMMON_EPILOG.format(name="rm"),
 ))
 
@@ -74,9 +80,11 @@ register(ObjectiveEntry(
     section="polytrain.algorithms.grpo:GRPOConfig",
     section_defaults="polytrain.algorithms.grpo:grpo_table",
     epilog=_PROMPTS + """\
+
 examples:
   polytrain grpo examples/grpo_tiny.toml
   polytrain grpo examples/grpo_tiny.toml --set grpo.preset="trl" --set grpo.group_size=8
+
 """ + _COMMON_EPILOG.format(name="grpo"),
 ))
 
@@ -89,8 +97,10 @@ register(ObjectiveEntry(
     section="polytrain.algorithms.distill:DistillConfig",
     epilog=_PROMPTS + """\
 Teachers are run directories (distill.teachers) with the student's tokenizer and chat template.
+
 examples:
   polytrain distill examples/distill_tiny.toml --set distill.teachers='["runs/teacher"]'
+
 """ + _COMMON_EPILOG.format(name="distill"),
 ))
 

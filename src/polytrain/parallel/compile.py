@@ -2,9 +2,8 @@
 
 Blocks of one kind share their compiled code, so the compile cost is that of one dense and one MoE block however
 deep the model, and FSDP / activation-checkpointing wrappers stay outside the compiled regions. What it buys is
-fusion of the elementwise work between the matmuls (norms, SwiGLU, rotary, router scoring): on a 2-core CPU about
-0.2 s of a 7-8 s step on the 232M-parameter benchmark model and nothing on the tiny preset, for a compile of 10-15 s
-(README, "Performance"), so it is off by default.
+fusion of the elementwise work between the matmuls (norms, SwiGLU, rotary, router scoring), for a compile at the
+first step; off by default (`python benchmarks/vs_transformers.py --compile` measures it against eager).
 """
 
 from __future__ import annotations

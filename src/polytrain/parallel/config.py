@@ -48,8 +48,8 @@ class ParallelConfig:
         choices=AC_MODULES,
     )
     compile: bool = option(False, "torch.compile each decoder block (regional: one compile per block kind, reused "
-                           "across layers). Costs a compile at the first step (10-15 s on a 2-core CPU); fuses the "
-                           "elementwise work between matmuls.")
+                           "across layers). Costs a compile at the first step; fuses the elementwise work between "
+                           "matmuls.")
     reshard_after_forward: bool = option(True, "FSDP: free gathered parameters after forward (ZeRO-3); false keeps "
                                          "them until backward (ZeRO-2-like, more memory, less communication).")
     param_dtype: Literal["fp32", "bf16"] = option("fp32", "FSDP mixed precision: dtype of gathered parameters.")

@@ -24,9 +24,8 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, foreach: bool = True) -> torch.optim.Optimizer:
-    """AdamW: the fused kernel (one pass over each parameter; on CPU 5-8x faster than the multi-tensor path,
-    measured by benchmarks/vs_transformers.py's profile) where torch has one for the parameters' device; else the
-    multi-tensor path. `foreach=False` for sharded models, whose parameters may live on different meshes."""
+    """AdamW: the fused kernel (one pass over each parameter) where torch has one for the parameters' device; else
+    the multi-tensor path. `foreach=False` for sharded models, whose parameters may live on different meshes."""
     groups = parameter_groups(model, cfg.weight_decay)
     fused = foreach and _fused_supported(p for group in groups for p in group["params"])
     return torch.optim.AdamW(

@@ -29,7 +29,7 @@ class DeepSeekV3Config(ModelConfig):
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # Trains on a 2-core CPU in about a minute; keeps every architectural feature of the V3 family.
+    # The demo model: small enough to train on a CPU; keeps every architectural feature of the V3 family.
     "tiny": dict(
         preset="tiny",
         vocab_size=128,
