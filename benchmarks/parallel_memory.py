@@ -51,10 +51,11 @@ def worker(out: str, degrees: str) -> None:
     optimizer = build_optimizer(model, TrainConfig(), foreach=False)
     tokens = torch.randint(0, 128, (4, 64))
     if runtime.pipeline is not None:
-        from polytrain.data.packing import Batch
+        def loss(output, index: int) -> torch.Tensor:  # the last stage's loss of micro-batch `index` (2 rows each)
+            return model.lm_head.loss_sum(output.hidden, tokens[2 * index : 2 * index + 2])
 
-        batch = Batch(tokens, tokens, torch.arange(64).expand(4, 64), torch.zeros(4, 64, dtype=torch.long), 4)
-        runtime.pipeline.train_step(batch, 1.0)
+        positions, documents = torch.arange(64).expand(4, 64), torch.zeros(4, 64, dtype=torch.long)
+        runtime.pipeline.run(tokens, positions, documents, loss)
     else:
         model(tokens).float().pow(2).mean().backward()
     optimizer.step()

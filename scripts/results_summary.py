@@ -1,0 +1,102 @@
+"""Print the headline figure of every benchmark's results file as one Markdown table (the README's and
+docs/performance.md's results table): the figure, the command that measures it, the file, its commit and date.
+
+Usage: python scripts/results_summary.py [--results benchmarks/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _vs_transformers(d: dict[str, Any]) -> str:
+    ours = d["results"]["polytrain"]
+    return (f"x{d['speedup_vs_fastest_peer']:.2f} tokens/s and x{d['memory_ratio_vs_fastest_peer']:.2f} peak memory "
+            f"vs transformers' fastest setting ({d['peer_fastest']}); {ours['mfu_vs_measured_matmul']:.1%} of the "
+            "measured matmul peak")
+
+
+def _gemm_shapes(d: dict[str, Any]) -> str:
+    return f"MFU ceiling of the same model's GEMM shapes: {d['ceiling']['ceiling_mfu']:.1%}"
+
+
+def _bench(d: dict[str, Any]) -> str:
+    return (f"tiny demo job: {d['tokens_per_s']:,.0f} tokens/s, {d['mfu']:.1%} of the measured "
+            f"{d['precision']} matmul peak")
+
+
+def _decode(d: dict[str, Any]) -> str:
+    return (f"MLA absorbed decode x{d['speedup']:.1f} the expanded one "
+            f"({d['results']['absorbed']['decode_tokens_per_s']:.0f} vs "
+            f"{d['results']['expanded']['decode_tokens_per_s']:.0f} tokens/s)")
+
+
+def _convert(d: dict[str, Any]) -> str:
+    rows = d["rows"]
+    return ("FP8 -> bf16 conversion peak over baseline: " + " / ".join(
+        f"{r['peak_over_baseline_mib']:.0f} MiB for {r['checkpoint_mib'] / 1024:.1f} GiB" for r in rows)
+            + " (flat in checkpoint size)")
+
+
+def _export(d: dict[str, Any]) -> str:
+    over = d["streamed_peak_rss_mib"] - d["baseline_rss_mib"]
+    full = d["full_model_peak_rss_mib"] - d["baseline_rss_mib"]
+    return (f"streamed export of a {d['checkpoint_mib'] / 1024:.1f} GiB checkpoint: {over:.0f} MiB over baseline "
+            f"({full:.0f} MiB loading the model whole)")
+
+
+def _parallel(d: dict[str, Any]) -> str:
+    shares = {row["layout"]: row["largest_param_share"] for row in d["rows"]}
+    return "parameters per rank: " + ", ".join(f"{name} {share:.2f}" for name, share in shares.items()
+                                               if name != "single process")
+
+
+def _plan(d: dict[str, Any]) -> str:
+    errors = [abs(row["error"]) for row in d["rows"] if "error" in row]
+    return f"planner vs measured peak memory: worst error {max(errors):.1%} ({len(errors)} cases)"
+
+
+def _audit(d: dict[str, Any]) -> str:
+    return f"audit: {d['lines_per_s']:,.0f} lines/s over {d['total_lines']:,} lines (torch + transformers)"
+
+
+BENCHMARKS: list[tuple[str, str, Callable[[dict[str, Any]], str]]] = [
+    ("vs_transformers", "python benchmarks/vs_transformers.py --profile", _vs_transformers),
+    ("gemm_shapes", "python benchmarks/gemm_shapes.py", _gemm_shapes),
+    ("bench_cpu_tiny", "polytrain bench examples/sft_tiny.toml --steps 20", _bench),
+    ("decode_speed", "python benchmarks/decode_speed.py", _decode),
+    ("parallel_memory", "python benchmarks/parallel_memory.py", _parallel),
+    ("convert_memory", "python benchmarks/convert_memory.py", _convert),
+    ("export_memory", "python benchmarks/export_memory.py", _export),
+    ("plan_validation", "python benchmarks/plan_validation.py", _plan),
+    ("audit_speed", "python benchmarks/audit_speed.py", _audit),
+]
+
+
+def table(results: Path) -> str:
+    lines = ["| result | command | file (commit, date) |", "|---|---|---|"]
+    for name, command, headline in BENCHMARKS:
+        path = results / f"{name}.json"
+        data = json.loads(path.read_text())
+        where = f"`{path.relative_to(ROOT)}` ({data.get('commit', '?')}, {str(data.get('date', '?'))[:10]})"
+        lines.append(f"| {headline(data)} | `{command}` | {where} |")
+    machines = {json.loads((results / f"{name}.json").read_text()).get("machine", "?") for name, _, _ in BENCHMARKS}
+    lines += ["", "Machine: " + "; ".join(sorted(machines)) + "."]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
+    args = parser.parse_args()
+    print(table(Path(args.results).resolve()))
+
+
+if __name__ == "__main__":
+    main()
