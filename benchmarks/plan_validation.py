@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from provenance import write_results  # benchmarks/provenance.py
 
-from polytrain.models import preset
+from polytrain.models import preset, spec_for
 from polytrain.plan.flops import flops_per_token
 from polytrain.plan.hardware import load_chip
 from polytrain.plan.layout import Job, Layout
@@ -37,7 +37,8 @@ def rows() -> list[dict]:
                                         ("tiny", "selective", 4, 256), ("tiny-v4", "none", 2, 256),
                                         ("tiny-v4", "full", 2, 256)]:
         config = preset(name, **PRESETS[name])
-        job = Job(config, seq, rows_ * seq, activation_bytes=4, fused_attention=not config.is_v4, mtp=False)
+        job = Job(config, seq, rows_ * seq, activation_bytes=4, mtp=False,
+                  fused_attention=spec_for(config).planner.fused_attention)
         predicted = device_memory(job, Layout(micro_batch=rows_, recompute=recompute)).device
         measured = measured_peak(name, recompute, rows_, seq)
         out.append({"case": f"peak MiB, {name} (widened), AC {recompute}, {rows_} x {seq}",

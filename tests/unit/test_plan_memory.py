@@ -19,7 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from polytrain.config import TrainConfig
-from polytrain.models import build_model, preset
+from polytrain.models import build_model, preset, spec_for
 from polytrain.parallel.checkpointing import apply_activation_checkpointing
 from polytrain.parallel.config import ParallelConfig
 from polytrain.plan.layout import Job, Layout
@@ -95,8 +95,8 @@ def measured_peak(name: str, recompute: str, rows: int, seq: int) -> int:
     ("tiny", "none", 2, 256), ("tiny", "full", 4, 256), ("tiny", "selective", 4, 256), ("tiny-v4", "none", 2, 256)])
 def test_predicted_peak_within_15_percent_of_measured(name, recompute, rows, seq):
     config = preset(name, **PRESETS[name])
-    # fp32 activations; MLA takes SDPA's fused kernel on the CPU, V4 attention is polytrain's reference code
-    job = Job(config, seq, rows * seq, activation_bytes=4, fused_attention=config.architecture == "deepseek_v3",
+    # fp32 activations; attention as polytrain's implementation of the family computes it
+    job = Job(config, seq, rows * seq, activation_bytes=4, fused_attention=spec_for(config).planner.fused_attention,
               mtp=False)
     predicted = device_memory(job, Layout(micro_batch=rows, recompute=recompute)).device
     measured = measured_peak(name, recompute, rows, seq)

@@ -41,6 +41,10 @@ class HFFormat(Protocol):
 class PlannerHooks(Protocol):
     """The family-specific parts of `polytrain plan`'s model (plan/flops.py, memory.py, timing.py)."""
 
+    fused_attention: bool
+    """Whether the family's attention in polytrain keeps no sequence x sequence matrix for backward (a fused,
+    flash-style kernel); False: it materialises the scores, as a reference implementation does."""
+
     def attention_flops(self, config: ModelConfig, layer: int, seq_len: int, dense: bool) -> tuple[float, float]:
         """Forward FLOPs per token of layer `layer`'s attention: (projections, scores + context)."""
 

@@ -26,6 +26,8 @@ def mean_entries(seq_len: int, ratio: int, cap: int | None) -> float:
 
 
 class V4Planner:
+    fused_attention = False  # the dense reference attention materialises [B, H, S, S + T] scores
+
     def attention_flops(self, c: DeepSeekV4Config, layer: int, seq_len: int, dense: bool) -> tuple[float, float]:
         """Forward FLOPs per token of hybrid attention (models/deepseek_v4/attention.py): (projections, core).
         Counted as the architecture defines it: the sliding window (min(i, window) keys), the compressed entries a
