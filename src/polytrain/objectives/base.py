@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -172,6 +173,16 @@ class Objective:
     # ------------------------------------------------------------------------------------------------- eval
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         return {}
+
+    def eval_share(self) -> tuple[list[Any], int]:
+        """This data-parallel rank's eval items (every dp_size-th), and how many micro-batches every rank runs
+        (the same count everywhere, so the collectives inside the forwards pair up; eval.max_batches caps it)."""
+        collectives, mbs = self.ctx.collectives, self.config.train.micro_batch_size
+        items = self.eval_items or []
+        count = math.ceil(math.ceil(len(items) / collectives.dp_size) / mbs)
+        if self.config.eval.max_batches:
+            count = min(count, self.config.eval.max_batches)
+        return items[collectives.dp_rank :: collectives.dp_size], count
 
     # ------------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

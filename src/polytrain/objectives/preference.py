@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -49,11 +48,8 @@ class PairObjective(Objective):
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         if not self.eval_items:
             return {}
-        collectives, mbs = self.ctx.collectives, self.config.train.micro_batch_size
-        mine = self.eval_items[collectives.dp_rank :: collectives.dp_size]
-        count = math.ceil(math.ceil(len(self.eval_items) / collectives.dp_size) / mbs)
-        if self.config.eval.max_batches:
-            count = min(count, self.config.eval.max_batches)
+        mbs = self.config.train.micro_batch_size
+        mine, count = self.eval_share()
         model.eval()
         sums = torch.zeros(len(self.sum_keys) + 1, dtype=torch.float64)
         ctx = {"pairs": 1, "chosen_tokens": 1}
@@ -65,7 +61,7 @@ class PairObjective(Objective):
             for i, key in enumerate(self.sum_keys):
                 sums[i] += weight * float(parts.get(key, 0.0))
             sums[-1] += weight * len(micro)
-        collectives.dp_sum(sums)
+        self.ctx.collectives.dp_sum(sums)
         model.train()
         values = dict(zip(self.sum_keys, sums.tolist()))
         pairs = max(float(sums[-1]), 1.0)

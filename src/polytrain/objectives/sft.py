@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -70,11 +69,8 @@ class SFTObjective(Objective):
         micro-batch whose loss counts zero."""
         if not self.eval_items:
             return {}
-        collectives, mbs = self.ctx.collectives, self.config.train.micro_batch_size
-        mine = self.eval_items[collectives.dp_rank :: collectives.dp_size]
-        count = math.ceil(math.ceil(len(self.eval_items) / collectives.dp_size) / mbs)
-        if self.config.eval.max_batches:
-            count = min(count, self.config.eval.max_batches)
+        mbs = self.config.train.micro_batch_size
+        mine, count = self.eval_share()
         micro = [mine[b * mbs : (b + 1) * mbs] for b in range(count)]
         filler = self.eval_items[:1]
         keys = ("loss_sum", "tokens")

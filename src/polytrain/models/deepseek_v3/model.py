@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 from polytrain.models.common.decoder import DecoderLM
+from polytrain.models.common.init import generator_for, init_shared
 from polytrain.models.common.layers import RMSNorm, SwiGLU
-from polytrain.models.common.moe import GroupedExperts, MoE, Router
+from polytrain.models.common.moe import MoE
 from polytrain.models.common.output_head import OutputHead
 from polytrain.models.common.rope import RotaryEmbedding
 from polytrain.models.deepseek_v3.attention import MLA
@@ -185,21 +186,8 @@ class DeepSeekV3LM(DecoderLM):
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
-        """Normal(0, initializer_range) for every matrix, ones for norms, zero router bias."""
-        generator = None
-        if seed is not None:
-            generator = torch.Generator(device=self.embed_tokens.weight.device).manual_seed(seed)
-        std = self.config.initializer_range
+        """Normal(0, initializer_range) for every matrix, ones for norms, zero biases and router bias
+        (models.common.init)."""
+        generator = generator_for(self.embed_tokens.weight.device, seed)
         for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                module.weight.normal_(0.0, std, generator=generator)
-                if getattr(module, "bias", None) is not None:
-                    module.bias.zero_()
-            elif isinstance(module, RMSNorm):
-                module.weight.fill_(1.0)
-            elif isinstance(module, Router):
-                module.weight.normal_(0.0, std, generator=generator)
-                module.e_score_correction_bias.zero_()
-            elif isinstance(module, GroupedExperts):
-                module.gate_up_proj.normal_(0.0, std, generator=generator)
-                module.down_proj.normal_(0.0, std, generator=generator)
+            init_shared(module, self.config.initializer_range, generator)

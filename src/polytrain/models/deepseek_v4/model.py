@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 from polytrain.models.common.decoder import DecoderLM, shift_left
+from polytrain.models.common.init import generator_for, init_shared
 from polytrain.models.common.layers import RMSNorm
-from polytrain.models.common.moe import GroupedExperts, HashRouter, MoE, Router
+from polytrain.models.common.moe import MoE
 from polytrain.models.common.output_head import OutputHead
 from polytrain.models.common.rope import RotaryEmbedding
 from polytrain.models.deepseek_v4.attention import Compressor, HybridAttention
@@ -146,30 +147,14 @@ class DeepSeekV4LM(DecoderLM):
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
-        """Normal(0, initializer_range) for matrices and mHC maps; ones for norms and mHC scales; zeros for
-        biases, sinks and pooling biases; a seeded random expert table for hash-routed layers."""
-        generator = None
-        if seed is not None:
-            generator = torch.Generator(device=self.embed_tokens.weight.device).manual_seed(seed)
-        cfg = self.config
-        std = cfg.initializer_range
+        """The shared blocks as models.common.init does; normal(0, initializer_range) mHC maps, ones for mHC scales,
+        zeros for their biases, the attention sinks and the pooling biases."""
+        generator = generator_for(self.embed_tokens.weight.device, seed)
+        std = self.config.initializer_range
         for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                module.weight.normal_(0.0, std, generator=generator)
-            elif isinstance(module, RMSNorm):
-                module.weight.fill_(1.0)
-            elif isinstance(module, (Router, HashRouter)):
-                module.weight.normal_(0.0, std, generator=generator)
-                if isinstance(module, Router):
-                    module.e_score_correction_bias.zero_()
-                else:
-                    scores = torch.rand(cfg.vocab_size, cfg.n_routed_experts, generator=generator,
-                                        device=module.weight.device)
-                    module.tid2eid.copy_(scores.argsort(dim=-1)[:, : cfg.num_experts_per_tok])
-            elif isinstance(module, GroupedExperts):
-                module.gate_up_proj.normal_(0.0, std, generator=generator)
-                module.down_proj.normal_(0.0, std, generator=generator)
-            elif isinstance(module, HyperConnection):
+            if init_shared(module, std, generator):
+                continue
+            if isinstance(module, HyperConnection):
                 module.fn.normal_(0.0, std, generator=generator)
                 module.base.zero_()
                 module.scale.fill_(1.0)
