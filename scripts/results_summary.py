@@ -17,9 +17,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _vs_transformers(d: dict[str, Any]) -> str:
     ours = d["results"]["polytrain"]
+    peer = d["peer_fastest"].removeprefix("transformers (").removesuffix(")")
     return (f"x{d['speedup_vs_fastest_peer']:.2f} tokens/s and x{d['memory_ratio_vs_fastest_peer']:.2f} peak memory "
-            f"vs transformers' fastest setting ({d['peer_fastest']}); {ours['mfu_vs_measured_matmul']:.1%} of the "
-            "measured matmul peak")
+            f"vs transformers' fastest setting ({peer}); {ours['mfu_vs_measured_matmul']:.1%} of the measured matmul "
+            "peak")
 
 
 def _gemm_shapes(d: dict[str, Any]) -> str:
@@ -53,8 +54,8 @@ def _export(d: dict[str, Any]) -> str:
 
 def _parallel(d: dict[str, Any]) -> str:
     shares = {row["layout"]: row["largest_param_share"] for row in d["rows"]}
-    return "parameters per rank: " + ", ".join(f"{name} {share:.2f}" for name, share in shares.items()
-                                               if name != "single process")
+    return "share of the parameters per rank: " + "; ".join(f"{name}: {share:.2f}" for name, share in shares.items()
+                                                            if name != "single process")
 
 
 def _plan(d: dict[str, Any]) -> str:
