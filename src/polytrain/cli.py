@@ -130,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
     export.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
     export.add_argument("--max-shard-gb", type=float, default=5.0, help="largest shard size in GiB")
+    export.add_argument("--workers", type=int, default=1, help="processes writing shards in parallel (each holds "
+                        "one tensor at a time)")
     export.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     plan_cli.add_parser(commands)
     audit_cli.add_parser(commands)
@@ -279,7 +281,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from polytrain.train.export import export_run
 
     out, step = export_run(args.run_dir, args.out, args.step, getattr(torch, DTYPES[args.dtype]),
-                           int(args.max_shard_gb * 2**30), args.overwrite)
+                           int(args.max_shard_gb * 2**30), args.overwrite, args.workers)
     print(json.dumps({"out": str(out), "step": step}))
     return 0
 

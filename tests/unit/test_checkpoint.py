@@ -98,7 +98,10 @@ def test_manifest_records_size_and_checksum_of_every_file(tmp_path):
     manifest = json.loads((tmp_path / "step_00000001" / "manifest.json").read_text())
     files = set(p.name for p in (tmp_path / "step_00000001").iterdir()) - {"manifest.json"}
     assert set(manifest["files"]) == files and {".metadata", "trainer_state.json"} <= files
-    assert all(len(info["crc32"]) == 8 and info["size"] > 0 for info in manifest["files"].values())
+    assert all(info["size"] > 0 for info in manifest["files"].values())
+    # DCP's metadata grows with ranks x tensors: recorded by size (its loader validates its structure)
+    assert all(len(info["crc32"]) == 8 for name, info in manifest["files"].items() if name != ".metadata")
+    assert manifest["files"][".metadata"]["crc32"] is None
 
 
 @pytest.mark.parametrize("damage", ["truncate", "bit_flip", "delete_manifest"])

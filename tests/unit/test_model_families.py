@@ -86,7 +86,7 @@ def test_tensor_names_round_trip_for_every_toy_preset(name):
     target = spec_for(config).build(config, "cpu", seed=1)
     with torch.no_grad():
         for key, dest in target.state_dict().items():
-            names.load_into(key, dest, lambda hf_name, shape: released[hf_name])
+            names.load_into(key, dest, lambda hf, indices, shape: released[hf][torch.meshgrid(*indices, indexing="ij")])
     for key, tensor in source.state_dict().items():
         assert torch.equal(tensor, target.state_dict()[key]), key
 
@@ -109,3 +109,14 @@ def test_a_preset_and_a_contradicting_architecture_are_refused():
         model_config_from_table({"preset": "tiny", "architecture": other})
     with pytest.raises(ConfigError, match="not a registered model family"):
         model_config_from_table({"preset": "custom", "architecture": "llama"})
+
+
+@pytest.mark.parametrize("name", ["tiny-v3", "tiny-v4"])
+def test_tied_embeddings_stay_one_tensor_off_the_meta_device(name):
+    """Moving a model off the meta device gives plain parameters new objects: the tie is made again."""
+    from polytrain.models import model_config_from_table
+
+    config = model_config_from_table({"preset": name, "tie_word_embeddings": True})
+    model = spec_for(config).build(config, "cpu", seed=0)
+    assert model.lm_head.weight is model.embed_tokens.weight
+    assert sum(1 for _ in model.parameters()) == len(dict(model.named_parameters()))

@@ -9,6 +9,7 @@ from torch import nn
 
 from polytrain.models.common.config import ModelConfig
 from polytrain.models.common.decoder import DecoderLM
+from polytrain.models.common.init import on_meta
 from polytrain.models.registry import spec_for
 
 
@@ -32,12 +33,6 @@ class RewardHead:
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         return self.score_head(hidden[rows, last_index]).squeeze(-1).float()
 
-    @torch.no_grad()
-    def init_weights(self, seed: int | None = None) -> None:
-        super().init_weights(seed)
-        generator = torch.Generator(device=self.score_head.weight.device).manual_seed((seed or 0) + 1)
-        self.score_head.weight.normal_(0.0, self.config.initializer_range, generator=generator)
-
 
 @cache
 def reward_model_class(model_class: type[DecoderLM]) -> type[DecoderLM]:
@@ -46,8 +41,10 @@ def reward_model_class(model_class: type[DecoderLM]) -> type[DecoderLM]:
 
 def build_reward_model(config: ModelConfig, device: torch.device | str, seed: int | None = 0) -> DecoderLM:
     """The reward model of `config`'s family on `device`, initialised from `seed` (meta: uninitialised)."""
-    with torch.device(device):
+    with on_meta():
         model = reward_model_class(spec_for(config).model_class)(config)
     if torch.device(device).type != "meta":
+        model.to_empty(device=device)
+        model.tie_weights()
         model.init_weights(seed)
     return model

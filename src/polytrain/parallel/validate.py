@@ -73,6 +73,8 @@ def engine_gaps(model: ModelConfig, d: Degrees) -> list[str]:
         gaps.append("ZeRO-1 (polytrain shards with FSDP: zero 2 or 3)")
     if d.offload == "optimizer":
         gaps.append("optimizer-only offload (polytrain offloads parameters, gradients and optimizer together)")
+    if d.pp > 1 and model.tie_word_embeddings:
+        gaps.append("tied input / output embeddings under pipeline parallelism (they live on different stages)")
     if d.pp > 1 and d.schedule not in ENGINE_SCHEDULES:
         gaps.append(f"the {d.schedule} schedule")
     return gaps

@@ -2,10 +2,12 @@
 
 Layout of one checkpoint, root/step_00000100/: the DCP shards of {"model", "optim"} (`__<rank>_<n>.distcp` and
 `.metadata`), `trainer_state.json` (step, data position, guard and metrics state; the learning rate is a function
-of the step), one `rng_rank<r>.pt` per rank and, written last, `manifest.json` with every file's size and CRC32.
+of the step), one `rng_rank<r>.pt` per rank and, written last, `manifest.json` with every file's size and CRC32 (DCP's
+`.metadata`, which grows with ranks x tensors: its size).
 A save goes to `step_X.tmp/` and is renamed into place only once every rank's files are written and checksummed, so
 a crash or a full disk mid-save never leaves a checkpoint that looks valid, and never touches the previous ones.
-Each rank checksums the files it wrote, so the cost does not grow with the world size.
+Each rank checksums the files it wrote, and on resume each rank checks a 1 / world share of the files, so the cost
+per rank does not grow with the world size.
 """
 
 from __future__ import annotations
@@ -47,12 +49,23 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _all_ok(ok: bool) -> bool:
+DCP_METADATA = ".metadata"
+
+
+def _all_ok(ok: bool, device: torch.device | None = None) -> bool:
+    """Whether every rank passes `ok` (the flag travels on `device`: the job's device, for its process group)."""
     if not dist.is_initialized():
         return ok
-    flag = torch.tensor([0 if ok else 1])
+    flag = torch.tensor([0 if ok else 1], device=device)
     dist.all_reduce(flag)
     return int(flag) == 0
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    tensor = next(iter(model.state_dict().values()), None)
+    if tensor is None:
+        return torch.device("cpu")
+    return (tensor.to_local() if hasattr(tensor, "to_local") else tensor).device
 
 
 def checkpoint_root(run_dir: str | Path, directory: str = "") -> Path:
@@ -95,13 +108,14 @@ def _my_files(directory: Path) -> list[Path]:
     rank = _rank()
     mine = [p for p in directory.iterdir() if p.name.startswith(f"__{rank}_") or p.name == f"rng_rank{rank}.pt"]
     if rank == 0:
-        mine += [p for p in directory.iterdir() if p.name in (".metadata", TRAINER_STATE)]
+        mine += [p for p in directory.iterdir() if p.name in (DCP_METADATA, TRAINER_STATE)]
     return mine
 
 
 def problems(path: Path, check_sums: bool, share: tuple[int, int] = (0, 1)) -> list[str]:
     """What is wrong with a committed checkpoint (empty = valid). With `share` = (index, count), only every
-    count-th file from index is checksummed, so ranks can split the reading."""
+    count-th file of the manifest from index is checked, so the ranks of a job split the work: O(files / ranks)
+    stats and reads per rank, plus the manifest."""
     manifest_file = path / MANIFEST
     try:
         manifest = json.loads(manifest_file.read_text())
@@ -109,12 +123,14 @@ def problems(path: Path, check_sums: bool, share: tuple[int, int] = (0, 1)) -> l
         return [f"{manifest_file}: unreadable ({err})"]
     found = []
     for i, (name, info) in enumerate(sorted(manifest["files"].items())):
+        if i % share[1] != share[0]:
+            continue
         file = path / name
         if not file.is_file():
             found.append(f"{name} is missing")
         elif file.stat().st_size != info["size"]:
             found.append(f"{name} has {file.stat().st_size} bytes, the manifest says {info['size']}")
-        elif check_sums and i % share[1] == share[0] and crc32(file) != info["crc32"]:
+        elif check_sums and info["crc32"] is not None and crc32(file) != info["crc32"]:
             found.append(f"{name} fails its checksum (corrupted)")
     return found
 
@@ -124,8 +140,9 @@ class Checkpointer:
 
     def __init__(self, root: Path, keep_last: int, keep_every: int = 0, async_save: bool = False,
                  report: Callable[[str], None] = print, before_commit: Callable[[int], None] = lambda step: None,
-                 during_save: Callable[[int], None] = lambda step: None) -> None:
+                 during_save: Callable[[int], None] = lambda step: None, device: torch.device | None = None) -> None:
         self.root = root
+        self.device = device
         self.keep_last = keep_last
         self.keep_every = keep_every
         self.async_save = async_save
@@ -182,7 +199,7 @@ class Checkpointer:
 
     def poll(self) -> None:
         """Commit a background save once every rank's write has finished (call once per step, on every rank)."""
-        if self.async_save and _all_ok(self._pending is None or self._pending[2].done()) and self._pending:
+        if self.async_save and _all_ok(self._pending is None or self._pending[2].done(), self.device) and self._pending:
             self.wait()
 
     def wait(self) -> bool:
@@ -202,11 +219,12 @@ class Checkpointer:
         final = step_dir(self.root, step)
         sums: dict[str, dict[str, Any]] = {}
         if ok:
-            try:
-                sums = {p.name: {"size": p.stat().st_size, "crc32": crc32(p)} for p in _my_files(tmp)}
+            try:  # each rank sums its own files; DCP's .metadata (ranks x tensors entries) is checked by size
+                sums = {p.name: {"size": p.stat().st_size, "crc32": None if p.name == DCP_METADATA else crc32(p)}
+                        for p in _my_files(tmp)}
             except OSError as err:
                 ok, cause = False, f"{type(err).__name__}: {err}"
-        if not _all_ok(ok):
+        if not _all_ok(ok, self.device):
             if _rank() == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
             self.report(f"checkpoint of step {step} FAILED and was discarded ({cause or 'failed on another rank'}); "
@@ -233,7 +251,7 @@ class Checkpointer:
                 committed = False
             if committed:
                 self._prune()
-        return _all_ok(committed)
+        return _all_ok(committed, self.device)
 
     def _prune(self) -> None:
         found = list_checkpoints(self.root)
@@ -249,7 +267,7 @@ class Checkpointer:
         ones are reported and skipped."""
         for path in reversed(list_checkpoints(self.root)):
             found = problems(path, check_sums, (_rank(), _world()))
-            if _all_ok(not found):
+            if _all_ok(not found, self.device):
                 return path
             self.report(f"checkpoint {path.name} is unusable ({'; '.join(found) or 'failed on another rank'}); "
                         "falling back to the previous one")
@@ -264,9 +282,9 @@ def load_checkpoint(
     path = Path(path)
     if not (path / MANIFEST).is_file():
         raise CheckpointError(f"{path} is not a complete polytrain checkpoint (no {MANIFEST})")
-    found = problems(path, check_sums=False)
-    if found:
-        raise CheckpointError(f"checkpoint {path} is incomplete: {'; '.join(found)}")
+    found = problems(path, check_sums=False, share=(_rank(), _world()))
+    if not _all_ok(not found, _device_of(model)):
+        raise CheckpointError(f"checkpoint {path} is incomplete: {'; '.join(found) or 'see the other ranks'}")
     if optimizer is None:
         state = {"model": {k: v for k, v in model.state_dict().items() if k not in skip}}
         _dcp_quiet(dcp.load, state, checkpoint_id=str(path))

@@ -30,6 +30,7 @@ from polytrain.objectives import registry
 from polytrain.objectives.base import Objective
 from polytrain.objectives.context import ObjectiveContext
 from polytrain.parallel.runtime import ParallelRuntime
+from polytrain.parallel.shards import materialize, tensors_to_initialise
 from polytrain.train.checkpoint import Checkpointer, checkpoint_root, latest_checkpoint, load_checkpoint
 from polytrain.train.faults import Faults
 from polytrain.train.frozen import frozen_run_model, reference_model
@@ -112,6 +113,7 @@ class Trainer:
         self.checkpointer = Checkpointer(
             checkpoint_root(self.run_dir, ckpt.dir), ckpt.keep_last, ckpt.keep_every, ckpt.async_save,
             report=self._warn, before_commit=self.faults.before_commit, during_save=self.faults.during_save,
+            device=self.device,
         )
         self.resume_from = self.checkpointer.latest_valid(ckpt.verify_on_resume) if resume else None
         if resume and self.resume_from is None:
@@ -121,12 +123,17 @@ class Trainer:
         self.watchdog = Watchdog(self.run_dir / f"hang_rank{self.runtime.rank}.txt", wd.step_timeout_s > 0)
 
         self.backend.manual_seed(config.run.seed)
-        self.model = self.objective.build_model(self.device)
-        if self.resume_from is None:
-            self._load_initial_weights()
+        # Built on the meta device and laid out there; then only this rank's shards are allocated, initialised
+        # (as a function of seed, name and global index: the same values under any layout) and loaded.
+        full_model = self.objective.build_model("meta")
         train = config.train
-        self.model = self.runtime.parallelize(self.model, self.per_rank // train.micro_batch_size,
+        self.model = self.runtime.parallelize(full_model, self.per_rank // train.micro_batch_size,
                                               train.micro_batch_size, data.max_seq_len, self.objective.train_outputs)
+        only = tensors_to_initialise(full_model, bool(config.init.hf_path or config.init.from_run),
+                                     resumes=self.resume_from is not None)
+        materialize(self.model, full_model, self.device, config.run.seed, only)
+        if self.resume_from is None:
+            self._load_initial_weights(full_model)
         self.ctx.pipeline = self.runtime.pipeline
         self.model.train()
         self.objective.after_parallelize(self.model)
@@ -154,11 +161,11 @@ class Trainer:
         return self.backend.autocast(self.amp_dtype)
 
     # ----------------------------------------------------------------------------------------------- state
-    def _load_initial_weights(self) -> None:
-        """Weights of init.hf_path or init.from_run, for a run that starts at step 0 (loaded before sharding)."""
+    def _load_initial_weights(self, full_model: torch.nn.Module) -> None:
+        """Weights of init.hf_path or init.from_run, for a run that starts at step 0 (each rank its shards)."""
         from polytrain.train.init_weights import load_initial_weights
 
-        message = load_initial_weights(self.config.init, self.model)
+        message = load_initial_weights(self.config.init, self.model, full_model, self.runtime.all_agree)
         if message:
             self.console.print(message)
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from polytrain.models.common.config import ModelConfig
+from polytrain.models.common.init import InitRule, LocalIndices, full_indices, initialize, reset_buffers, shared_rule
 from polytrain.models.common.moe import Router
 from polytrain.models.common.output_head import OutputHead
 
@@ -56,7 +57,8 @@ class DecoderLM(nn.Module):
     - `run_mtp(module, previous, next_embeddings, inputs, depth)` -> (state for the next depth, hidden states);
     - `end_of_layers(inputs)`: after the last block (e.g. commit a KV cache);
     - `stage_modules(first, last)`: the modules besides decoder layers a pipeline stage holds;
-    - `init_weights(seed)`, and `new_cache(batch, max_len)` where `supports_kv_cache`.
+    - `init_rule(module, name)` for its own module types, and `new_cache(batch, max_len)` where
+      `supports_kv_cache`.
     """
 
     supports_kv_cache = False
@@ -99,8 +101,24 @@ class DecoderLM(nn.Module):
     def new_cache(self, batch: int, max_len: int) -> Any:
         raise NotImplementedError(f"{type(self).__name__} has no KV cache")
 
-    def init_weights(self, seed: int | None = None) -> None:
-        raise NotImplementedError
+    def init_rule(self, module: nn.Module, name: str) -> InitRule | None:
+        """How tensor `name` of `module` starts (models/common/init.py); a family adds its own modules' rules."""
+        return shared_rule(module, name, self.config.initializer_range)
+
+    @torch.no_grad()
+    def tie_weights(self) -> None:
+        """With tie_word_embeddings, make the output head use the embedding's weight (again: moving a model off
+        the meta device gives every plain parameter a new object)."""
+        if self.config.tie_word_embeddings and self.lm_head.weight is not self.embed_tokens.weight:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def init_weights(self, seed: int | None = 0, local_indices: LocalIndices = full_indices) -> None:
+        """Recompute derived buffers and, with a seed, fill every parameter and persistent buffer by its rule, as a
+        function of (seed, name, global index) only: sharded or whole, the model starts with the same values.
+        `local_indices` says which global elements a (sharded) tensor holds here."""
+        reset_buffers(self)
+        if seed is not None:
+            initialize(self, seed, self.init_rule, local_indices)
 
     # --------------------------------------------------------------------------------------------- generic
     def run_layers(self, state: torch.Tensor, inputs: Any, layers: list[nn.Module] | nn.ModuleList) -> torch.Tensor:

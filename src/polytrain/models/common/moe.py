@@ -113,6 +113,9 @@ class Router(nn.Module):
         self.routing_override: tuple[torch.Tensor, torch.Tensor] | None = None
         """(experts [N, k], known [N]): use these experts where `known` (routing replay, while training)."""
 
+    def reset_buffers(self) -> None:
+        self.expert_load.zero_()
+
     def forward(
         self, x: torch.Tensor, rows: int = 1, token_mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -43,7 +43,13 @@ def rope_parameters(
     config: ModelConfig, dim: int, theta: float, scaled: bool = True
 ) -> tuple[torch.Tensor, float, float]:
     """(inverse frequencies, cos/sin factor, softmax-scale factor) for a rotary part of width `dim`; `scaled`=False
-    ignores the config's YaRN scaling (V4's sliding-window branch uses plain RoPE)."""
+    ignores the config's YaRN scaling (V4's sliding-window branch uses plain RoPE). The frequencies are computed on
+    the host (a few values), also while a model is built on the meta device."""
+    with torch.device("cpu"):
+        return _rope_parameters(config, dim, theta, scaled)
+
+
+def _rope_parameters(config: ModelConfig, dim: int, theta: float, scaled: bool) -> tuple[torch.Tensor, float, float]:
     if config.rope_scaling != "yarn" or not scaled:
         return 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim), 1.0, 1.0
     factor = config.yarn_factor
@@ -64,11 +70,13 @@ class RotaryEmbedding(nn.Module):
         self, config: ModelConfig, dim: int | None = None, theta: float | None = None, scaled: bool = True
     ) -> None:
         super().__init__()
-        dim = dim or config.qk_rope_head_dim
-        inv_freq, self.cos_factor, self.softmax_factor = rope_parameters(
-            config, dim, theta or config.rope_theta, scaled
-        )
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._parameters_of = (config, dim or config.qk_rope_head_dim, theta or config.rope_theta, scaled)
+        inv_freq, self.cos_factor, self.softmax_factor = rope_parameters(*self._parameters_of)
+        self.register_buffer("inv_freq", inv_freq.to(torch.get_default_device()), persistent=False)
+
+    def reset_buffers(self) -> None:
+        """Recompute the frequencies (a model built on the meta device allocates them uninitialised)."""
+        self.inv_freq.copy_(rope_parameters(*self._parameters_of)[0])
 
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         angles = position_ids[..., None].float() * self.inv_freq

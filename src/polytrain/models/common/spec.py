@@ -17,6 +17,7 @@ from torch import nn
 
 from polytrain.models.common.config import ModelConfig
 from polytrain.models.common.decoder import DecoderLM
+from polytrain.models.common.init import on_meta
 
 
 class HFFormat(Protocol):
@@ -86,9 +87,13 @@ class ModelSpec:
     """Several documents per row (data.packing) with attention kept inside each."""
 
     def build(self, config: ModelConfig, device: torch.device | str = "meta", seed: int | None = 0) -> DecoderLM:
-        """The model of `config` on `device`, initialised from `seed` (meta-device models are left uninitialised)."""
-        with torch.device(device):
+        """The model of `config` on `device`, initialised from `seed` (None: allocated, weights left to be loaded;
+        on the meta device nothing is allocated). Built on the meta device first, so the values are those a
+        sharded model gets (DecoderLM.init_weights)."""
+        with on_meta():
             model = self.model_class(config)
         if torch.device(device).type != "meta":
+            model.to_empty(device=device)
+            model.tie_weights()
             model.init_weights(seed)
         return model

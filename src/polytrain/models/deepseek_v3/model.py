@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 from polytrain.models.common.decoder import DecoderLM
-from polytrain.models.common.init import generator_for, init_shared
 from polytrain.models.common.layers import RMSNorm, SwiGLU
 from polytrain.models.common.moe import MoE
 from polytrain.models.common.output_head import OutputHead
@@ -131,8 +130,7 @@ class DeepSeekV3LM(DecoderLM):
         self.mtp = nn.ModuleList(
             MTPModule(config, config.num_hidden_layers + k) for k in range(config.num_nextn_predict_layers)
         )
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
+        self.tie_weights()
 
     def layer_inputs(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None, doc_ids: torch.Tensor | None,
                      token_mask: torch.Tensor | None, cache: KVCache | None = None,
@@ -183,11 +181,3 @@ class DeepSeekV3LM(DecoderLM):
         return KVCache(
             cfg.num_hidden_layers, batch, max_len, cfg.kv_lora_rank, cfg.qk_rope_head_dim, param.dtype, param.device
         )
-
-    @torch.no_grad()
-    def init_weights(self, seed: int | None = None) -> None:
-        """Normal(0, initializer_range) for every matrix, ones for norms, zero biases and router bias
-        (models.common.init)."""
-        generator = generator_for(self.embed_tokens.weight.device, seed)
-        for module in self.modules():
-            init_shared(module, self.config.initializer_range, generator)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from polytrain.models.common.decoder import DecoderLM, shift_left
-from polytrain.models.common.init import generator_for, init_shared
+from polytrain.models.common.init import InitRule
 from polytrain.models.common.layers import RMSNorm
 from polytrain.models.common.moe import MoE
 from polytrain.models.common.output_head import OutputHead
@@ -104,8 +104,7 @@ class DeepSeekV4LM(DecoderLM):
         self.mtp = nn.ModuleList(
             V4MTPModule(config, config.num_hidden_layers + k) for k in range(config.num_nextn_predict_layers)
         )
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
+        self.tie_weights()
 
     def layer_inputs(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None, doc_ids: torch.Tensor | None,
                      token_mask: torch.Tensor | None, cache: object | None = None,
@@ -145,24 +144,15 @@ class DeepSeekV4LM(DecoderLM):
             modules.update(hc_head=self.hc_head, norm=self.norm, lm_head=self.lm_head, mtp=self.mtp)
         return modules
 
-    @torch.no_grad()
-    def init_weights(self, seed: int | None = None) -> None:
-        """The shared blocks as models.common.init does; normal(0, initializer_range) mHC maps, ones for mHC scales,
-        zeros for their biases, the attention sinks and the pooling biases."""
-        generator = generator_for(self.embed_tokens.weight.device, seed)
+    def init_rule(self, module: nn.Module, name: str) -> InitRule | None:
+        """The shared blocks' rules, plus: normal(0, initializer_range) mHC maps, ones for mHC scales, zeros for
+        their biases, the attention sinks and the pooling biases."""
         std = self.config.initializer_range
-        for module in self.modules():
-            if init_shared(module, std, generator):
-                continue
-            if isinstance(module, HyperConnection):
-                module.fn.normal_(0.0, std, generator=generator)
-                module.base.zero_()
-                module.scale.fill_(1.0)
-            elif isinstance(module, HyperHead):
-                module.hc_fn.normal_(0.0, std, generator=generator)
-                module.hc_base.zero_()
-                module.hc_scale.fill_(1.0)
-            elif isinstance(module, Compressor):
-                module.position_bias.zero_()
-            elif isinstance(module, HybridAttention):
-                module.sinks.zero_()
+        if isinstance(module, (HyperConnection, HyperHead)):
+            if name in ("fn", "hc_fn"):
+                return InitRule("normal", std)
+            return InitRule("constant", 1.0 if name in ("scale", "hc_scale") else 0.0)
+        if (isinstance(module, Compressor) and name == "position_bias") or (
+                isinstance(module, HybridAttention) and name == "sinks"):
+            return InitRule("constant", 0.0)
+        return super().init_rule(module, name)

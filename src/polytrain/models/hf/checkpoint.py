@@ -22,10 +22,11 @@ from torch import nn
 
 from polytrain.errors import CheckpointError
 from polytrain.models.common.config import ModelConfig
+from polytrain.models.common.init import LocalIndices, full_indices
 from polytrain.models.hf.config import hf_config_from_model, model_config_from_hf
 from polytrain.models.hf.names import names_for
-from polytrain.models.hf.quant import dequantize_fp8, dequantize_mxfp4
-from polytrain.models.hf.safetensors_io import StreamingWriter, tensor_bytes
+from polytrain.models.hf.quant import MXFP4_BLOCK, dequantize_fp8, dequantize_mxfp4
+from polytrain.models.hf.safetensors_io import BlockReader, StreamingWriter, tensor_bytes
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -51,6 +52,7 @@ class HFCheckpoint:
         except json.JSONDecodeError as err:
             raise CheckpointError(f"{config_file}: invalid JSON ({err})") from None
         self._handles: dict[str, Any] = {}
+        self._readers: dict[str, BlockReader] = {}
         self.weight_map = self._weight_map()
         quant = self.hf_config.get("quantization_config") or {}
         self.fp8_block = int((quant.get("weight_block_size") or [128, 128])[0])
@@ -77,9 +79,29 @@ class HFCheckpoint:
                 raise CheckpointError(f"{self.path / file}: unreadable or truncated shard ({err})") from None
         return self._handles[file]
 
+    def _slice(self, name: str):
+        """A lazily read view of tensor `name` (`view[a:b, c:d]` reads only that block)."""
+        return self._open(self.weight_map[name]).get_slice(name)
+
+    def _block(self, name: str, bounds: list[tuple[int, int]]) -> torch.Tensor:
+        """Tensor `name`'s block [lo, hi) per dimension, read with positioned reads (no memory map)."""
+        file = self.weight_map[name]
+        if file not in self._readers:
+            try:
+                self._readers[file] = BlockReader(self.path / file)
+            except (ValueError, OSError) as err:
+                raise CheckpointError(f"{self.path / file}: unreadable or truncated shard ({err})") from None
+        try:
+            return self._readers[file].read(name, bounds)
+        except (ValueError, OSError) as err:
+            raise CheckpointError(f"{self.path / file}: {err}") from None
+
     def release(self, file: str) -> None:
         """Unmap a shard (its pages stop counting towards this process's memory)."""
         self._handles.pop(file, None)
+        reader = self._readers.pop(file, None)
+        if reader is not None:
+            reader.close()
 
     @property
     def model_config(self) -> ModelConfig:
@@ -123,6 +145,50 @@ class HFCheckpoint:
             raise CheckpointError(f"{self.path}: `{name}`: {err}") from None
         return tensor.to(dtype) if tensor.is_floating_point() else tensor
 
+    def read_part(self, name: str, indices: list[torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The elements of tensor `name` at global `indices` (per dimension, sorted), reading from the file only
+        their bounding block: rows / columns outside it are never touched. Block-scaled weights are read block-
+        aligned (FP8: the 128 x 128 scale blocks; MXFP4: the 32 inputs per scale) and dequantised as a slice."""
+        indices = [index.cpu() for index in indices]  # a sharded tensor's indices live on its device
+        part = self._slice(name)
+        shape = tuple(part.get_shape())
+        if len(indices) != len(shape):
+            raise CheckpointError(f"{self.path}: `{name}` has {len(shape)} dimensions, the model expects "
+                                  f"{len(indices)}")
+        bounds = [(int(index.min()), int(index.max()) + 1) if index.numel() else (0, 0) for index in indices]
+        scale_name = self._scale_of(name)
+        raw_dtype = part.get_dtype()
+        if raw_dtype == "F8_E4M3" and scale_name is None:
+            raise CheckpointError(f"{self.path}: FP8 tensor `{name}` has no scale tensor")
+        try:
+            if raw_dtype == "F8_E4M3":
+                block = self.fp8_block
+                aligned = [(lo // block * block, min(-(-hi // block) * block, n))
+                           for (lo, hi), n in zip(bounds, shape)]
+                raw = self._block(name, aligned)
+                scales = self._block(scale_name, [(lo // block, -(-hi // block)) for lo, hi in aligned])
+                block_tensor = dequantize_fp8(raw, scales, block)
+            elif raw_dtype in ("I8", "U8") and scale_name is not None:  # MXFP4: 2 values a byte, 32 a scale
+                (r0, r1), (c0, c1) = bounds
+                c0, c1 = c0 // MXFP4_BLOCK * MXFP4_BLOCK, -(-c1 // MXFP4_BLOCK) * MXFP4_BLOCK
+                aligned = [(r0, r1), (c0, c1)]
+                raw = self._block(name, [(r0, r1), (c0 // 2, c1 // 2)])
+                scales = self._block(scale_name, [(r0, r1), (c0 // MXFP4_BLOCK, c1 // MXFP4_BLOCK)])
+                block_tensor = dequantize_mxfp4(raw, scales)
+            else:
+                aligned = bounds
+                block_tensor = self._block(name, bounds)
+        except ValueError as err:
+            raise CheckpointError(f"{self.path}: `{name}`: {err}") from None
+        for dim, (index, (lo, hi)) in enumerate(zip(indices, aligned)):
+            if index.numel() != hi - lo or (index.numel() and int(index[0]) != lo):  # not the whole aligned range
+                block_tensor = block_tensor.index_select(dim, index.to(torch.long) - lo)
+        return block_tensor.to(dtype) if block_tensor.is_floating_point() else block_tensor
+
+    def shape_of(self, name: str) -> tuple[int, ...]:
+        """The logical shape of tensor `name` (dequantised MXFP4 weights count their unpacked columns)."""
+        return self.dequantized_dtype(name, torch.float32)[1]
+
     def dequantized_dtype(self, name: str, dtype: torch.dtype) -> tuple[torch.dtype, tuple[int, ...]]:
         """(dtype, shape) that `read(name, dtype)` will return, from the headers only."""
         handle = self._open(self.weight_map[name])
@@ -140,52 +206,68 @@ class HFCheckpoint:
 
 def load_hf_weights(
     model: nn.Module, checkpoint: HFCheckpoint, progress: Callable[[int, int], None] | None = None,
-    skip: tuple[str, ...] = (),
+    skip: tuple[str, ...] = (), local_indices: LocalIndices = full_indices, full_model: nn.Module | None = None,
 ) -> dict[str, int]:
-    """Copy the checkpoint's weights into `model` (any dtype / device), tensor by tensor.
+    """Copy the checkpoint's weights into `model` (any dtype / device; sharded or whole), tensor by tensor.
 
-    Raises CheckpointError naming the tensor when one is missing or has the wrong shape, and lists checkpoint
-    tensors the model has no place for (MTP tensors are skipped when the model has no MTP modules).
+    Each tensor's local part is filled from only the rows / columns it holds (`local_indices`: global indices per
+    dimension; for stacked experts, only its experts' tensors are opened), so a rank reads about its shard of the
+    checkpoint. `full_model` (default `model`): the whole model, when `model` holds part of it (pipeline stages),
+    for the check that every checkpoint tensor has a place. Raises CheckpointError naming the tensor when one is
+    missing or has the wrong shape, and lists checkpoint tensors the model has no place for (MTP tensors are
+    skipped when the model has no MTP modules).
     """
     config: ModelConfig = model.config
     names = names_for(config)
-    state = {k: v for k, v in model.state_dict().items() if k not in skip}
-    if config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    used: set[str] = set()
 
-    def read(hf_name: str, shape: torch.Size) -> torch.Tensor:
+    def wanted(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in state.items()
+                if k not in skip and not (config.tie_word_embeddings and k == "lm_head.weight")}
+
+    state = wanted(model.state_dict())
+    reads = 0
+
+    def find(hf_name: str) -> str:
         found = next((n for n in names.candidates(hf_name) if n in checkpoint), None)
         if found is None:
             hint = ""
             if names.is_mtp_tensor(hf_name):
                 hint = " (the checkpoint has no MTP weights: set model.num_nextn_predict_layers = 0)"
             raise CheckpointError(f"{checkpoint.path}: tensor `{hf_name}` is missing from the checkpoint{hint}")
-        hf_name = found
-        tensor = checkpoint.read(hf_name)
-        if tuple(tensor.shape) != tuple(shape):
+        return found
+
+    def read(hf_name: str, indices: list[torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+        nonlocal reads
+        found = find(hf_name)
+        if checkpoint.shape_of(found) != tuple(shape):
             raise CheckpointError(
-                f"{checkpoint.path}: tensor `{hf_name}` has shape {tuple(tensor.shape)}, the model expects "
+                f"{checkpoint.path}: tensor `{found}` has shape {checkpoint.shape_of(found)}, the model expects "
                 f"{tuple(shape)} (does config.json match the weights?)"
             )
-        used.add(hf_name)
-        return tensor
+        reads += 1
+        return checkpoint.read_part(found, indices)
 
     with torch.no_grad():
         for done, (name, dest) in enumerate(state.items(), start=1):
-            names.load_into(name, dest, read)
+            local = dest.to_local() if hasattr(dest, "to_local") else dest
+            names.load_into(name, local, read, local_indices(dest), tuple(dest.shape))
             if progress:
                 progress(done, len(state))
+    placed: set[str] = set()
+    for name, tensor in wanted((full_model or model).state_dict()).items():
+        shape_only = torch.empty(tuple(tensor.shape), device="meta")
+        placed.update(n for hf_name, _ in names.to_hf(name, shape_only)
+                      for n in names.candidates(hf_name) if n in checkpoint)
     unused = [
         n for n in checkpoint.names()
-        if n not in used and not names.is_shared_copy(n) and not (not config.num_nextn_predict_layers
-                                                                  and names.is_mtp_tensor(n))
+        if n not in placed and not names.is_shared_copy(n) and not (not config.num_nextn_predict_layers
+                                                                    and names.is_mtp_tensor(n))
     ]
     if unused:
         raise CheckpointError(
             f"{checkpoint.path}: {len(unused)} tensor(s) have no place in the model, e.g. {', '.join(unused[:3])}"
         )
-    return {"tensors": len(used)}
+    return {"tensors": reads}
 
 
 def _shard_plan(entries: list[tuple[str, torch.dtype, tuple[int, ...]]], max_bytes: int) -> list[list[int]]:

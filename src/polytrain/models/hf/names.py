@@ -16,6 +16,9 @@ from polytrain.models.common.config import ModelConfig
 
 MTP = re.compile(r"^mtp\.(\d+)\.(.+)$")
 
+Read = Callable[[str, list[torch.Tensor], tuple[int, ...]], torch.Tensor]
+"""(HF tensor name, global indices to read per dimension, its expected global shape) -> those elements."""
+
 
 class StackedExperts:
     """Moves stacked expert weights to and from the release's one-tensor-per-expert-and-projection layout; a
@@ -43,14 +46,32 @@ class StackedExperts:
                 yield f"{prefix}.{expert}.{gate}.weight", stacked[local, :hidden]
                 yield f"{prefix}.{expert}.{up}.weight", stacked[local, hidden:]
 
-    def load_into(self, name: str, dest: torch.Tensor, read: Callable[[str, torch.Size], torch.Tensor],
-                  first_expert: int = 0) -> None:
-        """Fill `dest` (the polytrain tensor, or for experts the slice holding experts first_expert...) from HF
-        tensors obtained with `read(hf_name, expected_shape)`, one HF tensor at a time."""
+    def load_into(self, name: str, dest: torch.Tensor, read: Read, indices: list[torch.Tensor] | None = None,
+                  shape: tuple[int, ...] | None = None) -> None:
+        """Fill `dest` from HF tensors, one at a time, reading of each only the elements `dest` holds.
+
+        `dest` is the local part of polytrain tensor `name` (global shape `shape`, default `dest`'s), holding its
+        elements at global `indices` per dimension (default: all). `read(hf_name, indices, shape)` returns the
+        HF tensor `hf_name` (whose global shape is `shape`) at `indices`."""
+        shape = tuple(shape or dest.shape)
+        indices = indices if indices is not None else [torch.arange(n) for n in shape]
         expert = self._expert_prefix(name)
-        parts = [(self.hf_name(name), dest)] if expert is None else self._per_expert(*expert, dest, first_expert)
-        for hf_name, target in parts:
-            target.copy_(read(hf_name, target.shape))
+        if expert is None:
+            dest.copy_(read(self.hf_name(name), indices, shape))
+            return
+        prefix, kind = expert
+        hidden = self.config.moe_intermediate_size
+        gate, up, down = self.EXPERT_PROJ
+        for row, number in enumerate(indices[0].tolist()):
+            if kind == "down_proj":
+                dest[row].copy_(read(f"{prefix}.{number}.{down}.weight", indices[1:], shape[1:]))
+                continue
+            rows, columns = indices[1], indices[2]
+            for part, selected, offset in ((gate, rows < hidden, 0), (up, rows >= hidden, hidden)):
+                if bool(selected.any()):
+                    dest[row][selected.to(dest.device)] = read(f"{prefix}.{number}.{part}.weight",
+                                                               [rows[selected] - offset, columns],
+                                                               (hidden, shape[2])).to(dest.device, dest.dtype)
 
     def to_hf(self, name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
         """The HF tensors of one polytrain tensor (views where possible; no copy of the whole stack)."""
