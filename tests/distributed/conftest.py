@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from tests.distributed.harness import run, write_job
+
+# Every rank of every distributed test checks each collective's tensors against HCCL's element types (the strictest
+# table: no float64) and the runtime's device (polytrain.parallel.collectives).
+os.environ["POLYTRAIN_CHECK_COLLECTIVES"] = "hccl"
 
 
 @pytest.fixture(scope="session")

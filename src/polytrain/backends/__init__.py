@@ -12,8 +12,8 @@ from typing import Any
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "npu", "privateuse1")
 
-_LAZY = {"Backend": "base", "Capabilities": "base", "MemoryStats": "base", "detect": "registry",
-         "get_backend": "registry", "kernel": "registry"}
+_LAZY = {"Backend": "base", "Capabilities": "base", "MemoryStats": "base", "collective_dtypes": "registry",
+         "detect": "registry", "get_backend": "registry", "kernel": "registry"}
 __all__ = ["DEVICE_CHOICES", *_LAZY]
 
 

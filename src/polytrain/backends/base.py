@@ -69,6 +69,16 @@ class Backend:
     """The torch device type string."""
     dist_backend: str = ""
     """torch.distributed backend for collectives on this device."""
+    collective_dtypes: frozenset[torch.dtype] = frozenset()
+    """Element types `dist_backend` reduces and moves on this device (its documented table)."""
+
+    @property
+    def process_group_backend(self) -> str:
+        """The `init_process_group` backend: the device's own, plus gloo for host tensors (checkpoint metadata,
+        object collectives) on an accelerator, so a host tensor never reaches the device backend."""
+        if self.device_type == "cpu":
+            return self.dist_backend
+        return f"cpu:gloo,{self.device_type}:{self.dist_backend}"
 
     @classmethod
     def is_available(cls) -> bool:

@@ -9,6 +9,10 @@ import torch
 
 from polytrain.backends.base import Backend, Capabilities
 
+# What gloo reduces on host tensors (ProcessGroupGloo's type dispatch).
+GLOO_DTYPES = frozenset({torch.int8, torch.uint8, torch.int32, torch.int64, torch.float16, torch.float32,
+                         torch.float64, torch.bfloat16, torch.bool})
+
 
 def _cpu_has_bf16() -> bool:
     try:
@@ -43,6 +47,7 @@ class CPUBackend(Backend):
     name = "cpu"
     device_type = "cpu"
     dist_backend = "gloo"
+    collective_dtypes = GLOO_DTYPES
 
     @classmethod
     def is_available(cls) -> bool:

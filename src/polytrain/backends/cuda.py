@@ -6,6 +6,11 @@ import torch
 
 from polytrain.backends.base import AcceleratorBackend, Capabilities
 
+# ncclDataType_t (NCCL user guide, "Types"): int8, uint8, int32, uint32, int64, uint64, half, float, double, bfloat16,
+# and the fp8 types on recent GPUs (not used by polytrain's collectives).
+NCCL_DTYPES = frozenset({torch.int8, torch.uint8, torch.int32, torch.uint32, torch.int64, torch.uint64, torch.float16,
+                         torch.float32, torch.float64, torch.bfloat16})
+
 
 def _torch_at_least(major: int, minor: int) -> bool:
     version = torch.__version__.split("+")[0].split(".")
@@ -16,6 +21,7 @@ class CUDABackend(AcceleratorBackend):
     name = "cuda"
     device_type = "cuda"
     dist_backend = "nccl"
+    collective_dtypes = NCCL_DTYPES
 
     @classmethod
     def is_available(cls) -> bool:

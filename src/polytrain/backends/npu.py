@@ -14,6 +14,12 @@ import torch
 from polytrain.backends.base import AcceleratorBackend, Capabilities
 from polytrain.errors import BackendError
 
+# HcclAllReduce's dataType on Atlas A2 / A3 training products (CANN HCCL API reference): int8, int16, int32, int64,
+# float16, float32, bfp16 (no float64: only intra-node on the newest parts). uint8 moves as bytes (object
+# collectives, checkpoint metadata) in all-gather / broadcast.
+HCCL_DTYPES = frozenset({torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64, torch.float16, torch.float32,
+                         torch.bfloat16})
+
 
 def import_torch_npu() -> None:
     """Import torch_npu (which registers the npu device), or raise a one-line BackendError."""
@@ -59,6 +65,7 @@ class NPUBackend(AcceleratorBackend):
     name = "npu"
     device_type = "npu"
     dist_backend = "hccl"
+    collective_dtypes = HCCL_DTYPES
 
     def __init__(self) -> None:
         import_torch_npu()

@@ -16,6 +16,10 @@ def privateuse1_name() -> str:
 class PrivateUse1Backend(AcceleratorBackend):
     """Uses whatever device module and collective backend the plugin registered for its device name."""
 
+    collective_dtypes = frozenset({torch.int8, torch.uint8, torch.int32, torch.int64, torch.float16, torch.float32,
+                                   torch.bfloat16})
+    """Unknown backend: the element types every accelerator collective library polytrain knows reduces."""
+
     def __init__(self) -> None:
         name = privateuse1_name()
         if name == "privateuseone" or not hasattr(torch, name):

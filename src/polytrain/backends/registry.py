@@ -18,6 +18,14 @@ from polytrain.errors import BackendError, closest
 BY_DEVICE_TYPE = {cls.device_type: cls for cls in (CPUBackend, CUDABackend, NPUBackend)}
 
 
+def collective_dtypes(library: str) -> frozenset[torch.dtype]:
+    """The element types collective library `library` ("gloo", "nccl", "hccl") reduces."""
+    tables = {cls.dist_backend: cls.collective_dtypes for cls in (CPUBackend, CUDABackend, NPUBackend)}
+    if library not in tables:
+        raise ValueError(f"unknown collective library {library!r}: one of {', '.join(sorted(tables))}")
+    return tables[library]
+
+
 @functools.cache
 def kernel(name: str, device_type: str) -> Callable[..., torch.Tensor] | None:
     """The device kernel `name` for tensors on `device_type` (see Backend.kernels), or None: the caller then uses

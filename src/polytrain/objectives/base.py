@@ -99,7 +99,8 @@ class Objective:
             batch = self.run_pipeline(model, micro_batches, step, sums, factor, train=True)
             sums[-1] += batch.num_tokens
             return sums
-        for micro in micro_batches:
+        for index, micro in enumerate(micro_batches):
+            self.ctx.collectives.gradient_sync(model, last=index == len(micro_batches) - 1)
             with self.ctx.autocast():
                 loss, parts, tokens = self.loss(model, micro, step)
             (loss * factor).backward()

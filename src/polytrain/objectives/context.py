@@ -43,6 +43,9 @@ class Collectives(Protocol):
     def any_rank(self, flag: bool) -> bool:
         """Whether any rank passes `flag` (e.g. still has rows to decode)."""
 
+    def gradient_sync(self, model: nn.Module, last: bool) -> None:
+        """Before a micro-batch's backward: whether it is the step's last (data-parallel gradient reduction)."""
+
 
 @dataclass
 class ObjectiveContext:

@@ -50,6 +50,11 @@ class ParallelConfig:
     compile: bool = option(False, "torch.compile each decoder block (regional: one compile per block kind, reused "
                            "across layers). Costs a compile at the first step; fuses the elementwise work between "
                            "matmuls.")
+    sync_every_microbatch: bool = option(
+        False, "FSDP: reduce-scatter the gradients after every micro-batch (gradient memory stays sharded) instead "
+        "of once per step after the last one (less data-parallel traffic; each FSDP unit keeps its unsharded "
+        "gradients until then). Always on with cpu_offload; pipeline schedules reduce once per step."
+    )
     reshard_after_forward: bool = option(True, "FSDP: free gathered parameters after forward (ZeRO-3); false keeps "
                                          "them until backward (ZeRO-2-like, more memory, less communication).")
     param_dtype: Literal["fp32", "bf16"] = option("fp32", "FSDP mixed precision: dtype of gathered parameters.")

@@ -2,7 +2,9 @@
 
 Each gradient contributes the squares of its local shard; shards are summed over the mesh dimensions on which the
 gradient is sharded (never over replicated ones, so replicated parameters count once), then over pipeline stages.
-Parameters on different meshes (dense vs expert) are handled group by group.
+Parameters on different meshes (dense vs expert) are handled group by group. Squares are summed per tensor in
+float32 on the device and accumulated in float64 on the host; the reductions go through
+`parallel.collectives.sum_` (no float64 reaches a collective).
 """
 
 from __future__ import annotations
@@ -15,11 +17,24 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.placement_types import Partial
 
+from polytrain.parallel.collectives import sum_
 
-def global_grad_norm(params: Iterable[torch.nn.Parameter], pp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
+
+def _squares(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Sum of squares of `tensors` (float64, on the host)."""
+    if not tensors:
+        return torch.zeros((), dtype=torch.float64)
+    norms = torch.stack([torch.linalg.vector_norm(t.detach(), dtype=torch.float32) for t in tensors])
+    return norms.double().cpu().pow(2).sum()
+
+
+def global_grad_norm(params: Iterable[torch.nn.Parameter], pp_group: dist.ProcessGroup | None = None,
+                     device: torch.device | None = None) -> torch.Tensor:
+    """The L2 norm of all gradients of `params`, over every rank holding a piece of them; `device`: where the
+    reductions run (the backend's device; the gradients' own by default)."""
     grads = [p.grad for p in params if p.grad is not None]
-    plain = torch.zeros((), dtype=torch.float64)
     groups: dict[tuple[int, tuple[int, ...]], tuple[object, list[torch.Tensor]]] = {}
+    plain: list[torch.Tensor] = []
     for grad in grads:
         if isinstance(grad, DTensor):
             if any(isinstance(p, Partial) for p in grad.placements):
@@ -30,24 +45,23 @@ def global_grad_norm(params: Iterable[torch.nn.Parameter], pp_group: dist.Proces
             key = (id(grad.device_mesh), dims)
             groups.setdefault(key, (grad.device_mesh, []))[1].append(grad.to_local())
         else:
-            plain = plain + grad.detach().double().pow(2).sum().cpu()
-    total = plain
+            plain.append(grad)
+    total = _squares(plain)
     for (_, dims), (mesh, locals_) in groups.items():
-        square = torch.stack([t.detach().double().pow(2).sum() for t in locals_]).sum()
+        square = _squares(locals_)
         for dim in dims:
-            square = square.to(mesh.device_type)
-            dist.all_reduce(square, group=mesh.get_group(dim))
-        total = total + square.cpu()
+            sum_(square, mesh.get_group(dim), device or locals_[0].device)
+        total = total + square
     if pp_group is not None:
-        dist.all_reduce(total, group=pp_group)
+        sum_(total, pp_group, device or (grads[0].device if grads else torch.device("cpu")))
     return total.sqrt()
 
 
-def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float,
-                   pp_group: dist.ProcessGroup | None = None) -> float:
+def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float, pp_group: dist.ProcessGroup | None = None,
+                   device: torch.device | None = None) -> float:
     """Scale gradients so their global norm is at most `max_norm` (inf disables); returns the norm before.
     With pipeline stages, `pp_group` adds up the stages' (disjoint) parameters."""
-    norm = float(global_grad_norm(params, pp_group))
+    norm = float(global_grad_norm(params, pp_group, device))
     if math.isfinite(max_norm) and norm > max_norm:
         scale = max_norm / (norm + 1e-6)
         for p in params:

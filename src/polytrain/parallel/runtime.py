@@ -13,10 +13,12 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 from polytrain.backends import Backend
 from polytrain.models.common.config import ModelConfig
 from polytrain.models.common.decoder import DecoderLM
+from polytrain.parallel.collectives import install_check, sum_
 from polytrain.parallel.config import ParallelConfig
 from polytrain.parallel.grad_norm import clip_grad_norm
 from polytrain.parallel.mesh import Meshes, ParallelDims, build_meshes
@@ -49,8 +51,9 @@ class ParallelRuntime:
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if world > 1:
             backend.set_device(self.local_rank)
+            install_check(backend.device_type)
             if not dist.is_initialized():
-                init_process_group(backend.dist_backend, timedelta(seconds=cfg.collective_timeout_s))
+                init_process_group(backend.process_group_backend, timedelta(seconds=cfg.collective_timeout_s))
             self.rank = dist.get_rank()
             self.meshes = build_meshes(self.dims, backend.device_type)
             self._dp_group = self.meshes.dp_group()
@@ -85,9 +88,10 @@ class ParallelRuntime:
             dist.barrier()
 
     def dp_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum over the data-parallel ranks (in place); identity for one process."""
+        """Sum over the data-parallel ranks (in place, any device and element type: parallel/collectives.py);
+        identity for one process."""
         if self.dims.enabled and self.dims.dp > 1:
-            dist.all_reduce(tensor, group=self._dp_group)
+            sum_(tensor, self._dp_group, self.backend.device())
         return tensor
 
     def all_agree(self, ok: bool) -> bool:
@@ -95,8 +99,7 @@ class ParallelRuntime:
         if not self.dims.enabled:
             return ok
         flag = torch.tensor([0 if ok else 1], dtype=torch.int64)
-        dist.all_reduce(flag)
-        return int(flag) == 0
+        return int(sum_(flag, None, self.backend.device())) == 0
 
     def any_rank(self, flag: bool) -> bool:
         """True if any rank passes `flag` (e.g. still has rows to decode)."""
@@ -128,11 +131,20 @@ class ParallelRuntime:
     def pp_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum over pipeline stages (in place): losses exist only on the last stage."""
         if self._pp_group is not None:
-            dist.all_reduce(tensor, group=self._pp_group)
+            sum_(tensor, self._pp_group, self.backend.device())
         return tensor
 
+    def gradient_sync(self, model: nn.Module, last: bool) -> None:
+        """Before a micro-batch's backward: reduce its gradients over the data-parallel ranks only on the last
+        micro-batch of the step (FSDP accumulates the others unsharded on the device), unless
+        parallel.sync_every_microbatch or cpu_offload (whose point is to keep gradients off the device). Pipeline
+        schedules make the same choice themselves (always once per step)."""
+        if isinstance(model, FSDPModule):
+            model.set_requires_gradient_sync(last or self.cfg.sync_every_microbatch or self.cfg.cpu_offload)
+
     def clip_grad_norm(self, model: nn.Module, max_norm: float) -> float:
-        return clip_grad_norm([p for p in model.parameters() if p.requires_grad], max_norm, self._pp_group)
+        return clip_grad_norm([p for p in model.parameters() if p.requires_grad], max_norm, self._pp_group,
+                              self.backend.device())
 
     def close(self) -> None:
         if self.dims.enabled and dist.is_initialized():

@@ -4,7 +4,10 @@ Model states, bytes per parameter (w = 2-byte working weights, g = 4-byte fp32 g
 moments = 4 + 2 x moment_bytes), sharded over the data-parallel group G of the weight (dense: dp x cp; routed
 experts: the expert-data-parallel group (dp x tp x cp) / ep):
   ZeRO-1: w + g + o / G          ZeRO-2: w + (g + o) / G          ZeRO-3 (FSDP): (g + o) / G, fp32 master = weight
-ZeRO-3 also holds the gathered working copy of the layer being computed and the next one (prefetch).
+ZeRO-3 also holds the gathered working copy of the layer being computed and the next one (prefetch). With gradient
+accumulation (more than one micro-batch per step) ZeRO-2 / 3 gradients are reduced after the last micro-batch only, so
+they are held unsharded (g) through the step (in the peak; `gradients` reports the sharded ones kept between
+steps).
 Offload `optimizer` moves o to host memory; `all` moves everything sharded to host memory.
 
 Activations are counted tensor by tensor from what autograd keeps in polytrain's blocks (the family's attention and
@@ -156,7 +159,12 @@ def _stage_memory(job: Job, layout: Layout, stage: int) -> Memory:
         local_dense, local_experts = 2 * local_dense, 2 * local_experts
     groups = ((local_dense, layout.dp * layout.cp), (local_experts, layout.expert_dp))
     w, g, o = 2.0, 4.0, 4.0 + 2 * job.moment_bytes
-    params = grads = optim = host = 0.0
+    m = microbatches(job, layout)
+    # FSDP (ZeRO-2 / 3) with several micro-batches reduces gradients after the last one only (parallel/runtime.py
+    # gradient_sync; always under pipeline schedules, and without pipelining unless gradients are offloaded):
+    # each rank accumulates its stage's gradients unsharded on the device.
+    accumulate = layout.zero in (2, 3) and m > 1 and (layout.pp > 1 or layout.offload != "all")
+    params = grads = optim = host = unsharded_grads = 0.0
     for count, group in groups:
         if layout.zero == 1:
             p_b, g_b, o_b = w, g, o / group
@@ -172,6 +180,7 @@ def _stage_memory(job: Job, layout: Layout, stage: int) -> Memory:
             g_b = 0.0
         params += count * p_b
         grads += count * g_b
+        unsharded_grads += count * g
         optim += count * o_b
 
     b = job.activation_bytes
@@ -186,7 +195,6 @@ def _stage_memory(job: Job, layout: Layout, stage: int) -> Memory:
     else:
         kept = kept_per_token * tokens
     working = working_per_token * tokens if layout.recompute != "none" else 0.0
-    m = microbatches(job, layout)
     activations = kept * _in_flight(layout, m, stage)
     if stage == 0 or layout.pp == 1:
         activations += tokens * c.hidden_size * b  # embedding output
@@ -217,7 +225,12 @@ def _stage_memory(job: Job, layout: Layout, stage: int) -> Memory:
     # backward of the last micro-batch: the other in-flight micro-batches' activations are already gone in 1F1B
     backward_end = working + (activations * (1 - 1 / in_flight) if in_flight > 1 else 0.0)
     persistent = layout.zero in (1, 2) and layout.offload != "all"
-    dynamic = grads + max(forward_end, backward_end) if persistent else max(forward_end, grads + backward_end)
+    if accumulate:  # the unsharded gradients live from the first micro-batch's backward to the step's end
+        dynamic = unsharded_grads + max(forward_end, backward_end)
+    elif persistent:
+        dynamic = grads + max(forward_end, backward_end)
+    else:
+        dynamic = max(forward_end, grads + backward_end)
     peak = params + optim + rl + buffers + dynamic
     return Memory(params, grads, optim, activations, working + logits + buffers, peak, rl, host, stage)
 
