@@ -38,6 +38,7 @@ bench: $(VENV)/.test
 	$(PY) benchmarks/convert_memory.py
 	$(PY) benchmarks/parallel_memory.py
 	$(PY) benchmarks/export_memory.py
+	$(PY) benchmarks/startup_memory.py
 	$(VENV)/bin/polytrain bench examples/sft_tiny.toml --steps 20 --json benchmarks/results/bench_cpu_tiny.json
 	$(PY) benchmarks/provenance.py benchmarks/results/bench_cpu_tiny.json
 	$(PY) benchmarks/decode_speed.py

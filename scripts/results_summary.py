@@ -58,6 +58,15 @@ def _parallel(d: dict[str, Any]) -> str:
                                                             if name != "single process")
 
 
+def _startup(d: dict[str, Any]) -> str:
+    rows = [r for r in d["rows"] if r["processes"] > 1]
+    worst = ", ".join(f"{', '.join(f'{k}={v}' for k, v in r['layout'].items())}: {r['worst_over_baseline_mib']:.0f}"
+                      for r in rows)
+    single = next(r for r in d["rows"] if r["processes"] == 1)["worst_over_baseline_mib"]
+    return (f"start-up from a {d['checkpoint_mib'] / 1024:.1f} GiB HF checkpoint, peak per rank over baseline "
+            f"(MiB): 1 process: {single:.0f}; 4 ranks, {worst} (share S / 4 = {rows[0]['checkpoint_share_mib']:.0f})")
+
+
 def _plan(d: dict[str, Any]) -> str:
     errors = [abs(row["error"]) for row in d["rows"] if "error" in row]
     return f"planner vs measured peak memory: worst error {max(errors):.1%} ({len(errors)} cases)"
@@ -73,6 +82,7 @@ BENCHMARKS: list[tuple[str, str, Callable[[dict[str, Any]], str]]] = [
     ("bench_cpu_tiny", "polytrain bench examples/sft_tiny.toml --steps 20", _bench),
     ("decode_speed", "python benchmarks/decode_speed.py", _decode),
     ("parallel_memory", "python benchmarks/parallel_memory.py", _parallel),
+    ("startup_memory", "python benchmarks/startup_memory.py", _startup),
     ("convert_memory", "python benchmarks/convert_memory.py", _convert),
     ("export_memory", "python benchmarks/export_memory.py", _export),
     ("plan_validation", "python benchmarks/plan_validation.py", _plan),
