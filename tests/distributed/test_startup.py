@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.conftest import ROOT
@@ -46,7 +47,9 @@ def launch(world: int, script: list[str]) -> None:
     assert all(p.returncode == 0 for p in procs), "\n".join(e[-2000:] for e in errors)
 
 
-def test_loading_under_dp_shard_4_x_ep_2_is_bit_identical_to_one_process(tmp_path):
+@pytest.mark.parametrize("layout", [{"dp_shard": 4, "ep": 2}, {"dp_shard": 2, "tp": 2}],
+                         ids=["dp_shard4-ep2", "dp_shard2-tp2"])
+def test_loading_under_a_layout_is_bit_identical_to_one_process(tmp_path, layout):
     from polytrain.models import build_model, model_config_from_table
     from polytrain.models.hf import HFCheckpoint, load_hf_weights, save_hf
 
@@ -54,7 +57,7 @@ def test_loading_under_dp_shard_4_x_ep_2_is_bit_identical_to_one_process(tmp_pat
     save_hf(build_model(config, "cpu", seed=7), tmp_path / "hf", dtype=torch.float32, max_shard_bytes=2**20)
     single = build_model(HFCheckpoint(tmp_path / "hf").model_config, "cpu", seed=None)
     load_hf_weights(single, HFCheckpoint(tmp_path / "hf"))
-    spec = startup_memory.job(tmp_path / "hf", tmp_path / "run", {"dp_shard": 4, "ep": 2})
+    spec = startup_memory.job(tmp_path / "hf", tmp_path / "run", layout)
     spec["model"] = {}
     launch(4, ["-c", GATHER, json.dumps(spec), str(tmp_path / "gathered.pt")])
     gathered = torch.load(tmp_path / "gathered.pt", weights_only=True)
