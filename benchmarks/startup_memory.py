@@ -77,22 +77,30 @@ def worker(spec: str, report: str) -> None:
     trainer.runtime.close()
 
 
-def start(checkpoint: Path, root: Path, world: int, layout: dict) -> list[dict]:
+def launch(world: int, argv: list[str], timeout: float = 600) -> None:
+    """Run `python argv...` as `world` gloo ranks (the environment torchrun sets, one thread each); raise with
+    the failing ranks' stderr."""
     sys.path.insert(0, str(ROOT))
     from tests.distributed.harness import free_port
 
-    reports = root / f"reports-{world}-{'-'.join(f'{k}{v}' for k, v in layout.items()) or 'single'}"
-    reports.mkdir()
-    spec = json.dumps(job(checkpoint, reports / "run", layout))
     port, procs = free_port(), []
     for rank in range(world):
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         if world > 1:
             env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
                        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        procs.append(subprocess.Popen([sys.executable, __file__, "--worker", spec, str(reports)], env=env, cwd=ROOT))
-    if any(p.wait(timeout=600) for p in procs):
-        raise RuntimeError(f"start-up with {layout} failed")
+        procs.append(subprocess.Popen([sys.executable, *argv], env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True))
+    errors = [p.communicate(timeout=timeout)[1] for p in procs]
+    if any(p.returncode for p in procs):
+        raise RuntimeError("\n".join(e[-2000:] for p, e in zip(procs, errors) if p.returncode))
+
+
+def start(checkpoint: Path, root: Path, world: int, layout: dict) -> list[dict]:
+    """Each rank's report of the Trainer's start-up from `checkpoint` under `layout`."""
+    reports = root / f"reports-{world}-{'-'.join(f'{k}{v}' for k, v in layout.items()) or 'single'}"
+    reports.mkdir()
+    spec = json.dumps(job(checkpoint, reports / "run", layout))
+    launch(world, [__file__, "--worker", spec, str(reports)])
     return [json.loads((reports / f"rank{r}.json").read_text()) for r in range(world)]
 
 

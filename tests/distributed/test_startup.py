@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,7 +13,6 @@ import pytest
 import torch
 
 from tests.conftest import ROOT
-from tests.distributed.harness import TIMEOUT_S, free_port
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 startup_memory = importlib.import_module("startup_memory")
@@ -34,19 +31,6 @@ trainer.runtime.close()
 """
 
 
-def launch(world: int, script: list[str]) -> None:
-    port, procs = free_port(), []
-    for rank in range(world):
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        if world > 1:
-            env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        procs.append(subprocess.Popen([sys.executable, *script], cwd=ROOT, env=env, stderr=subprocess.PIPE,
-                                      text=True))
-    errors = [p.communicate(timeout=TIMEOUT_S)[1] for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n".join(e[-2000:] for e in errors)
-
-
 @pytest.mark.parametrize("layout", [{"dp_shard": 4, "ep": 2}, {"dp_shard": 2, "tp": 2}],
                          ids=["dp_shard4-ep2", "dp_shard2-tp2"])
 def test_loading_under_a_layout_is_bit_identical_to_one_process(tmp_path, layout):
@@ -59,7 +43,7 @@ def test_loading_under_a_layout_is_bit_identical_to_one_process(tmp_path, layout
     load_hf_weights(single, HFCheckpoint(tmp_path / "hf"))
     spec = startup_memory.job(tmp_path / "hf", tmp_path / "run", layout)
     spec["model"] = {}
-    launch(4, ["-c", GATHER, json.dumps(spec), str(tmp_path / "gathered.pt")])
+    startup_memory.launch(4, ["-c", GATHER, json.dumps(spec), str(tmp_path / "gathered.pt")])
     gathered = torch.load(tmp_path / "gathered.pt", weights_only=True)
     expected = single.state_dict()
     assert gathered.keys() == expected.keys()
@@ -88,7 +72,7 @@ def test_meta_construction_allocates_only_the_local_shard(tmp_path):
     spec["model"] = startup_memory.model_table(256)
     report = tmp_path / "reports"
     report.mkdir()
-    launch(4, [str(ROOT / "benchmarks" / "startup_memory.py"), "--worker", json.dumps(spec), str(report)])
+    startup_memory.launch(4, [startup_memory.__file__, "--worker", json.dumps(spec), str(report)])
     from polytrain.models import build_model, model_config_from_table
 
     total = sum(p.numel() * 4 for p in build_model(model_config_from_table(spec["model"]), "meta").parameters())
