@@ -55,7 +55,7 @@ def worker(out: str, degrees: str) -> None:
             return model.lm_head.loss_sum(output.hidden, tokens[2 * index : 2 * index + 2])
 
         positions, documents = torch.arange(64).expand(4, 64), torch.zeros(4, 64, dtype=torch.long)
-        runtime.pipeline.run(tokens, positions, documents, loss)
+        runtime.pipeline.run(tokens, positions, documents, loss, multi_document=False)
     else:
         model(tokens).float().pow(2).mean().backward()
     optimizer.step()

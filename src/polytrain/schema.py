@@ -8,6 +8,7 @@ for an unknown key (with the closest valid one), a wrong type, or a value out of
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -124,9 +125,15 @@ def _check_bounds(value: Any, meta: Mapping[str, Any], key: str) -> None:
         raise ConfigError(f"`{key}` must be <= {meta['le']}, got {value!r}")
 
 
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    """The resolved annotations of a dataclass (resolving them is most of a config load's time)."""
+    return typing.get_type_hints(cls)
+
+
 def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
     """Build the dataclass `cls` from `data`, validating every key. Missing keys take their defaults."""
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     for key in data:
         if key not in fields:
@@ -170,7 +177,7 @@ def to_dict(instance: Any) -> dict[str, Any]:
 def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
     """(dotted key, type, default, help) for every leaf field: the source of the config reference docs."""
     rows = []
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     for field in dataclasses.fields(cls):
         if field.metadata.get("flatten"):
             continue

@@ -30,6 +30,12 @@ class Sample:
 IGNORE = -100
 
 
+def full_sample(length: int, vocab: int, generator: torch.Generator) -> Sample:
+    """A made-up sample of `length` random tokens, every one trained (the most a sample can cost)."""
+    ids = torch.randint(0, vocab, (length + 1,), generator=generator)
+    return Sample(ids[:-1], ids[1:])
+
+
 def make_sample(ids: list[int], mask: list[bool], max_len: int) -> Sample | None:
     """Shift to next-token targets and cut to `max_len` inputs; None when no target token remains."""
     ids = ids[: max_len + 1]

@@ -16,6 +16,8 @@ class Batch:
     position_ids: torch.Tensor  # [R, L], restarting at 0 for each document
     doc_ids: torch.Tensor  # [R, L], distinct per document in a row; padding gets its own id
     num_samples: int
+    documents: tuple[int, ...] | None = None
+    """Documents in each row, as collated (None: read from doc_ids)."""
 
     @property
     def num_loss_tokens(self) -> int:
@@ -23,7 +25,10 @@ class Batch:
 
     @property
     def multi_document(self) -> bool:
-        """True when some row holds more than one document (plain causal attention would leak across them)."""
+        """True when some row holds more than one document (plain causal attention would leak across them).
+        Known on the host from the collation, so asking never waits for the device."""
+        if self.documents is not None:
+            return any(n > 1 for n in self.documents)
         return bool((self.doc_ids.amax(dim=1) > 0).any())
 
     @property
@@ -33,8 +38,9 @@ class Batch:
 
     def rows(self, start: int, stop: int) -> Batch:
         """Rows start..stop-1 (e.g. one micro-batch of a stacked pipeline batch)."""
+        documents = self.documents[start:stop] if self.documents is not None else None
         return Batch(self.input_ids[start:stop], self.labels[start:stop], self.position_ids[start:stop],
-                     self.doc_ids[start:stop], stop - start)
+                     self.doc_ids[start:stop], stop - start, documents)
 
     def to(self, device: torch.device) -> Batch:
         return Batch(
@@ -43,6 +49,7 @@ class Batch:
             self.position_ids.to(device),
             self.doc_ids.to(device),
             self.num_samples,
+            self.documents,
         )
 
 
@@ -94,7 +101,8 @@ def collate(
             position_ids[r, start:end] = torch.arange(len(sample))
             doc_ids[r, start:end] = d
             start = end
-    return Batch(input_ids, labels, position_ids, doc_ids, len(samples))
+    documents = tuple(len(row) for row in rows) + (0,) * (shape[0] - len(rows))
+    return Batch(input_ids, labels, position_ids, doc_ids, len(samples), documents)
 
 
 def concat(batches: list[Batch]) -> Batch:
@@ -105,4 +113,5 @@ def concat(batches: list[Batch]) -> Batch:
         torch.cat([b.position_ids for b in batches]),
         torch.cat([b.doc_ids for b in batches]),
         sum(b.num_samples for b in batches),
+        None if any(b.documents is None for b in batches) else tuple(n for b in batches for n in b.documents),
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from polytrain.errors import ConfigError, closest
 from polytrain.models.common.config import ModelConfig
@@ -48,6 +49,9 @@ def spec_for(config: ModelConfig) -> ModelSpec:
 
 def build_model(config: ModelConfig, device: torch.device | str = "meta", seed: int | None = 0) -> DecoderLM:
     """The model of `config`, allocated on `device` and initialised from `seed` (meta: left uninitialised)."""
+    if torch.device(device).type == "meta":  # a skeleton: never fake tensors, which laying out cannot swap
+        with unset_fake_temporarily():
+            return spec_for(config).build(config, device, seed)
     return spec_for(config).build(config, device, seed)
 
 

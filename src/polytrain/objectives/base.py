@@ -13,6 +13,7 @@ from polytrain.errors import ConfigError
 from polytrain.models.common.decoder import TrainOutput
 from polytrain.models.registry import build_model
 from polytrain.objectives.context import ObjectiveContext
+from polytrain.splits import batch_problems
 
 if TYPE_CHECKING:
     from polytrain.config import JobConfig
@@ -42,6 +43,9 @@ class Objective:
     final hidden states: pipeline stages then carry them to the last stage."""
     watch_loss_spikes = True
     """Whether the guard's loss-spike check applies (non-finite checks always do)."""
+    items_split_into_micro_batches = True
+    """Whether a step's `train.global_batch_size` items split into `micro_batch_size` micro-batches on every
+    data-parallel rank (RL objectives count prompts and split completions instead: their `check_config` says)."""
 
     def __init__(self, ctx: ObjectiveContext) -> None:
         self.ctx = ctx
@@ -54,12 +58,9 @@ class Objective:
     def check_config(cls, config: JobConfig, dp: int) -> None:
         """Fail early when the step's items cannot be split over `dp` ranks and micro-batches (called when the
         config is loaded, with dp = 1, and again by the trainer with the real layout)."""
-        train = config.train
-        if train.global_batch_size % (dp * train.micro_batch_size):
-            raise ConfigError(
-                f"train.global_batch_size = {train.global_batch_size} must be a multiple of data-parallel ranks x "
-                f"train.micro_batch_size = {dp} x {train.micro_batch_size}"
-            )
+        found = batch_problems(config.train.global_batch_size, config.train.micro_batch_size, dp)
+        if found:
+            raise ConfigError("; ".join(found))
 
     def load_data(self) -> None:
         raise NotImplementedError
@@ -67,6 +68,14 @@ class Objective:
     def describe_data(self) -> str:
         eval_part = f", {len(self.eval_items)} eval" if self.eval_items else ""
         return f"{len(self.train_items)} train items{eval_part}"
+
+    def dry_run_items(self, count: int, generator: torch.Generator) -> list[Any]:
+        """`count` made-up training items of the longest allowed length (`polytrain dryrun`: no data is read)."""
+        raise ConfigError(f"polytrain dryrun does not cover {self.name} yet")
+
+    def dry_run_step(self, items: list[Any], generator: torch.Generator) -> tuple[Any, list[Any]]:
+        """(`begin_step`'s step context, this rank's share) of the first step on the made-up `items`."""
+        return self.begin_step(0, items), self.my_share(items)
 
     def build_model(self, device: torch.device | str) -> nn.Module:
         return build_model(self.config.model, device, seed=self.config.run.seed)
@@ -131,7 +140,8 @@ class Objective:
             return loss * factor
 
         with self.ctx.autocast():
-            self.ctx.pipeline.run(batch.input_ids, batch.position_ids, batch.doc_ids, loss_fn, train=train)
+            self.ctx.pipeline.run(batch.input_ids, batch.position_ids, batch.doc_ids, loss_fn, train=train,
+                                  multi_document=batch.multi_document)
         self.ctx.collectives.pp_sum(sums[: len(keys)])
         return batch
 

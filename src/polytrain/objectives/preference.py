@@ -9,6 +9,7 @@ from torch import nn
 
 from polytrain.algorithms.logprobs import batch_logprobs, sequence_logprobs
 from polytrain.algorithms.preference import REFERENCE_FREE, bradley_terry_losses, dpo_losses
+from polytrain.data.dataset import full_sample
 from polytrain.data.packing import Batch, collate
 from polytrain.data.preference import PreferencePair, load_preference_pairs
 from polytrain.errors import ConfigError
@@ -40,6 +41,11 @@ class PairObjective(Objective):
     def pair_batch(self, pairs: list[PreferencePair]) -> Batch:
         samples = [p.chosen for p in pairs] + [p.rejected for p in pairs]
         return collate(samples, self.config.data.max_seq_len, packing=False).to(self.ctx.device)
+
+    def dry_run_items(self, count: int, generator: torch.Generator) -> list[PreferencePair]:
+        length, vocab = self.config.data.max_seq_len, self.config.model.vocab_size
+        return [PreferencePair(full_sample(length, vocab, generator), full_sample(length, vocab, generator), {},
+                               ref_chosen=0.0, ref_rejected=0.0) for _ in range(count)]
 
     def begin_step(self, step: int, items: list[PreferencePair]) -> dict[str, int]:
         return {"pairs": len(items), "chosen_tokens": sum(p.chosen.num_loss_tokens for p in items)}

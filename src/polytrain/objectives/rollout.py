@@ -84,6 +84,7 @@ class RolloutObjective(Objective):
     """Shared by GRPO and on-policy distillation: prompts, sampling, stored rollouts and minibatches."""
 
     watch_loss_spikes = False  # a policy-gradient loss has no stable level to spike from
+    items_split_into_micro_batches = False  # prompts per step; their completions make the micro-batches
 
     def __init__(self, ctx: ObjectiveContext) -> None:
         super().__init__(ctx)
@@ -222,6 +223,27 @@ class RolloutObjective(Objective):
 
     def rollout(self, prompts: list[PromptItem], step: int) -> list[Rollout]:
         raise NotImplementedError
+
+    def dry_run_items(self, count: int, generator: torch.Generator) -> list[PromptItem]:
+        vocab = self.config.model.vocab_size
+        return [PromptItem(torch.randint(0, vocab, (self.max_prompt_len(),), generator=generator).tolist(), "", None)
+                for _ in range(count)]
+
+    def dry_run_step(self, items: list[PromptItem], generator: torch.Generator) -> tuple[Any, list[Rollout]]:
+        """The update step on made-up rollouts: every completion `max_new_tokens` long (no sampling, no scoring);
+        the log-probs a rollout stores (old policy, reference) are zeros of the right shape."""
+        collectives, new = self.ctx.collectives, self.sampling.max_new_tokens
+        per_rank = len(items) // collectives.dp_size
+        mine = items[collectives.dp_rank * per_rank : (collectives.dp_rank + 1) * per_rank]
+        self.buffer = []
+        for prompt in (p for p in mine for _ in range(self.group_size)):
+            tokens = torch.randint(0, self.config.model.vocab_size, (new,), generator=generator).tolist()
+            ids = prompt.ids + tokens
+            sample = make_sample(ids, [False] * len(prompt.ids) + [True] * new, len(ids))
+            old = torch.zeros(new) if self.steps_per_rollout > 1 else None
+            self.buffer.append(Rollout(prompt, tokens, False, "", sample, advantage=1.0, old_logp=old,
+                                       ref_logp=torch.zeros(new)))
+        return self.begin_step(0, None), self.my_share(None)
 
     # ------------------------------------------------------------------------------------------ log-probs
     def batch(self, rollouts: list[Rollout]) -> Batch:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from polytrain.algorithms.sft import StepTokens, sft_loss_from_output
-from polytrain.data.dataset import Sample, load_sft_dataset
+from polytrain.data.dataset import Sample, full_sample, load_sft_dataset
 from polytrain.data.packing import Batch
 from polytrain.models.common.decoder import TrainOutput
 from polytrain.objectives.base import Objective
@@ -39,6 +39,10 @@ class SFTObjective(Objective):
     def describe_data(self) -> str:
         eval_part = f", {len(self.eval_items)} eval" if self.eval_items else ""
         return f"{len(self.train_items)} train conversations ({self.train_set.num_tokens} tokens){eval_part}"
+
+    def dry_run_items(self, count: int, generator: torch.Generator) -> list[Sample]:
+        return [full_sample(self.config.data.max_seq_len, self.config.model.vocab_size, generator)
+                for _ in range(count)]
 
     def begin_step(self, step: int, items: list[Sample]) -> StepTokens:
         return StepTokens.of(items, self.config.model.num_nextn_predict_layers)

@@ -50,24 +50,33 @@ class AllToAllDispatch:
         self.group = group
         self.ep = ep
 
+    def exchange_counts(self, counts: torch.Tensor, local_experts: int) -> tuple[torch.Tensor, list[int], list[int]]:
+        """(rows each source rank sends for each of this rank's experts [ep, local experts], rows sent to each
+        rank, rows received from each rank), from this rank's rows per expert `counts` [experts]."""
+        received_counts = torch.empty_like(counts)
+        dist.all_to_all_single(received_counts, counts, group=self.group)
+        received_counts = received_counts.view(self.ep, local_experts)
+        return (received_counts, counts.view(self.ep, local_experts).sum(1).tolist(),
+                received_counts.sum(1).tolist())
+
+    def receive_order(self, received_counts: torch.Tensor, total: int) -> torch.Tensor:
+        """The permutation of the `total` received rows into (local expert, source) order."""
+        return receive_order(received_counts)
+
     def __call__(self, experts: GroupedExperts, x: torch.Tensor, weights: torch.Tensor,
                  indices: torch.Tensor) -> torch.Tensor:
         num_experts, ep = experts.num_experts, self.ep
         local_experts = num_experts // ep
         top_k = indices.shape[1]
         order, inverse, counts = expert_order(indices, num_experts)
-        received_counts = torch.empty_like(counts)
-        dist.all_to_all_single(received_counts, counts, group=self.group)
-        received_counts = received_counts.view(ep, local_experts)
-        send_splits = counts.view(ep, local_experts).sum(1).tolist()
-        recv_splits = received_counts.sum(1).tolist()
+        received_counts, send_splits, recv_splits = self.exchange_counts(counts, local_experts)
 
         received = all_to_all_single_autograd(to_expert_order(x, order, inverse, top_k), recv_splits, send_splits,
                                               self.group)
         # The routing weights travel with their rows (N*k scalars) so the owner applies them at the experts'
         # intermediate width before the down projection, as the single-process path does, not at hidden width.
         received_scale = all_to_all_single_autograd(weights.flatten()[order], recv_splits, send_splits, self.group)
-        regroup = receive_order(received_counts)
+        regroup = self.receive_order(received_counts, sum(recv_splits))
         out = grouped_swiglu(received[regroup], received_counts.sum(0), _local(experts.gate_up_proj),
                              _local(experts.down_proj), experts.limit, scale=received_scale[regroup])
         out = out[inverse_permutation(regroup)]  # back to (source, expert) order

@@ -64,9 +64,11 @@ class ParallelDims:
             dims.check_model(model, cfg.pp_schedule)
         return dims
 
+    def degrees(self, schedule: str = "1f1b") -> Degrees:
+        return Degrees(dp=self.dp, expert_ranks=self.dp_shard, tp=self.tp, pp=self.pp, ep=self.ep, schedule=schedule)
+
     def check_model(self, model: ModelConfig, schedule: str = "1f1b") -> None:
-        check(model, Degrees(dp=self.dp, expert_ranks=self.dp_shard, tp=self.tp, pp=self.pp, ep=self.ep,
-                             schedule=schedule))
+        check(model, self.degrees(schedule))
 
 
 def suggest(world_size: int) -> str:

@@ -102,6 +102,9 @@ class StageModule(nn.Module):
             setattr(self, name, module)
         self.first, self.last, self.io = first, last, io
         self._model = (model,)  # the hooks' owner, not a submodule of the stage
+        self.multi_document = False
+        """Whether the rows of the current pass pack several documents (set by `Pipeline.run`, from the batch
+        every rank holds: no stage reads it back from the device)."""
 
     def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
         model, io = self._model[0], self.io
@@ -114,8 +117,7 @@ class StageModule(nn.Module):
             state, position_ids, doc_ids, input_ids, *rest = args
             aux = rest[0] if io.aux else None
             mtp = rest[1:] if io.aux else rest
-        multi_doc = bool((doc_ids.amax(dim=1) > 0).any())
-        inputs = model.layer_inputs(input_ids, position_ids, doc_ids if multi_doc else None, doc_ids >= 0)
+        inputs = model.layer_inputs(input_ids, position_ids, doc_ids if self.multi_document else None, doc_ids >= 0)
         layers = list(self.layers.values())
         state = model.run_layers(state, inputs, layers)
         if self.last:
@@ -213,10 +215,13 @@ class Pipeline:
         return self._loss_fn(TrainOutput(hidden, mtp_hidden, aux), int(index))
 
     def run(self, input_ids: torch.Tensor, position_ids: torch.Tensor, doc_ids: torch.Tensor, loss_fn: LossFn,
-            train: bool = True) -> None:
+            multi_document: bool, train: bool = True) -> None:
         """One pass over this rank's micro-batches (the [n_microbatches x rows, width] inputs, stacked): forward
-        and, with `train`, backward. `loss_fn` runs on the last stage, once per micro-batch."""
+        and, with `train`, backward. `loss_fn` runs on the last stage, once per micro-batch. `multi_document`:
+        whether rows pack several documents (attention then stays inside each)."""
         self._loss_fn = loss_fn
+        for stage in self.stages:
+            stage.submod.multi_document = multi_document
         inputs = (input_ids, position_ids, doc_ids) if self.is_first else ()
         target = torch.arange(self.n_microbatches) if self.is_last else None
         run = self.schedule.step if train else self.schedule.eval

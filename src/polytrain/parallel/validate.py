@@ -2,7 +2,9 @@
 before any process group or model exists) and by the planner for every layout it considers (`plan.layout.Layout`):
 
 - `problems`: why the layout cannot run this model at all, on any framework;
-- `engine_gaps`: what polytrain's engine does not run yet (a layout other frameworks may run).
+- `engine_gaps`: what polytrain's engine does not run yet (a layout other frameworks may run);
+- `step_problems`: whether a step's batch splits over the layout (data-parallel ranks x micro-batches, enough
+  micro-batches for the pipeline schedule), and `precision_gaps`: the arithmetic the engine trains in.
 
 So the planner never recommends a layout the engine refuses, and the two never disagree on why.
 """
@@ -14,11 +16,14 @@ from dataclasses import dataclass
 from polytrain.errors import ConfigError
 from polytrain.models.common.config import ModelConfig
 from polytrain.models.registry import spec_for
+from polytrain.splits import batch_problems
 
 ENGINE_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zbv", "dualpipev")
 """Pipeline schedules the engine runs (torch.distributed.pipelining); the planner also models `dualpipe`."""
 MULTI_STAGE = ("interleaved_1f1b", "zbv", "dualpipev")
 """Schedules with two stages per rank."""
+ENGINE_PRECISIONS = ("bf16", "fp32")
+"""Matrix-product precisions the engine trains in (`run.precision`; fp16 and fp8 training are not built)."""
 
 
 @dataclass(frozen=True)
@@ -49,9 +54,11 @@ def problems(model: ModelConfig, d: Degrees) -> list[str]:
         out.append(f"parallel.ep = {d.ep} must divide the {d.expert_ranks} ranks the routed experts are spread over")
     if model.num_attention_heads % d.tp:
         out.append(f"parallel.tp = {d.tp} must divide model.num_attention_heads = {model.num_attention_heads}")
-    if d.pp > model.num_hidden_layers:
-        out.append(f"parallel.pp = {d.pp} exceeds model.num_hidden_layers = {model.num_hidden_layers}: each stage "
-                   "needs at least one layer")
+    stages = d.pp * (2 if d.pp > 1 and d.schedule in MULTI_STAGE else 1)
+    if stages > model.num_hidden_layers:
+        what = f"parallel.pp = {d.pp}" + (f" ({stages} stages with {d.schedule})" if stages > d.pp else "")
+        out.append(f"{what} exceeds model.num_hidden_layers = {model.num_hidden_layers}: each stage needs at least "
+                   "one layer")
     if d.schedule in ("dualpipe", "dualpipev") and d.pp > 1 and d.pp % 2:
         out.append(f"the {d.schedule} schedule needs an even number of pipeline stages (parallel.pp = {d.pp})")
     if d.offload == "all" and d.zero != 3:
@@ -85,6 +92,16 @@ def check(model: ModelConfig, d: Degrees) -> None:
     found = problems(model, d) + [f"not supported yet: {gap}" for gap in engine_gaps(model, d)]
     if found:
         raise ConfigError("; ".join(found))
+
+
+def step_problems(d: Degrees, global_batch: int, micro_batch: int) -> list[str]:
+    """`batch_problems`, then whether each rank's micro-batches are enough for the pipeline schedule."""
+    found = batch_problems(global_batch, micro_batch, d.dp)
+    return found or pipeline_problems(d.schedule, d.pp, global_batch // (d.dp * micro_batch))
+
+
+def precision_gaps(precision: str) -> list[str]:
+    return [] if precision in ENGINE_PRECISIONS else [f"{precision} training (the engine trains in bf16 or fp32)"]
 
 
 def pipeline_problems(schedule: str, pp: int, microbatches: int) -> list[str]:

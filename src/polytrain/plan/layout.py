@@ -9,7 +9,7 @@ from functools import cached_property
 from typing import Literal
 
 from polytrain.models.common.config import ModelConfig
-from polytrain.parallel.validate import Degrees, engine_gaps, problems
+from polytrain.parallel.validate import Degrees, engine_gaps, precision_gaps, problems, step_problems
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zbv", "dualpipev", "dualpipe")
 RECOMPUTE = ("none", "selective", "full")
@@ -135,3 +135,23 @@ class Layout:
     def engine_gaps(self, model: ModelConfig) -> list[str]:
         """What polytrain's engine does not run yet (the layout may still be valid for other frameworks)."""
         return engine_gaps(model, self.degrees())
+
+    def step_sequences(self, job: Job) -> int:
+        """The job's sequences per step, rounded to whole micro-batches on every data-parallel rank (what the
+        emitted config's train.global_batch_size says, and what the planner times)."""
+        unit = self.dp * self.micro_batch
+        return max(unit, round(job.global_batch_sequences / unit) * unit)
+
+    def job_gaps(self, job: Job) -> list[str]:
+        """Everything the engine's start-up checks would refuse in this layout for `job`: the layout against the
+        model, the precision, the objective under pipeline parallelism and the step's batch against the layout
+        (the functions the engine runs: train/trainer.py `check_job`)."""
+        from polytrain.objectives import registry  # lazily: the planner's model stays free of the engine's imports
+
+        objective = registry.objective_class(job.algorithm)
+        gaps = [*engine_gaps(job.model, self.degrees()), *precision_gaps(job.precision)]
+        if self.pp > 1 and not objective.supports_pipeline:
+            gaps.append(f"pipeline parallelism for {job.algorithm}")
+        if objective.items_split_into_micro_batches:
+            gaps += step_problems(self.degrees(), self.step_sequences(job), self.micro_batch)
+        return gaps

@@ -139,8 +139,7 @@ def _stage_activations(job: Job, layout: Layout, stage: int) -> tuple[float, flo
 
 def microbatches(job: Job, layout: Layout) -> int:
     """Micro-batches per data-parallel rank per step."""
-    per_rank = job.global_batch_sequences / (layout.dp * layout.micro_batch)
-    return max(1, round(per_rank))
+    return layout.step_sequences(job) // (layout.dp * layout.micro_batch)
 
 
 def device_memory(job: Job, layout: Layout) -> Memory:

@@ -6,6 +6,7 @@ from typing import Any
 
 import tomli_w
 
+from polytrain.errors import ConfigError
 from polytrain.models.params import count_parameters
 from polytrain.models.registry import PRESETS, spec_for
 from polytrain.plan.hardware import Chip
@@ -107,9 +108,11 @@ def breakdown(job: Job, chip: Chip, plan: Plan) -> str:
     return "\n".join(lines)
 
 
-def emit_config(job: Job, plan: Plan) -> str:
-    """A `polytrain sft` job config running `plan` (data paths are placeholders to fill in)."""
-    lay = plan.layout
+def job_config(job: Job, lay: Layout) -> dict[str, Any]:
+    """The job config (a TOML table) that runs `job` under `lay` (data paths are placeholders to fill in)."""
+    if job.algorithm not in ("sft", "dpo"):
+        raise ConfigError(f"--emit-config writes sft and dpo jobs; for {job.algorithm}, copy the layout into "
+                          f"examples/{job.algorithm}_tiny.toml's [parallel] section")
     model: dict[str, Any] = ({"preset": job.model.preset} if job.model.preset in PRESETS
                              else {k: v for k, v in to_dict(job.model).items() if k != "preset"})
     parallel: dict[str, Any] = {
@@ -121,16 +124,22 @@ def emit_config(job: Job, plan: Plan) -> str:
         parallel["pp_schedule"] = lay.schedule
     if lay.recompute == "selective":
         parallel.update(ac_every=2, ac_modules=["mla_up_proj", "norm"])
-    config = {
-        "run": {"algorithm": "sft", "output_dir": f"runs/{job.model.preset}-{lay.devices}x", "precision": "bf16"},
+    return {
+        "run": {"algorithm": job.algorithm, "output_dir": f"runs/{job.model.preset}-{lay.devices}x",
+                "precision": "bf16"},
         "model": model,
         "data": {"train_path": "data/train.jsonl", "tokenizer": "path/to/tokenizer.json", "max_seq_len": job.seq_len,
-                 "packing": spec_for(job.model).supports_packing},
-        "train": {"global_batch_size": job.global_batch_sequences, "micro_batch_size": lay.micro_batch},
+                 "packing": job.algorithm == "sft" and spec_for(job.model).supports_packing},
+        "train": {"global_batch_size": lay.step_sequences(job), "micro_batch_size": lay.micro_batch},
         "parallel": parallel,
     }
+
+
+def emit_config(job: Job, plan: Plan) -> str:
+    """`job_config` as TOML, headed by what the planner predicts for it."""
+    lay = plan.layout
     header = (f"# polytrain plan: {lay.devices} devices, {layout_cell(lay)}, predicted "
               f"{plan.time.tokens_per_s_per_device:,.0f} tokens/s/device, {plan.time.mfu:.1%} MFU, "
               f"{plan.memory.device / GiB:.1f} GiB/device peak.\n# Fill in data.train_path and data.tokenizer; "
-              "launch with torchrun --nproc-per-node ... -m polytrain sft THIS.toml\n")
-    return header + tomli_w.dumps(config)
+              f"launch with torchrun --nproc-per-node ... -m polytrain {job.algorithm} THIS.toml\n")
+    return header + tomli_w.dumps(job_config(job, lay))

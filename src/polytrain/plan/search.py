@@ -68,7 +68,7 @@ def evaluate(job: Job, layout: Layout, chip: Chip) -> Plan:
     if problems:
         raise ConfigError(f"layout {layout.short()}: " + "; ".join(problems))
     memory = device_memory(job, layout)
-    return Plan(layout, memory, step_time(job, layout, chip), fits(memory, chip), tuple(layout.engine_gaps(job.model)))
+    return Plan(layout, memory, step_time(job, layout, chip), fits(memory, chip), tuple(layout.job_gaps(job)))
 
 
 def _powers_of_two(limit: int) -> list[int]:
@@ -145,7 +145,7 @@ def search(job: Job, devices: int, chip: Chip, *, engine_only: bool = True) -> S
             if best_miss is None or pressure(memory, chip) < pressure(best_miss.memory, chip):
                 best_miss = Plan(layout, memory, step_time(job, layout, chip), False, ())
             continue
-        fitting.append(Plan(layout, memory, step_time(job, layout, chip), True, tuple(layout.engine_gaps(job.model))))
+        fitting.append(Plan(layout, memory, step_time(job, layout, chip), True, tuple(layout.job_gaps(job))))
     fitting = rank(fitting)
     return SearchResult(fitting, len(layouts), time.perf_counter() - start, best_miss)
 

@@ -109,7 +109,7 @@ def bubble_fraction(layout: Layout, m: int) -> float:
 def step_time(job: Job, layout: Layout, chip: Chip) -> StepTime:
     c = job.model
     flops = job.flops
-    tokens = job.global_batch_sequences * job.seq_len
+    tokens = layout.step_sequences(job) * job.seq_len
     devices = layout.devices
     peak = chip.peak_flops("bf16")
     eff = chip.compute_efficiency

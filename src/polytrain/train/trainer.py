@@ -29,8 +29,11 @@ from polytrain.models.common.moe import Router, update_router_biases
 from polytrain.objectives import registry
 from polytrain.objectives.base import Objective
 from polytrain.objectives.context import ObjectiveContext
+from polytrain.parallel.mesh import ParallelDims
+from polytrain.parallel.pp import split_layers
 from polytrain.parallel.runtime import ParallelRuntime
 from polytrain.parallel.shards import materialize, tensors_to_initialise
+from polytrain.parallel.validate import MULTI_STAGE, pipeline_problems
 from polytrain.train.checkpoint import Checkpointer, checkpoint_root, latest_checkpoint, load_checkpoint
 from polytrain.train.faults import Faults
 from polytrain.train.frozen import frozen_run_model, reference_model
@@ -56,6 +59,40 @@ def resolve_precision(precision: str, backend: Backend) -> torch.dtype | None:
     if not backend.capabilities.bf16:
         raise BackendError(f"run.precision = \"bf16\" but the {backend.name} backend has no bf16 support here")
     return torch.bfloat16
+
+
+def check_job(objective: type[Objective] | Objective, config: JobConfig, dims: ParallelDims) -> None:
+    """What the engine checks before it builds anything, beyond the layout against the model (`ParallelDims.resolve`):
+    the step's batch against the layout, the objective under pipeline parallelism, the pipeline's stages. The
+    planner marks a layout runnable only if the same functions (parallel/validate.py) accept it, and a test holds
+    the two to it (tests/unit/test_plan_engine_agree.py)."""
+    objective.check_config(config, dims.dp)
+    parallel, train = config.parallel, config.train
+    if dims.pp > 1:
+        if not objective.supports_pipeline:
+            raise ConfigError(f"parallel.pp > 1 is not supported for {objective.name} yet")
+        if objective.items_split_into_micro_batches:
+            found = pipeline_problems(parallel.pp_schedule, dims.pp,
+                                      train.global_batch_size // (dims.dp * train.micro_batch_size))
+            if found:
+                raise ConfigError("; ".join(found))
+        stages = dims.pp * (2 if parallel.pp_schedule in MULTI_STAGE else 1)
+        split_layers(config.model.num_hidden_layers, stages, parallel.pp_first_stage_layers)
+    if dims.tp > 1 and dims.pp > 1 and parallel.sequence_parallel and config.data.max_seq_len % dims.tp:
+        raise ConfigError(f"data.max_seq_len = {config.data.max_seq_len} must be a multiple of parallel.tp = "
+                          f"{dims.tp} for sequence parallelism inside pipeline stages")
+
+
+def lay_out(objective: Objective, runtime: ParallelRuntime) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(the module to train: this rank's part of the model, laid out, still on the meta device; the whole model on
+    the meta device). Nothing is allocated."""
+    config = objective.config
+    train = config.train
+    per_rank = train.global_batch_size // runtime.dp_size
+    full_model = objective.build_model("meta")
+    model = runtime.parallelize(full_model, per_rank // train.micro_batch_size, train.micro_batch_size,
+                                config.data.max_seq_len, objective.train_outputs)
+    return model, full_model
 
 
 def restarted_by_launcher() -> bool:
@@ -95,8 +132,6 @@ class Trainer:
         objective = objective or registry.objective_class(config.run.algorithm)
         self.objective = objective(self.ctx)
         self._check_layout()
-        if self.runtime.dims.pp > 1 and not self.objective.supports_pipeline:
-            raise ConfigError(f"parallel.pp > 1 is not supported for {self.objective.name} yet")
         self.objective.load_data()
         # All inputs are valid: only now touch the run directory (checked on every rank, written by one).
         resume = resume or restarted_by_launcher()
@@ -125,10 +160,8 @@ class Trainer:
         self.backend.manual_seed(config.run.seed)
         # Built on the meta device and laid out there; then only this rank's shards are allocated, initialised
         # (as a function of seed, name and global index: the same values under any layout) and loaded.
-        full_model = self.objective.build_model("meta")
         train = config.train
-        self.model = self.runtime.parallelize(full_model, self.per_rank // train.micro_batch_size,
-                                              train.micro_batch_size, data.max_seq_len, self.objective.train_outputs)
+        self.model, full_model = lay_out(self.objective, self.runtime)
         only = tensors_to_initialise(full_model, bool(config.init.hf_path or config.init.from_run),
                                      resumes=self.resume_from is not None)
         materialize(self.model, full_model, self.device, config.run.seed, only)
@@ -145,11 +178,7 @@ class Trainer:
         self.eval_history: list[tuple[int, dict[str, float]]] = []
 
     def _check_layout(self) -> None:
-        config, dims = self.config, self.runtime.dims
-        self.objective.check_config(config, self.runtime.dp_size)
-        if dims.tp > 1 and dims.pp > 1 and config.parallel.sequence_parallel and config.data.max_seq_len % dims.tp:
-            raise ConfigError(f"data.max_seq_len = {config.data.max_seq_len} must be a multiple of parallel.tp = "
-                              f"{dims.tp} for sequence parallelism inside pipeline stages")
+        check_job(self.objective, self.config, self.runtime.dims)
 
     def warn(self, message: str) -> None:
         """A yellow console line, never re-wrapped or read as markup (messages quote user text)."""

@@ -142,9 +142,10 @@ class Router(nn.Module):
         if self.routing_record is not None:
             self.routing_record.append(indices.detach().cpu())
         if self.training and not in_backward():  # activation recomputation must not count tokens twice
-            with torch.no_grad():
-                counted = indices if token_mask is None else indices[token_mask.flatten()]
-                self.expert_load += torch.bincount(counted.flatten(), minlength=cfg.n_routed_experts).float()
+            with torch.no_grad():  # static shapes (no bincount, no boolean indexing): no host sync
+                counts = (torch.ones_like(indices, dtype=torch.float32) if token_mask is None
+                          else token_mask.reshape(-1, 1).expand_as(indices).float())
+                self.expert_load.index_add_(0, indices.flatten(), counts.flatten())
         self.aux_loss = None
         if self.training and cfg.aux_loss_alpha > 0:
             self.aux_loss = sequence_balance_loss(scores, indices, rows, cfg.aux_loss_alpha, token_mask)
@@ -192,10 +193,18 @@ def _grouped_swiglu_eager(
     scale: torch.Tensor | None, rows_of: tuple[torch.Tensor, torch.Tensor] | None,
 ) -> torch.Tensor:
     grouped_mm = kernel("grouped_mm", x.device.type)
-    if grouped_mm is None or x.dtype not in (torch.float32, torch.bfloat16):
+    device = x.device.type
+    # torch._grouped_mm is not an autocast op: cast as autocast casts a matmul (its fast kernels are bf16-only)
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    if grouped_mm is None or dtype not in (torch.float32, torch.bfloat16):
         return grouped_swiglu_reference(x, counts.tolist(), gate_up, down, limit, scale)
+    if x.dtype != dtype:
+        if rows_of is not None:  # keep the regather trick: gather from the cast tokens
+            rows_of = (rows_of[0].to(dtype), rows_of[1])
+            x = rows_of[0].index_select(0, rows_of[1])
+        else:
+            x = x.to(dtype)
     offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
-    dtype = x.dtype
     with _saved_as_gather(x, rows_of):
         hidden = _ContiguousGrad.apply(grouped_mm(x, gate_up.to(dtype).transpose(-2, -1), offsets))
     act = _ScaledSwiGLU.apply(hidden, scale, limit)
@@ -212,11 +221,13 @@ def _saved_as_gather(rows: torch.Tensor, rows_of: tuple[torch.Tensor, torch.Tens
         yield
         return
     tokens, index = rows_of[0].detach(), rows_of[1]  # detach() shares the version counter
-    key = (rows.data_ptr(), rows.shape, rows.stride(), rows.dtype)
+    storage = rows.untyped_storage()  # the same Python object for every view of one storage
+    key = (rows.storage_offset(), rows.shape, rows.stride(), rows.dtype)
     version = tokens._version
 
     def pack(t: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        return (tokens, index) if (t.data_ptr(), t.shape, t.stride(), t.dtype) == key else t
+        same = t.untyped_storage() is storage and (t.storage_offset(), t.shape, t.stride(), t.dtype) == key
+        return (tokens, index) if same else t
 
     def unpack(saved: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         if not isinstance(saved, tuple):
@@ -291,7 +302,8 @@ def expert_order(indices: torch.Tensor, num_experts: int) -> tuple[torch.Tensor,
     permutation, tokens per expert [E]). Row i of the expert-sorted tokens is slot order[i]."""
     flat = indices.flatten()
     order = torch.argsort(flat, stable=True)
-    return order, inverse_permutation(order), torch.bincount(flat, minlength=num_experts)
+    counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device).index_add_(0, flat, torch.ones_like(flat))
+    return order, inverse_permutation(order), counts
 
 
 def inverse_permutation(order: torch.Tensor) -> torch.Tensor:

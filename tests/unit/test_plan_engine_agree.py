@@ -1,0 +1,87 @@
+"""The planner and the engine agree on what runs.
+
+For every layout in the planner's search space (every framework's, not only polytrain's) of the released presets at
+256 and 1,024 devices, the job config the planner would emit for it goes through the engine's start-up checks (the
+config loader, `ParallelDims.resolve` and `check_job`, which the trainer runs before building anything):
+
+- every layout the planner marks runnable on polytrain passes them;
+- every layout they refuse is marked not runnable, and every layout marked not runnable that they accept is one the
+  emitted config cannot express (context parallelism, ZeRO-1, optimizer-only offload, experts over TP ranks): the
+  engine would run a different layout.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from polytrain.config import build_config
+from polytrain.errors import ConfigError
+from polytrain.models import preset
+from polytrain.objectives import registry
+from polytrain.parallel.mesh import ParallelDims
+from polytrain.plan.hardware import load_chip
+from polytrain.plan.layout import Job, Layout
+from polytrain.plan.report import job_config
+from polytrain.plan.search import candidates
+from polytrain.train.trainer import check_job
+
+INEXPRESSIBLE = ("context parallel", "ZeRO-1", "optimizer-only offload", "ep drawn from tensor-parallel ranks")
+
+
+def engine_refusal(job: Job, layout: Layout) -> str | None:
+    """The engine's error for the job config the planner emits for `layout`, or None if it would start."""
+    try:
+        config = build_config(job_config(job, layout))
+        dims = ParallelDims.resolve(config.parallel, layout.devices, config.model)
+        check_job(registry.objective_class(config.run.algorithm), config, dims)
+    except ConfigError as err:
+        return str(err)
+    return None
+
+
+@pytest.mark.parametrize("algorithm", ["sft", "dpo"])
+@pytest.mark.parametrize("model", ["deepseek-v3-671b", "deepseek-v4-flash", "deepseek-v4-pro"])
+def test_the_planner_marks_runnable_exactly_what_the_engine_starts(model, algorithm):
+    chip = load_chip("ascend-910c")
+    checked = runnable = 0
+    for devices in (256, 1024):
+        job = Job(preset(model), 4096, 4096 * 2048, algorithm=algorithm)
+        seen: set[Layout] = set()
+        refusals: dict[str, str | None] = {}
+        for layout in candidates(job, devices, chip, engine_only=False):
+            layout = layout.with_(recompute="full" if layout.recompute != "none" else "none")
+            if layout in seen or layout.problems(job.model):
+                continue  # judged already (recomputation does not change the verdicts); or no framework runs it
+            seen.add(layout)
+            gaps = tuple(layout.job_gaps(job))
+            key = json.dumps(job_config(job, layout), sort_keys=True)
+            if key not in refusals:
+                refusals[key] = engine_refusal(job, layout)
+            refusal = refusals[key]
+            checked += 1
+            runnable += not gaps
+            if not gaps:
+                assert refusal is None, f"{layout}: marked runnable, but the engine says: {refusal}"
+            elif refusal is None:
+                assert any(g.startswith(INEXPRESSIBLE) for g in gaps), f"{layout}: the engine starts it, but {gaps}"
+    assert checked > 100 and runnable > 10, (checked, runnable)
+
+
+def test_the_emitted_batch_splits_over_the_layout():
+    """The issue's V4-Pro example: 24M tokens of 4K sequences on 512 data-parallel ranks (5,859 sequences)."""
+    job = Job(preset("deepseek-v4-pro"), 4096, 24_000_000)
+    layout = Layout(dp=512, pp=2, ep=128, schedule="dualpipev")
+    config = job_config(job, layout)
+    assert config["train"]["global_batch_size"] == 5632  # 11 micro-batches per rank, the nearest to 5,859 / 512
+    assert engine_refusal(job, layout) is None and not layout.job_gaps(job)
+
+
+def test_precision_and_pipeline_gaps_are_named():
+    layout = Layout(dp=128, pp=2, ep=64)
+    job = Job(preset("deepseek-v3-671b"), 4096, 4096 * 2048, precision="fp8")
+    assert layout.job_gaps(job) == ["fp8 training (the engine trains in bf16 or fp32)"]
+    dpo = Job(preset("deepseek-v3-671b"), 4096, 4096 * 2048, algorithm="dpo")
+    assert layout.job_gaps(dpo) == ["pipeline parallelism for dpo"]
+    assert "not supported for dpo" in engine_refusal(dpo, layout)
