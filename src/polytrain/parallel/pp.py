@@ -29,6 +29,7 @@ from torch import nn
 
 from polytrain.errors import ConfigError
 from polytrain.models.common.decoder import DecoderLM, TrainOutput, aux_loss_sum
+from polytrain.models.common.output_head import SPLIT_BACKWARD
 from polytrain.parallel.config import ParallelConfig
 from polytrain.parallel.validate import MULTI_STAGE, pipeline_problems
 
@@ -207,6 +208,7 @@ class Pipeline:
         self._loss_fn: LossFn | None = None
         stage_arg = self.stages if cfg.pp_schedule in MULTI_STAGE else self.stages[0]
         self.schedule = schedule_cls(stage_arg, n_microbatches=n_microbatches, loss_fn=self._loss, scale_grads=False)
+        self.schedule_name = cfg.pp_schedule
 
     def _loss(self, outputs: tuple[torch.Tensor, ...], index: torch.Tensor) -> torch.Tensor:
         hidden, *rest = outputs if isinstance(outputs, tuple) else (outputs,)
@@ -225,6 +227,7 @@ class Pipeline:
         inputs = (input_ids, position_ids, doc_ids) if self.is_first else ()
         target = torch.arange(self.n_microbatches) if self.is_last else None
         run = self.schedule.step if train else self.schedule.eval
+        split = SPLIT_BACKWARD.set(self.schedule_name in ("zbv", "dualpipev"))
         try:
             if self.is_first or self.is_last:
                 run(*inputs, target=target, losses=[])
@@ -232,3 +235,4 @@ class Pipeline:
                 run()
         finally:
             self._loss_fn = None
+            SPLIT_BACKWARD.reset(split)

@@ -10,6 +10,8 @@ before the head: in SFT on chat data that skips a large share of the model's lar
 
 from __future__ import annotations
 
+import contextvars
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,6 +20,9 @@ from torch.utils.checkpoint import checkpoint
 
 IGNORE = -100  # polytrain.data.dataset.IGNORE: no loss on this token
 CHUNK_BYTES = 256 * 2**20
+SPLIT_BACKWARD = contextvars.ContextVar("split_backward", default=False)
+"""True while a zero-bubble pipeline schedule runs (parallel/pp.py): it may run a node's backward twice, for the
+input gradients and then for the weight gradients."""
 
 
 def chunk_rows(vocab: int, chunk_bytes: int | None = None) -> int:
@@ -77,6 +82,9 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         # the [V, H] weight gradient as .grad instead of copying it
         ctx.grads = [grad_hidden, grad_weight]
         ctx.scale = None
+        # Released after the last backward call: a pipeline schedule keeps each micro-batch's loss (and so this node)
+        # until the end of the step, which would keep a [V, H] gradient buffer per micro-batch alive.
+        ctx.calls_left = 2 if SPLIT_BACKWARD.get() else 1
         return total
 
     @staticmethod
@@ -92,7 +100,11 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         elif not torch.equal(scale, ctx.scale):
             raise RuntimeError("the fused output-head loss was backpropagated twice with different gradients (its "
                                "gradient buffers are scaled in place)")
-        return (*ctx.grads, None, None)
+        grads = ctx.grads
+        ctx.calls_left -= 1
+        if ctx.calls_left <= 0:
+            ctx.grads = [None, None]
+        return (*grads, None, None)
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
