@@ -85,3 +85,37 @@ def test_precision_and_pipeline_gaps_are_named():
     dpo = Job(preset("deepseek-v3-671b"), 4096, 4096 * 2048, algorithm="dpo")
     assert layout.job_gaps(dpo) == ["pipeline parallelism for dpo"]
     assert "not supported for dpo" in engine_refusal(dpo, layout)
+
+
+@pytest.mark.parametrize("model", ["tiny-v3", "tiny-v4"])
+def test_the_planner_assumes_the_attention_the_engine_runs(model):
+    """Whether the family's attention keeps seq x seq scores for backward, as the planner assumes (its FLOPs and
+    memory), is what the engine's attention does: the tensors autograd saves in a forward pass say."""
+    import torch
+
+    from polytrain.models import build_model
+    from polytrain.models.registry import spec_for
+
+    config = preset(model)
+    seq = 64
+    lm = build_model(config, "cpu", seed=0)
+    largest = 0
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        nonlocal largest
+        if tensor.dim() == 4 and tensor.shape[-2] == seq and tensor.shape[-1] >= seq:  # [B, H, queries, keys]
+            largest = max(largest, tensor.shape[-2] * tensor.shape[-1])
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        lm(torch.randint(0, config.vocab_size, (1, seq)))
+    job = Job(config, seq, seq)
+    assert job.attention_fused == spec_for(config).planner.fused_attention == (largest == 0), largest
+
+
+def test_a_materialised_attention_is_timed_at_the_work_it_does():
+    v4 = Job(preset("deepseek-v4-pro"), 4096, 4096 * 1024)
+    assert round(v4.flops.total / 1e9) == 324 and round(v4.executed_flops.total / 1e9) == 531
+    assert "531 GFLOP/token computed for 324" in v4.attention_note()
+    v3 = Job(preset("deepseek-v3-671b"), 4096, 4096 * 1024)
+    assert v3.executed_flops is v3.flops and v3.attention_note().startswith("attention: fused")

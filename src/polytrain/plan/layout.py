@@ -28,8 +28,9 @@ class Job:
     """Bytes per stored activation element (2: bf16 autocast; 4: fp32 as on the CPU)."""
     moment_bytes: int = 4
     """Bytes per AdamW moment (4: fp32; 2: bf16 moments as DeepSeek-V3 trained)."""
-    fused_attention: bool = True
-    """Flash-style attention (no seq x seq matrix kept); False: polytrain's reference attention on the CPU."""
+    fused_attention: bool | None = None
+    """Flash-style attention (no seq x seq matrix kept) or not; None: the attention polytrain's engine runs for the
+    model family (its planner hooks' `fused_attention`; see `attention_fused`)."""
     mtp: bool = True
     # GRPO
     group_size: int = 8
@@ -49,10 +50,35 @@ class Job:
         return model_shape(self.model)
 
     @cached_property
-    def flops(self):  # -> Flops of one token of this job
+    def flops(self):  # -> Flops of one token of this job: the model's work (causal attention), what MFU counts
         from polytrain.plan.flops import flops_per_token
 
         return flops_per_token(self.model, self.seq_len, mtp=self.mtp)
+
+    @property
+    def attention_fused(self) -> bool:
+        """Whether the attention keeps no seq x seq scores: as set, else as the engine runs the family."""
+        if self.fused_attention is not None:
+            return self.fused_attention
+        from polytrain.models.registry import spec_for
+
+        return spec_for(self.model).planner.fused_attention
+
+    @cached_property
+    def executed_flops(self):  # -> Flops the engine computes per token: a materialised attention scores every key
+        from polytrain.plan.flops import flops_per_token
+
+        if self.attention_fused:
+            return self.flops
+        return flops_per_token(self.model, self.seq_len, mtp=self.mtp, attention="dense")
+
+    def attention_note(self) -> str:
+        """One line on the attention the prediction assumes."""
+        if self.attention_fused:
+            return "attention: fused (no seq x seq scores kept)"
+        return (f"attention: as polytrain runs {self.model.architecture} now, materialising the seq x seq scores "
+                f"(kept for backward; {self.executed_flops.total / 1e9:,.0f} GFLOP/token computed for "
+                f"{self.flops.total / 1e9:,.0f} of model work)")
 
     @cached_property
     def stage_params(self) -> dict[tuple, object]:

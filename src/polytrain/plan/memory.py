@@ -121,7 +121,7 @@ def _stage_activations(job: Job, layout: Layout, stage: int) -> tuple[float, flo
         seq = job.seq_len // layout.cp
 
         def per_layer(i: int, norms: bool = False, recomputed: bool = False) -> float:
-            return layer_activation_bytes(c, i, seq, job.activation_bytes, fused=job.fused_attention, tp=layout.tp,
+            return layer_activation_bytes(c, i, seq, job.activation_bytes, fused=job.attention_fused, tp=layout.tp,
                                           recompute_norms=norms, rows_kept=layout.ep > 1 or recomputed)
 
         # a checkpointed block's recomputation keeps its experts' token rows (polytrain.parallel.checkpointing)

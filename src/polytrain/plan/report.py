@@ -32,6 +32,7 @@ def job_summary(job: Job, chip: Chip, devices: int) -> dict[str, Any]:
         "hardware": chip.name, "devices": devices, "seq_len": job.seq_len,
         "global_batch_tokens": job.global_batch_sequences * job.seq_len, "algorithm": job.algorithm,
         "precision": job.precision, "flops_per_token": job.flops.as_dict(),
+        "attention_fused": job.attention_fused, "executed_flops_per_token": job.executed_flops.as_dict(),
         "device_memory_gib": round(chip.memory_bytes / GiB, 2), "usable_fraction": USABLE_FRACTION,
     }
 
@@ -78,6 +79,7 @@ def render(job: Job, chip: Chip, devices: int, result: SearchResult, top: int) -
     console.print(f"{devices} x {chip.name} ({chip.description}); {chip.hbm_gb:g} GB/device, "
                   f"{USABLE_FRACTION:.0%} usable; compute efficiency {chip.compute_efficiency:g}, "
                   f"comm efficiency {chip.comm_efficiency:g}", soft_wrap=True)
+    console.print(job.attention_note(), soft_wrap=True)
     console.print(f"searched {result.evaluated:,} layouts in {result.seconds:.1f} s: {len(result.plans):,} fit")
     if result.plans:
         table = Table(*HEADERS, title=None, show_edge=False)

@@ -115,7 +115,8 @@ def step_time(job: Job, layout: Layout, chip: Chip) -> StepTime:
     eff = chip.compute_efficiency
     linear_peak = chip.peak_flops(job.precision) if job.precision != "bf16" else peak
     per_device = tokens / devices
-    compute = per_device * (flops.linear / (linear_peak * eff) + flops.attention_core / (peak * eff))
+    executed = job.executed_flops  # what the engine computes (a materialised attention scores every key)
+    compute = per_device * (executed.linear / (linear_peak * eff) + executed.attention_core / (peak * eff))
     if job.algorithm == "dpo":  # + the reference model's forward over the same pairs (none when precomputed)
         compute *= 4 / 3
     recompute = {"none": 0.0, "selective": 0.5 / 3, "full": 1 / 3}[layout.recompute] * compute
