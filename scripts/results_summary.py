@@ -72,6 +72,12 @@ def _plan(d: dict[str, Any]) -> str:
     return f"planner vs measured peak memory: worst error {max(errors):.1%} ({len(errors)} cases)"
 
 
+def _plan_vs_dryrun(d: dict[str, Any]) -> str:
+    cells = [f"{row['model'].removeprefix('deepseek-')} {row['layout'].split(',')[0]} stage {row['stage']}: "
+             f"{row['gib']['peak']['ratio'] - 1:+.0%}" for row in d["rows"]]
+    return "planner vs dry run, peak per device at real size: " + "; ".join(cells)
+
+
 def _audit(d: dict[str, Any]) -> str:
     return f"audit: {d['lines_per_s']:,.0f} lines/s over {d['total_lines']:,} lines (torch + transformers)"
 
@@ -86,6 +92,7 @@ BENCHMARKS: list[tuple[str, str, Callable[[dict[str, Any]], str]]] = [
     ("convert_memory", "python benchmarks/convert_memory.py", _convert),
     ("export_memory", "python benchmarks/export_memory.py", _export),
     ("plan_validation", "python benchmarks/plan_validation.py", _plan),
+    ("plan_vs_dryrun", "python benchmarks/plan_vs_dryrun.py", _plan_vs_dryrun),
     ("audit_speed", "python benchmarks/audit_speed.py", _audit),
 ]
 

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from polytrain import __version__
 from polytrain.audit import cli as audit_cli
 from polytrain.backends import DEVICE_CHOICES
+from polytrain.dryrun import cli as dryrun_cli
 from polytrain.errors import PolytrainError
 from polytrain.objectives import registry
 from polytrain.plan import cli as plan_cli
@@ -134,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "one tensor at a time)")
     export.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     plan_cli.add_parser(commands)
+    dryrun_cli.add_parser(commands)
     audit_cli.add_parser(commands)
     return parser
 
@@ -287,7 +289,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 TOOLS = {"bench": _cmd_bench, "generate": _cmd_generate, "plot": _cmd_plot, "model": _cmd_model,
-         "convert": _cmd_convert, "export": _cmd_export, "plan": plan_cli.run, "audit": audit_cli.run}
+         "convert": _cmd_convert, "export": _cmd_export, "plan": plan_cli.run, "dryrun": dryrun_cli.run,
+         "audit": audit_cli.run}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
