@@ -35,6 +35,8 @@ def test_model_fields_override_the_preset():
     ("sections", "message"),
     [
         ({"train": {"lrr": 1.0}}, "unknown config key `train.lrr` in [train] (did you mean `lr`?)"),
+        ({"train": {"lerning_rate": 1.0}}, "unknown config key `train.lerning_rate` in [train] (did you mean `lr`?)"),
+        ({"train": {"max_grad_norm": 1.0}}, "(did you mean `grad_clip`?)"),
         ({"trian": {"lr": 1.0}}, "unknown config key `trian` (did you mean `train`?)"),
         ({"train": {"steps": "many"}}, "`train.steps` must be an integer, got 'many'"),
         ({"train": {"steps": 1.5}}, "`train.steps` must be an integer"),
