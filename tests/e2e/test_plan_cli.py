@@ -14,6 +14,7 @@ JOB = ["plan", "--model", "deepseek-v4-flash", "--hardware", "h100", "--devices"
 
 def test_table_with_breakdown_for_two_chips_side_by_side_and_grpo_phases():
     out = polytrain(*JOB, "--top", "3", "--compare-hardware", "ascend-910b", "--algorithm", "grpo").stdout
+    assert " MTP (" in out.splitlines()[0]  # the parameter count says what it includes
     assert "tok/s/dev" in out and "MFU" in out and "searched" in out
     assert "best: DP" in out and "memory/device" in out and "step" in out
     assert "x h100" in out and "x ascend-910b" in out
@@ -46,6 +47,7 @@ def test_bad_input_exits_2_with_one_line():
     cases = [
         (["--hardware", "h900"], "unknown hardware `h900`"),
         (["--devices", "8", "--model", "deepseek-v4-pro"], "fits on"),
+        (["--devices", "0"], "--devices must be at least 1, got 0"),
     ]
     for extra, message in cases:
         args = [*JOB]

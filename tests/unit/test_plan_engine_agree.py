@@ -16,7 +16,7 @@ import json
 
 import pytest
 
-from polytrain.config import build_config
+from polytrain.config import build_config, tomllib
 from polytrain.errors import ConfigError
 from polytrain.models import preset
 from polytrain.objectives import registry
@@ -119,3 +119,17 @@ def test_a_materialised_attention_is_timed_at_the_work_it_does():
     assert "531 GFLOP/token computed for 324" in v4.attention_note()
     v3 = Job(preset("deepseek-v3-671b"), 4096, 4096 * 1024)
     assert v3.executed_flops is v3.flops and v3.attention_note().startswith("attention: fused")
+
+
+def test_the_config_emitted_for_the_cpu_trains_in_fp32_and_says_what_to_fill_in():
+    from polytrain.plan.report import emit_config
+    from polytrain.plan.search import search
+
+    job = Job(preset("tiny"), 64, 64 * 32)
+    plan = search(job, 4, load_chip("cpu")).plans[0]
+    text = emit_config(job, plan, load_chip("cpu"))
+    assert "hf_path" in text and "polytrain dryrun THIS.toml --world-size 4" in text
+    config = build_config(tomllib.loads(text))
+    assert config.run.precision == "fp32" and config.parallel.param_dtype == "fp32"
+    assert engine_refusal(job, plan.layout) is None
+    assert job_config(job, plan.layout, load_chip("h100"))["run"]["precision"] == "bf16"

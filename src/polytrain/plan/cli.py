@@ -179,8 +179,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"{chip.name}: compute efficiency {chip.compute_efficiency:g} -> {new.compute_efficiency:g} "
               f"({note}); wrote {args.out}")
         return 0
-    if not args.model or not args.devices:
-        raise ConfigError("--model and --devices are required (see polytrain plan --help)")
+    missing = [flag for flag, value in (("--model", args.model), ("--devices", args.devices)) if value is None]
+    if missing:
+        raise ConfigError(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} required (see polytrain "
+                          "plan --help)")
+    if args.devices < 1:
+        raise ConfigError(f"--devices must be at least 1, got {args.devices}")
     return _plan(args, chip)
 
 
@@ -243,7 +247,7 @@ def _plan(args: argparse.Namespace, chip) -> int:
         if not runnable:
             raise ConfigError("no fitting layout runs on polytrain's engine yet; nothing to emit (see the table's "
                               "`polytrain` column)")
-        Path(args.emit_config).write_text(emit_config(job, runnable[0]), encoding="utf-8")
+        Path(args.emit_config).write_text(emit_config(job, runnable[0], chip), encoding="utf-8")
         if not args.json:
             print(f"wrote {args.emit_config} ({runnable[0].layout.short()})")
     return 0

@@ -73,7 +73,9 @@ def render(job: Job, chip: Chip, devices: int, result: SearchResult, top: int) -
     buffer = StringIO()
     console = Console(file=buffer, width=160, highlight=False, color_system=None)
     s = job_summary(job, chip, devices)
-    console.print(f"{s['model']}: {_human(s['parameters_total'])} parameters ({_human(s['parameters_activated'])} "
+    counts = count_parameters(job.model)
+    mtp = f" = {_human(counts.main_total)} + {_human(counts.mtp_total)} MTP" if counts.mtp_total else ""
+    console.print(f"{s['model']}: {_human(s['parameters_total'])} parameters{mtp} ({_human(s['parameters_activated'])} "
                   f"activated), {job.algorithm}, seq {job.seq_len}, {_human(s['global_batch_tokens'])} tokens/step, "
                   f"{job.flops.total / 1e9:,.0f} GFLOP/token (training)", soft_wrap=True)
     console.print(f"{devices} x {chip.name} ({chip.description}); {chip.hbm_gb:g} GB/device, "
@@ -110,16 +112,18 @@ def breakdown(job: Job, chip: Chip, plan: Plan) -> str:
     return "\n".join(lines)
 
 
-def job_config(job: Job, lay: Layout) -> dict[str, Any]:
-    """The job config (a TOML table) that runs `job` under `lay` (data paths are placeholders to fill in)."""
+def job_config(job: Job, lay: Layout, chip: Chip | None = None) -> dict[str, Any]:
+    """The job config (a TOML table) that runs `job` under `lay` on `chip` (data paths are placeholders to fill
+    in). On the CPU stand-in chip it trains in fp32, as polytrain does on a CPU."""
     if job.algorithm not in ("sft", "dpo"):
         raise ConfigError(f"--emit-config writes sft and dpo jobs; for {job.algorithm}, copy the layout into "
                           f"examples/{job.algorithm}_tiny.toml's [parallel] section")
+    precision = "fp32" if chip is not None and chip.name == "cpu" else "bf16"
     model: dict[str, Any] = ({"preset": job.model.preset} if job.model.preset in PRESETS
                              else {k: v for k, v in to_dict(job.model).items() if k != "preset"})
     parallel: dict[str, Any] = {
         "dp_shard": lay.dp, "ep": lay.ep, "tp": lay.tp, "pp": lay.pp,
-        "reshard_after_forward": lay.zero == 3, "param_dtype": "bf16", "cpu_offload": lay.offload == "all",
+        "reshard_after_forward": lay.zero == 3, "param_dtype": precision, "cpu_offload": lay.offload == "all",
         "activation_checkpointing": lay.recompute,
     }
     if lay.pp > 1:
@@ -128,7 +132,7 @@ def job_config(job: Job, lay: Layout) -> dict[str, Any]:
         parallel.update(ac_every=2, ac_modules=["mla_up_proj", "norm"])
     return {
         "run": {"algorithm": job.algorithm, "output_dir": f"runs/{job.model.preset}-{lay.devices}x",
-                "precision": "bf16"},
+                "precision": precision},
         "model": model,
         "data": {"train_path": "data/train.jsonl", "tokenizer": "path/to/tokenizer.json", "max_seq_len": job.seq_len,
                  "packing": job.algorithm == "sft" and spec_for(job.model).supports_packing},
@@ -137,11 +141,14 @@ def job_config(job: Job, lay: Layout) -> dict[str, Any]:
     }
 
 
-def emit_config(job: Job, plan: Plan) -> str:
-    """`job_config` as TOML, headed by what the planner predicts for it."""
+def emit_config(job: Job, plan: Plan, chip: Chip | None = None) -> str:
+    """`job_config` as TOML, headed by what the planner predicts for it and what to fill in."""
     lay = plan.layout
     header = (f"# polytrain plan: {lay.devices} devices, {layout_cell(lay)}, predicted "
               f"{plan.time.tokens_per_s_per_device:,.0f} tokens/s/device, {plan.time.mfu:.1%} MFU, "
-              f"{plan.memory.device / GiB:.1f} GiB/device peak.\n# Fill in data.train_path and data.tokenizer; "
-              f"launch with torchrun --nproc-per-node ... -m polytrain {job.algorithm} THIS.toml\n")
-    return header + tomli_w.dumps(job_config(job, lay))
+              f"{plan.memory.device / GiB:.1f} GiB/device peak.\n"
+              "# Fill in data.train_path and data.tokenizer, and start from the released weights with\n"
+              "#   [init]\n#   hf_path = \"/path/to/the/checkpoint\"   (a Hugging Face directory; FP8 / FP4 load)\n"
+              f"# Check it on this machine first: polytrain dryrun THIS.toml --world-size {lay.devices}\n"
+              f"# Launch: torchrun --nproc-per-node ... -m polytrain {job.algorithm} THIS.toml\n")
+    return header + tomli_w.dumps(job_config(job, lay, chip))
