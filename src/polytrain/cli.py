@@ -56,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
         train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                            help="override one config value, e.g. --set train.lr=3e-4 (repeatable)")
         train.add_argument("--resume", action="store_true", help="continue the run in run.output_dir from its "
-                           "newest valid checkpoint (starts from step 0 if it has none)")
+                           "newest valid checkpoint; refuses (exit 2) if there is none")
+        train.add_argument("--resume-or-start", action="store_true", help="continue the run in run.output_dir if "
+                           "it has a valid checkpoint, else start it (job scripts submitted again as they are)")
         train.add_argument("--overwrite", action="store_true", help="delete the run already in run.output_dir first")
         train.add_argument("--stop-at-step", type=int, metavar="N", help="save a checkpoint and exit cleanly after "
                            "step N (e.g. to fit a scheduler's time slot); continue later with --resume")
@@ -187,7 +189,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 0
     from polytrain.train.trainer import Trainer
 
-    trainer = Trainer(config, resume=args.resume, overwrite=args.overwrite, stop_at_step=args.stop_at_step)
+    trainer = Trainer(config, resume="or-start" if args.resume_or_start else args.resume, overwrite=args.overwrite,
+                      stop_at_step=args.stop_at_step)
     for flag in registry.entry(args.command).flags:
         value = getattr(args, flag.name.lstrip("-").replace("-", "_"))
         if value is not None:
@@ -237,6 +240,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if args.temperature < 0:
         raise PolytrainError("--temperature must be >= 0")
     chat = RunChat(args.run_dir, args.device or "auto", args.checkpoint)
+    if chat.config.run.algorithm == "rm":
+        print(f"warning: {args.run_dir} is a reward-model run: its language-model head was not trained with the "
+              "rest of the model, so the text below is not the model's", file=sys.stderr)
     sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.seed)
     for prompt, answer in zip(args.prompt, chat.answer(args.prompt, sampling)):
         if args.json:

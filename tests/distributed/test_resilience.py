@@ -22,7 +22,7 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 
 
 def torchrun(job: Path, out: Path, *overrides: str, faults: str = "", restarts: int = 0, timeout: int = 300):
-    args = [*TORCHRUN, "--max-restarts", str(restarts), "-m", "polytrain", "sft", str(job), "--resume",
+    args = [*TORCHRUN, "--max-restarts", str(restarts), "-m", "polytrain", "sft", str(job), "--resume-or-start",
             "--set", f'run.output_dir="{out}"', "--set", "parallel.collective_timeout_s=60",
             *[a for o in overrides for a in ("--set", o)]]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "POLYTRAIN_FAULTS": faults}

@@ -180,3 +180,52 @@ def test_shipped_example_data_is_what_the_generator_makes(tmp_path):
                  "data/count_train.jsonl", "data/count_eval.jsonl",
                  "tokenizer/tokenizer.json"):
         assert (tmp_path / name).read_bytes() == (EXAMPLES / name).read_bytes(), name
+
+
+def test_resume_refuses_what_it_cannot_continue_and_resume_or_start_starts(job, tmp_path):
+    missing = tmp_path / "typo"
+    refused = polytrain("sft", str(job), "--set", f'run.output_dir="{missing}"', "--resume", check=False)
+    assert refused.returncode == 2 and not missing.exists()
+    assert refused.stderr.strip().splitlines()[-1].startswith(f"error: --resume: {missing} holds no polytrain run")
+
+    run = tmp_path / "run"
+    common = ["--set", f'run.output_dir="{run}"', "--set", "train.steps=2"]
+    polytrain("sft", str(job), *common)
+    for checkpoint in (run / "checkpoints").iterdir():  # every checkpoint damaged
+        (checkpoint / "manifest.json").unlink()
+    before = (run / "metrics.jsonl").read_text()
+    refused = polytrain("sft", str(job), *common, "--resume", check=False)
+    assert refused.returncode == 2 and "error: --resume: no usable checkpoint" in refused.stderr
+    assert (run / "metrics.jsonl").read_text() == before  # nothing was changed
+
+    fresh = tmp_path / "fresh"
+    polytrain("sft", str(job), "--set", f'run.output_dir="{fresh}"', "--set", "train.steps=2", "--resume-or-start")
+    again = polytrain("sft", str(job), "--set", f'run.output_dir="{fresh}"', "--set", "train.steps=3",
+                      "--resume-or-start")
+    assert "resumed from" in again.stderr
+
+
+def test_a_second_ctrl_c_during_the_checkpoint_does_not_lose_it(job, tmp_path):
+    """Two real SIGINTs: the first asks to stop; the second arrives while the checkpoint is written (slowed down by
+    an injected fault) and must not cut it short."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "polytrain", "sft", str(job), "--set", f'run.output_dir="{run}"',
+           "--set", "train.steps=30", "--set", "checkpoint.every=0"]
+    env = {**ENV, "POLYTRAIN_FAULTS": ",".join(f"slow_save@{step}:seconds=3" for step in range(1, 31))}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and '"loss"' in metrics.read_text():
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    deadline = time.time() + 60
+    while time.time() < deadline and not list((run / "checkpoints").glob("*.tmp")):  # the save has begun
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "it finishes first" in stderr and "saved a checkpoint" in stderr and "FAILED" not in stderr
+    resumed = polytrain(*cmd[3:], "--resume", "--set", "train.steps=31")
+    assert "resumed from" in resumed.stderr

@@ -76,6 +76,8 @@ def test_reward_model_learns_held_out_preferences(sft):
     # measured: accuracy 0.70 -> 0.85, loss 0.67 -> 0.24 in the example's 200 steps
     assert result["eval_accuracy_last"] > result["eval_accuracy_first"] + 0.08, result
     assert result["eval_loss_last"] < 0.6 * result["eval_loss_first"], result
+    generated = polytrain("generate", str(run), "--prompt", "hi", "--max-new-tokens", "2")
+    assert "is a reward-model run" in generated.stderr
 
 
 def test_external_rollout_engine_gets_every_weight_update(sft, tmp_path):

@@ -148,3 +148,18 @@ def test_async_save_commits_when_the_write_finishes(tmp_path):
     assert checkpointer.latest_valid().name == "step_00000001"
     model, optimizer, _ = trained_model(seed=5)
     assert load_checkpoint(tmp_path / "step_00000001", model, optimizer)["loader"]["position"] == 1
+
+
+def test_an_output_dir_that_cannot_be_written_is_one_error_before_anything_is_written(tmp_path, monkeypatch):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    config = build_config({"data": {"train_path": "x", "tokenizer": "y"},
+                           "run": {"output_dir": str(blocker / "run")}})
+    with pytest.raises(RunDirError, match="a_file is a file, not a folder"):
+        prepare_run_dir(config, resume=False, overwrite=False)
+    config.run.output_dir = str(tmp_path / "locked" / "run")
+    (tmp_path / "locked").mkdir()
+    monkeypatch.setattr("os.access", lambda path, mode: False)  # root may write anywhere: ask as a user would
+    with pytest.raises(RunDirError, match="locked cannot be written"):
+        prepare_run_dir(config, resume=False, overwrite=False)
+    assert not (tmp_path / "locked" / "run").exists()

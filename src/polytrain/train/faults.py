@@ -2,7 +2,8 @@
 
 kinds: nan_loss (the step's loss becomes NaN), spike (the step's loss x 1000), kill (SIGKILL during the step),
 kill_in_save (SIGKILL after the shards of the step's checkpoint are written, before it is committed), hang
-(sleep `seconds` inside the step), disk_full (the step's checkpoint write fails with ENOSPC).
+(sleep `seconds` inside the step), disk_full (the step's checkpoint write fails with ENOSPC), slow_save (sleep
+`seconds` while the step's checkpoint is written).
 keys: rank=R (default every rank), seconds=S (hang). A fault fires once, and only in a job's first attempt
 (TORCHELASTIC_RESTART_COUNT unset or 0), so a restarted job runs clean. Never set this in production.
 """
@@ -74,6 +75,9 @@ class Faults:
     def during_save(self, step: int) -> None:
         if self._take("disk_full", step):
             raise OSError(errno.ENOSPC, "No space left on device (injected)")
+        fault = self._take("slow_save", step)
+        if fault:
+            time.sleep(fault.seconds)
 
     def before_commit(self, step: int) -> None:
         if self._take("kill_in_save", step):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -53,23 +54,42 @@ def prepare_run_dir(config: JobConfig, resume: bool, overwrite: bool) -> Path:
     return write_run_dir(config, overwrite)
 
 
+def _check_writable(run_dir: Path) -> None:
+    """The run directory, or the nearest existing folder above it, can be written."""
+    existing = run_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing != run_dir and not existing.is_dir():
+        raise RunDirError(f"run.output_dir {run_dir}: {existing} is a file, not a folder")
+    if existing.is_dir() and not os.access(existing, os.W_OK | os.X_OK):
+        raise RunDirError(f"run.output_dir {run_dir}: {existing} cannot be written (permission denied)")
+
+
 def write_run_dir(config: JobConfig, overwrite: bool) -> Path:
     """After `check_run_dir` passed: clear the old run when overwriting, write the resolved config."""
     run_dir = Path(config.run.output_dir)
     config_file = run_dir / CONFIG_FILE
-    if overwrite and config_file.is_file():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config_file.write_text(config_to_toml(config))
+    try:
+        if overwrite and config_file.is_file():
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config_file.write_text(config_to_toml(config))
+    except OSError as err:  # a full disk, a read-only mount: one line, not a traceback
+        raise RunDirError(f"run.output_dir {run_dir}: cannot write ({err.strerror or err})") from None
     return run_dir
 
 
-def check_run_dir(config: JobConfig, resume: bool, overwrite: bool) -> None:
-    """Refuse a run directory whose use would lose or mix work (read-only; safe on every rank)."""
+def check_run_dir(config: JobConfig, resume: bool, overwrite: bool, must_hold_a_run: bool = False) -> None:
+    """Refuse a run directory whose use would lose or mix work (read-only; safe on every rank). `must_hold_a_run`
+    (--resume): refuse a directory that holds no run (a mistyped path must not start a new one)."""
     run_dir = Path(config.run.output_dir)
     if resume and overwrite:
         raise RunDirError("--resume and --overwrite contradict each other: choose one")
     config_file = run_dir / CONFIG_FILE
+    _check_writable(run_dir)
+    if must_hold_a_run and not config_file.is_file():
+        raise RunDirError(f"--resume: {run_dir} holds no polytrain run ({CONFIG_FILE} missing): check "
+                          "run.output_dir, or drop --resume to start a new run")
     if run_dir.exists() and not run_dir.is_dir():
         raise RunDirError(f"run.output_dir {run_dir} exists and is not a directory")
     if run_dir.is_dir() and any(run_dir.iterdir()):

@@ -4,6 +4,7 @@ metrics, checkpoints, resume, the guard and the hang watchdog; single process or
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -24,7 +25,7 @@ from polytrain.data.batches import BatchMaker
 from polytrain.data.chat import get_template
 from polytrain.data.loader import StepLoader
 from polytrain.data.tokenizer import Tokenizer
-from polytrain.errors import BackendError, CheckpointError, ConfigError
+from polytrain.errors import BackendError, CheckpointError, ConfigError, RunDirError
 from polytrain.models.common.moe import Router, update_router_biases
 from polytrain.objectives import registry
 from polytrain.objectives.base import Objective
@@ -41,7 +42,7 @@ from polytrain.train.guard import EVENTS_FILE, Guard, GuardEvent
 from polytrain.train.metrics import MetricsWriter
 from polytrain.train.optim import build_optimizer, lr_at, set_lr
 from polytrain.train.plot import plot_run
-from polytrain.train.run_dir import check_run_dir, write_run_dir
+from polytrain.train.run_dir import CONFIG_FILE, check_run_dir, write_run_dir
 from polytrain.train.signals import StopRequest, TrainingInterrupted
 from polytrain.train.watchdog import Watchdog
 
@@ -104,11 +105,12 @@ class Trainer:
     """Runs one Objective: set-up, the optimizer-step loop, eval, checkpoints, guard, watchdog, metrics.
     `objective`: the Objective class (default: the one registered for `run.algorithm`)."""
 
-    def __init__(self, config: JobConfig, objective: type[Objective] | None = None, resume: bool = False,
+    def __init__(self, config: JobConfig, objective: type[Objective] | None = None, resume: bool | str = False,
                  overwrite: bool = False, console: Console | None = None,
                  stop_at_step: int | None = None) -> None:
         self.config = config
         self.stop_at_step = stop_at_step
+        self._stop: StopRequest | None = None  # set while train() runs: it shields checkpoint writes
         self.backend = get_backend(config.run.device)
         self.backend.prepare_training()
         self.runtime = ParallelRuntime(config.parallel, config.model, self.backend)
@@ -134,15 +136,15 @@ class Trainer:
         self._check_layout()
         self.objective.load_data()
         # All inputs are valid: only now touch the run directory (checked on every rank, written by one).
-        resume = resume or restarted_by_launcher()
-        check_run_dir(config, resume, overwrite)
-        self.runtime.barrier()
-        if main:
-            write_run_dir(config, overwrite)
-        self.runtime.barrier()
+        # resume=True (--resume) continues a run or refuses; "or-start" (--resume-or-start), and a job the launcher
+        # restarts (torchrun --max-restarts), continue the run if it checkpointed, else start it.
+        if resume == "or-start" and overwrite:
+            raise RunDirError("--resume-or-start and --overwrite contradict each other: choose one")
+        lenient = resume == "or-start" or (not resume and restarted_by_launcher())
+        resume = resume is True
+        check_run_dir(config, resume or lenient, overwrite, must_hold_a_run=resume)
         self.run_dir = Path(config.run.output_dir)
         self.ctx.run_dir = self.run_dir
-
         self.faults = Faults(self.runtime.rank)
         ckpt = config.checkpoint
         self.checkpointer = Checkpointer(
@@ -150,9 +152,17 @@ class Trainer:
             report=self._warn, before_commit=self.faults.before_commit, during_save=self.faults.during_save,
             device=self.device,
         )
-        self.resume_from = self.checkpointer.latest_valid(ckpt.verify_on_resume) if resume else None
+        self.resume_from = (self.checkpointer.latest_valid(ckpt.verify_on_resume) if resume or lenient
+                            else None)
         if resume and self.resume_from is None:
-            self._warn(f"--resume: no usable checkpoint in {self.checkpointer.root}; starting from step 0")
+            raise RunDirError(f"--resume: no usable checkpoint in {self.checkpointer.root}; nothing was changed "
+                              "(--overwrite starts the run again from step 0)")
+        if lenient and self.resume_from is None and (self.run_dir / CONFIG_FILE).is_file():
+            self._warn(f"no usable checkpoint in {self.checkpointer.root}: starting the run from step 0")
+        self.runtime.barrier()
+        if main:
+            write_run_dir(config, overwrite)
+        self.runtime.barrier()
         self.guard = Guard(config.guard, self.run_dir / EVENTS_FILE, watch_spikes=self.objective.watch_loss_spikes)
         wd = config.watchdog
         self.watchdog = Watchdog(self.run_dir / f"hang_rank{self.runtime.rank}.txt", wd.step_timeout_s > 0)
@@ -204,11 +214,18 @@ class Trainer:
                 "objective": self.objective.state_dict()}
 
     def save(self) -> bool:
+        """Checkpoint this step (a second Ctrl-C waits for it: `StopRequest.shield`); False if it failed."""
         self.watchdog.arm(self.config.watchdog.checkpoint_timeout_s, f"checkpoint of step {self.step}")
-        ok = self.checkpointer.save(self.step, self.model, self.optimizer, self._trainer_state(),
-                                    self.backend.get_rng_state())
+        with self._stop.shield() if self._stop is not None else contextlib.nullcontext():
+            ok = self.checkpointer.save(self.step, self.model, self.optimizer, self._trainer_state(),
+                                        self.backend.get_rng_state())
         self.watchdog.disarm()
         return ok
+
+    def _wait_for_saves(self) -> bool:
+        """Let an asynchronous checkpoint finish (shielded like `save`); False if it failed."""
+        with self._stop.shield() if self._stop is not None else contextlib.nullcontext():
+            return self.checkpointer.wait()
 
     def _restore(self, path: Path, rollback: bool = False) -> None:
         state = load_checkpoint(path, self.model, self.optimizer)
@@ -338,6 +355,7 @@ class Trainer:
             disable=not interactive,
         )
         with StopRequest() as stop, progress:
+            self._stop = stop
             task = progress.add_task("", total=cfg.train.steps, completed=self.step)
             window_start, window_tokens = time.perf_counter(), 0
             first = True
@@ -377,26 +395,28 @@ class Trainer:
                             and boundary)
                 if is_last or stopping or (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0):
                     saved = self.save()
-                    if is_last and not (saved and self.checkpointer.wait()):
+                    if is_last and not (saved and self._wait_for_saves()):
                         raise CheckpointError(f"the final checkpoint (step {self.step}) could not be saved; see the "
                                               "messages above for the cause")
                     if saved:
                         last_saved = self.step
                 if stopping:
-                    self.checkpointer.wait()
+                    self._wait_for_saves()
                     self.console.print(f"stopped after step {self.step} (--stop-at-step); continue with --resume")
                     break
                 # every rank must agree to stop at the same step, or the final save would not match up
                 if boundary and not is_last and not self.runtime.all_agree(stop.signal_name is None):
-                    if self.step > last_saved:
-                        self.save()
-                    self.checkpointer.wait()
+                    saved = self.step == last_saved or self.save()
+                    saved = self._wait_for_saves() and saved
                     if writer:
                         writer.close()
-                    raise TrainingInterrupted(
-                        f"{stop.signal_name or 'a signal on another rank'}: stopped after step {self.step} and saved "
-                        "a checkpoint; continue with the same command plus --resume"
-                    )
+                    why = stop.signal_name or "a signal on another rank"
+                    if not saved:
+                        raise TrainingInterrupted(
+                            f"{why}: stopped after step {self.step}, but its checkpoint could NOT be saved (see the "
+                            "messages above); --resume continues from the newest checkpoint that was")
+                    raise TrainingInterrupted(f"{why}: stopped after step {self.step} and saved a checkpoint; "
+                                              "continue with the same command plus --resume")
         self.checkpointer.wait()
         elapsed = time.perf_counter() - start_time
         summary = self._summary(elapsed, start_step)
