@@ -62,7 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
         train.add_argument("--overwrite", action="store_true", help="delete the run already in run.output_dir first")
         train.add_argument("--stop-at-step", type=int, metavar="N", help="save a checkpoint and exit cleanly after "
                            "step N (e.g. to fit a scheduler's time slot); continue later with --resume")
-        train.add_argument("--help-config", action="store_true", help="print every config key with its default")
+        train.add_argument("--help-config", action="store_true", help="print every config key this verb reads, "
+                           "with its type, default and meaning")
+        train.add_argument("--all", action="store_true", help="with --help-config: every verb's section and every "
+                           "model family's own keys too")
         train.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
         for flag in objective.flags:
             train.add_argument(flag.name, metavar=flag.metavar, help=flag.help)
@@ -78,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
     bench.add_argument("--peak-flops", type=float, metavar="FLOP/S", help="peak of the whole job for MFU (default: "
                        "a measured matmul peak x devices)")
-    bench.add_argument("--json", metavar="OUT", help="also write the figures to OUT (JSON)")
+    bench.add_argument("--json", metavar="OUT", help="also write every figure to OUT (JSON; what --compare reads)")
     bench.add_argument("--compare", nargs="+", metavar="RESULT.json", help="print bench results side by side (no "
                        "run)")
     _add_device(bench)
@@ -142,7 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _config_reference() -> str:
+def _config_reference(verb: str, everything: bool) -> str:
+    """Every key `polytrain VERB` reads, with type, default and meaning; `everything`: every verb's section and every
+    model family's own [model] keys too."""
     from polytrain.config import JobConfig
     from polytrain.models.registry import PRESETS, families, spec_for_architecture
     from polytrain.schema import describe
@@ -158,11 +163,15 @@ def _config_reference() -> str:
     lines += rows([row for row in describe(JobConfig) if not row[0].startswith("model.")])
     for objective in registry.entries():
         section = registry.section_class(objective.name)
-        if section is not None:
+        if section is not None and (everything or objective.name == verb):
             lines += ["", f"[{objective.name}]: read by `polytrain {objective.name}`.", ""]
             lines += rows(describe(section, objective.name))
     lines += ["", f"[model]: `preset` = one of {', '.join(PRESETS)}; any field below overrides the preset.", ""]
     lines += rows([row for row in describe(JobConfig) if row[0].startswith("model.")], defaults=False)
+    if not everything:
+        lines += ["", f"Each model family ({', '.join(families())}) takes its own [model] keys too, and the other "
+                  f"verbs their own sections: polytrain {verb} --help-config --all"]
+        return "\n".join(lines)
     for family in families():
         spec = spec_for_architecture(family)
         shared = {row[0] for row in describe(JobConfig) if row[0].startswith("model.")}
@@ -176,7 +185,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from polytrain.config import config_to_toml, load_config
 
     if args.help_config:
-        print(_config_reference())
+        print(_config_reference(args.command, args.all))
         return 0
     if not args.config:
         raise PolytrainError(f"polytrain {args.command}: give a job config (TOML), e.g. "
@@ -221,11 +230,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                        progress=lambda line: print(line, file=sys.stderr))
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun: rank 0 reports
         return 0
-    text = json.dumps(result, indent=2)
+    from polytrain.bench.compare import results_table
+
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(text + "\n")
-    print(text)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    print(results_table([result], [Path(args.config).stem]))
+    if args.json:
+        print(f"figures: {args.json}")
     return 0
 
 

@@ -169,8 +169,13 @@ def test_malformed_data_names_file_and_line(job, tmp_path):
 def test_help_teaches():
     assert "polytrain sft examples/sft_tiny.toml" in polytrain("sft", "--help").stdout
     reference = polytrain("sft", "--help-config").stdout
-    for key in ("train.lr", "data.packing", "checkpoint.keep_last", "model.n_group"):
+    for key in ("train.lr", "data.packing", "checkpoint.keep_last", "model.hidden_size"):
         assert key in reference
+    assert "grpo." not in reference and "dpo.beta" not in reference and "--help-config --all" in reference
+    everything = polytrain("sft", "--help-config", "--all").stdout
+    for key in ("model.n_group", "grpo.group_size", "dpo.beta"):
+        assert key in everything
+    assert "grpo.group_size" in polytrain("grpo", "--help-config").stdout
 
 
 def test_shipped_example_data_is_what_the_generator_makes(tmp_path):

@@ -49,8 +49,11 @@ def _value(result: dict[str, Any], key: str) -> float | None:
 
 def compare_table(paths: list[str]) -> str:
     """A plain-text table: one column per result, then `xN` ratios of each later result to the first."""
-    results = [load_result(p) for p in paths]
-    names = [Path(p).stem for p in paths]
+    return results_table([load_result(p) for p in paths], [Path(p).stem for p in paths])
+
+
+def results_table(results: list[dict[str, Any]], names: list[str]) -> str:
+    """`results` side by side under `names` (one result: the figures of one `polytrain bench` run)."""
     header = ["", *names, *[f"{n} / {names[0]}" for n in names[1:]]]
     rows = [header, ["device", *[r.get("device", "?") for r in results], *[""] * (len(results) - 1)],
             ["layout", *[r.get("layout", "?") for r in results], *[""] * (len(results) - 1)]]
