@@ -105,3 +105,26 @@ def test_keeping_host_memory_can_be_turned_off(monkeypatch):
 
     monkeypatch.setenv("POLYTRAIN_RELEASE_HOST_MEMORY", "1")
     assert keep_freed_host_memory() is False
+
+
+def test_one_registry_names_every_backend_and_reaches_its_kernels(monkeypatch):
+    """BACKENDS is the only list: --device choices, auto's order, collective tables and kernel lookup all come from
+    it, and every backend's kernels are reachable by its device type (PrivateUse1's by its registered name)."""
+    from polytrain.backends import BACKENDS, backend_classes, kernel
+    from polytrain.backends.privateuse1 import PrivateUse1Backend
+
+    classes = backend_classes()
+    assert [cls.name for cls in classes] == list(BACKENDS) and set(DEVICE_CHOICES) == {"auto", *BACKENDS}
+    kernel.cache_clear()
+    for cls in classes:
+        sentinel = object()
+        monkeypatch.setattr(cls, "is_available", classmethod(lambda c: True))
+        monkeypatch.setattr(cls, "create", classmethod(lambda c, s=sentinel: type("B", (), {
+            "kernels": lambda self: {"grouped_mm": s}})()))
+        device_type = cls.device_type
+        if cls is PrivateUse1Backend:
+            device_type = "my_accelerator"
+            monkeypatch.setattr("polytrain.backends.privateuse1.privateuse1_name", lambda: "my_accelerator")
+        assert kernel("grouped_mm", device_type) is sentinel, cls.__name__
+        monkeypatch.undo()
+        kernel.cache_clear()

@@ -10,11 +10,16 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-DEVICE_CHOICES = ("auto", "cpu", "cuda", "npu", "privateuse1")
+BACKENDS = {"npu": "npu:NPUBackend", "cuda": "cuda:CUDABackend", "privateuse1": "privateuse1:PrivateUse1Backend",
+            "cpu": "cpu:CPUBackend"}
+"""The one registry of backends: `--device` name -> "module:Class" under polytrain.backends, in the order
+`--device auto` tries them (the first available one wins; the CPU always is). Adding a device is one line here and
+its module (docs/architecture.md)."""
+DEVICE_CHOICES = ("auto", *sorted(BACKENDS))
 
-_LAZY = {"Backend": "base", "Capabilities": "base", "MemoryStats": "base", "collective_dtypes": "registry",
-         "detect": "registry", "get_backend": "registry", "kernel": "registry"}
-__all__ = ["DEVICE_CHOICES", *_LAZY]
+_LAZY = {"Backend": "base", "Capabilities": "base", "MemoryStats": "base", "backend_classes": "registry",
+         "collective_dtypes": "registry", "detect": "registry", "get_backend": "registry", "kernel": "registry"}
+__all__ = ["BACKENDS", "DEVICE_CHOICES", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

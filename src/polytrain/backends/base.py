@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from polytrain.errors import BackendError
+
 
 @dataclass(frozen=True)
 class Capabilities:
@@ -83,6 +85,18 @@ class Backend:
     @classmethod
     def is_available(cls) -> bool:
         raise NotImplementedError
+
+    @classmethod
+    def handles(cls, device_type: str) -> bool:
+        """Whether tensors on `device_type` are this backend's (`kernel` looks their kernels up here)."""
+        return device_type == cls.device_type
+
+    @classmethod
+    def create(cls) -> Backend:
+        """The backend, or a one-line BackendError saying why it cannot run here (`--device NAME`)."""
+        if not cls.is_available():
+            raise BackendError(f"--device {cls.name}: no {cls.device_type} device is visible here")
+        return cls()
 
     @property
     def capabilities(self) -> Capabilities:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from polytrain.backends.base import AcceleratorBackend, Capabilities
+from polytrain.errors import BackendError
 
 # ncclDataType_t (NCCL user guide, "Types"): int8, uint8, int32, uint32, int64, uint64, half, float, double, bfloat16,
 # and the fp8 types on recent GPUs (not used by polytrain's collectives).
@@ -22,6 +23,12 @@ class CUDABackend(AcceleratorBackend):
     device_type = "cuda"
     dist_backend = "nccl"
     collective_dtypes = NCCL_DTYPES
+
+    @classmethod
+    def create(cls) -> CUDABackend:
+        if not cls.is_available():
+            raise BackendError("--device cuda: no CUDA device is visible (torch.cuda.is_available() is False)")
+        return cls()
 
     @classmethod
     def is_available(cls) -> bool:

@@ -71,6 +71,15 @@ class NPUBackend(AcceleratorBackend):
         import_torch_npu()
 
     @classmethod
+    def create(cls) -> NPUBackend:
+        import_torch_npu()
+        if not cls.is_available():
+            raise BackendError(
+                "--device npu: torch_npu imported but no NPU is visible (check ASCEND_RT_VISIBLE_DEVICES)"
+            )
+        return cls()
+
+    @classmethod
     def is_available(cls) -> bool:
         try:
             importlib.import_module("torch_npu")

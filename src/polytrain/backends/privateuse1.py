@@ -33,6 +33,16 @@ class PrivateUse1Backend(AcceleratorBackend):
         except (RuntimeError, ValueError):
             raise BackendError(f"accelerator `{name}` registered no torch.distributed backend") from None
 
+    name = "privateuse1"
+
+    @classmethod
+    def handles(cls, device_type: str) -> bool:
+        return device_type == privateuse1_name() and device_type != "privateuseone"
+
+    @classmethod
+    def create(cls) -> PrivateUse1Backend:
+        return cls()  # its own one-line errors (no plugin, no collective backend)
+
     @classmethod
     def is_available(cls) -> bool:
         name = privateuse1_name()
