@@ -184,6 +184,7 @@ def test_file_that_does_not_parse_is_a_finding():
     result = audit_python(b"import torch\ndef broken(:\n    torch.cuda.synchronize()\n", "bad.py", RULES)
     (finding,) = result.findings
     assert finding.rule == "PA000" and "not parsed" in finding.message
+    assert finding.line == 2  # the line Python names, not the next token's
 
 
 def test_cuda_sources_and_shell_scripts():

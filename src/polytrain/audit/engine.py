@@ -8,6 +8,7 @@ tests check both give the same findings.
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -107,6 +108,13 @@ def audit_python(source: bytes, path: str, rules: RuleSet, fix: bool = False, pr
     except (cst.ParserSyntaxError, UnicodeDecodeError, LookupError, SyntaxError) as err:
         line, col = getattr(err, "raw_line", 1) or 1, getattr(err, "raw_column", 0) + 1
         reason = getattr(err, "message", "") or str(err).strip().split("\n")[0] or type(err).__name__
+        try:  # Python's own parser names the line a person would fix (libcst's may be the next token's)
+            ast.parse(source)
+        except SyntaxError as python_err:
+            line, col = python_err.lineno or line, python_err.offset or col
+            reason = f"syntax error: {python_err.msg}"
+        except (ValueError, UnicodeDecodeError):
+            pass
         result.findings.append(_finding(PARSE_ERROR, path, (line, col), (line, col),
                                         message=f"not parsed, so not audited: {reason}"))
         return result
