@@ -24,7 +24,7 @@ no recomputation counted) over the peak: a measured large-matmul peak unless --p
 Multi-device: launch with torchrun like any job. Figures are for the whole job; rank 0 prints and writes them.
 examples:
   polytrain bench examples/sft_tiny.toml --steps 20 --json runs/bench_cpu.json
-  polytrain bench examples/sft_tiny.toml --set run.precision=\"bf16\" --json runs/bench_bf16.json
+  polytrain bench examples/sft_tiny.toml --set run.precision=bf16 --json runs/bench_bf16.json
   polytrain bench --compare runs/bench_cpu.json runs/bench_bf16.json
 """
 
