@@ -38,8 +38,9 @@ def test_bench_reports_consistent_figures_and_leaves_no_run_behind(bench_job, tm
     out = tmp_path / "a.json"
     result = polytrain("bench", str(bench_job), "--steps", "3", "--warmup", "1", "--json", str(out))
     figures = json.loads(out.read_text())
-    table = dict(line.rsplit("  ", 1) for line in result.stdout.splitlines()[1:] if "  " in line)
-    assert table["tokens/s"].strip() == f"{figures['tokens_per_s']:,.0f}"  # a short human table on stdout
+    rows = [line.split("  ", 1) for line in result.stdout.splitlines()[1:] if "  " in line]
+    table = {label.strip(): value.strip() for label, value in rows}
+    assert table["tokens/s"] == f"{figures['tokens_per_s']:,.0f}"  # a short human table on stdout
     assert f"figures: {out}" in result.stdout
     assert figures["schema"] == "polytrain.bench/1" and figures["backend"] == "cpu" and figures["world_size"] == 1
     assert figures["steps"] == 3 and figures["step_time_s"]["n"] == 3
