@@ -16,8 +16,22 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 BACKSTOP_S = 30.0
+
+
+def _stream_with_fd() -> Any:
+    """The process's stderr as faulthandler needs it (a real file descriptor), even when sys.stderr was replaced
+    (e.g. captured by a test runner); None if there is none."""
+    for stream in (sys.stderr, sys.__stderr__):
+        try:
+            if stream is not None:
+                stream.fileno()
+                return stream
+        except (AttributeError, OSError, ValueError):
+            continue
+    return None
 
 
 class Watchdog:
@@ -41,7 +55,9 @@ class Watchdog:
         with self._lock:
             self._deadline, self._what, self._timeout = time.monotonic() + timeout_s, what, timeout_s
             self._lock.notify()
-        faulthandler.dump_traceback_later(timeout_s + BACKSTOP_S, repeat=False, file=sys.stderr, exit=True)
+        backstop = _stream_with_fd()
+        if backstop is not None:
+            faulthandler.dump_traceback_later(timeout_s + BACKSTOP_S, repeat=False, file=backstop, exit=True)
 
     def disarm(self) -> None:
         if not self.enabled:
@@ -83,6 +99,8 @@ class Watchdog:
             sys.stderr.write(f"{message.split(';')[0]}; stacks in {self.dump_path}\n")
         except OSError:
             sys.stderr.write(message)
-            faulthandler.dump_traceback(sys.stderr, all_threads=True)
+            stream = _stream_with_fd()
+            if stream is not None:
+                faulthandler.dump_traceback(stream, all_threads=True)
         sys.stderr.flush()
         os._exit(1)
