@@ -85,21 +85,28 @@ def test_train_writes_a_complete_run_directory(job):
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_00000004", "step_00000008"]
 
 
+def start_30_steps(job: Path, run: Path, env: dict[str, str]) -> tuple[list[str], subprocess.Popen]:
+    """(the command, its process) of a 30-step run without periodic checkpoints, once its first step is logged."""
+    cmd = [sys.executable, "-m", "polytrain", "sft", str(job), "--set", f'run.output_dir="{run}"',
+           "--set", "train.steps=30", "--set", "checkpoint.every=0"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and '"loss"' in metrics.read_text():
+            break
+        time.sleep(0.05)
+    return cmd, proc
+
+
 def test_interrupted_then_resumed_run_equals_uninterrupted_run(job, tmp_path):
     straight = tmp_path / "straight"
     polytrain("sft", str(job), "--set", f'run.output_dir="{straight}"', "--set", "train.steps=30",
               "--set", "checkpoint.every=0")
 
     broken = tmp_path / "broken"
-    cmd = [sys.executable, "-m", "polytrain", "sft", str(job), "--set", f'run.output_dir="{broken}"',
-           "--set", "train.steps=30", "--set", "checkpoint.every=0"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cmd, proc = start_30_steps(job, broken, ENV)
     metrics = broken / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.is_file() and '"loss"' in metrics.read_text():
-            break
-        time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr[-2000:]
@@ -214,16 +221,8 @@ def test_a_second_ctrl_c_during_the_checkpoint_does_not_lose_it(job, tmp_path):
     """Two real SIGINTs: the first asks to stop; the second arrives while the checkpoint is written (slowed down by
     an injected fault) and must not cut it short."""
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "polytrain", "sft", str(job), "--set", f'run.output_dir="{run}"',
-           "--set", "train.steps=30", "--set", "checkpoint.every=0"]
     env = {**ENV, "POLYTRAIN_FAULTS": ",".join(f"slow_save@{step}:seconds=3" for step in range(1, 31))}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = run / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.is_file() and '"loss"' in metrics.read_text():
-            break
-        time.sleep(0.05)
+    cmd, proc = start_30_steps(job, run, env)
     proc.send_signal(signal.SIGINT)
     deadline = time.time() + 60
     while time.time() < deadline and not list((run / "checkpoints").glob("*.tmp")):  # the save has begun
