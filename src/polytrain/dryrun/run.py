@@ -18,7 +18,7 @@ from polytrain.backends import get_backend
 from polytrain.config import JobConfig
 from polytrain.data.batches import BatchMaker
 from polytrain.dryrun.fake import balance_expert_routing, fake_world
-from polytrain.dryrun.tracking import StepObserver, group_names, watching_unsharded_gradients
+from polytrain.dryrun.tracking import StepObserver, group_names, local_bytes, watching_unsharded_gradients
 from polytrain.errors import ConfigError, PolytrainError
 from polytrain.models.common.moe import update_router_biases
 from polytrain.objectives import registry
@@ -62,21 +62,9 @@ def roles(dims: ParallelDims) -> list[tuple[int, str]]:
     return [(0, "pipeline rank 0"), ((dims.pp - 1) * per_stage, f"pipeline rank {dims.pp - 1}")]
 
 
-def _local_bytes(tensors: Any) -> int:
-    total = 0
-    for tensor in tensors:
-        local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
-        total += local.numel() * local.element_size()
-    return total
-
-
 def _state_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     return [v for state in optimizer.state.values() for v in state.values()
             if isinstance(v, torch.Tensor) and v.dim() > 0]
-
-
-def _optimizer_bytes(optimizer: torch.optim.Optimizer) -> int:
-    return _local_bytes(_state_tensors(optimizer))
 
 
 def _frozen_models(objective: Any, model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -143,7 +131,7 @@ def run_rank(config: JobConfig, world: int, rank: int, role: str, fake_tensors: 
             with setup:  # set-up reads values too (e.g. a consistency check of the reference model)
                 objective.after_parallelize(model)
             optimizer = build_optimizer(model, train, foreach=not runtime.dims.enabled)  # as the trainer
-            parameter_bytes = _local_bytes(model.parameters())
+            parameter_bytes = local_bytes(list(model.parameters()))
             with setup:
                 _create_optimizer_state(model, optimizer)
             observer = StepObserver(group_names(runtime.meshes), placeholders=fake_tensors)
@@ -162,7 +150,7 @@ def run_rank(config: JobConfig, world: int, rank: int, role: str, fake_tensors: 
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 update_router_biases(model, train.router_bias_update_rate, all_reduce=runtime.dp_sum)
-            optimizer_bytes = _optimizer_bytes(optimizer)
+            optimizer_bytes = local_bytes(_state_tensors(optimizer))
     return RankReport(rank, role, parameter_bytes, optimizer_bytes, memory.peak, memory.peak_by_category,
                       observer.collectives.table(), time.perf_counter() - started)
 

@@ -49,7 +49,8 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor._local_tensor if hasattr(tensor, "_local_tensor") else tensor
 
 
-def _bytes(value: Any) -> int:
+def local_bytes(value: Any) -> int:
+    """Bytes of a tensor or (nested) list of tensors as this rank holds them (DTensors: their local shards)."""
     return sum(_local(t).numel() * _local(t).element_size() for t in _tensors(value))
 
 
@@ -150,7 +151,7 @@ class CollectiveBook:
             return
         entry = self.calls[(name.rstrip("_"), self._group(args, kwargs))]
         entry[0] += 1
-        entry[1] += max((_bytes(arg) for arg in args), default=0)
+        entry[1] += max((local_bytes(arg) for arg in args), default=0)
 
     def table(self) -> list[dict[str, Any]]:
         return [{"op": op, "group": group, "count": count, "bytes": size}
