@@ -21,6 +21,7 @@ from polytrain.models.registry import model_config_from_table, spec_for
 from polytrain.objectives import registry
 from polytrain.parallel.config import ParallelConfig
 from polytrain.schema import from_dict, option, set_dotted, to_dict
+from polytrain.train.trackers import TRACKERS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -132,9 +133,25 @@ class WatchdogConfig:
 
 @dataclass
 class LogConfig:
-    every: int = option(1, "Log metrics every N steps.", ge=1)
+    every: int = option(1, "Write a metrics record (metrics.jsonl, TensorBoard, trackers) every N steps.", ge=1)
     tensorboard: bool = option(True, "Also write TensorBoard event files under run_dir/tensorboard.")
-    progress: bool = option(True, "Show a progress bar on the console.")
+    trackers: list[str] = option(
+        [], "Experiment trackers besides TensorBoard, each imported only when listed (its package installed, its "
+        "login or offline mode set the tracker's own way).", choices=TRACKERS,
+    )
+    project: str = option("polytrain", "Project name at the trackers; the run is named after `run.output_dir`.")
+    progress: bool = option(True, "Show a progress bar when the console is a terminal.")
+    print_every: int = option(
+        0, "Without a terminal (cluster logs, files): print a progress line every N steps; 0: every 5% of the run.",
+        ge=0,
+    )
+    print_every_s: float = option(
+        60.0, "Without a terminal: also print a line once this many seconds passed since the last one (0: off).", ge=0
+    )
+    peak_tflops: float = option(
+        0.0, "Dense BF16 peak TFLOP/s of one device, for the MFU on progress lines and in metrics; 0: from the "
+        "device's name for the chips `polytrain plan --list-hardware` lists (none for CPUs).", ge=0,
+    )
 
 
 @dataclass

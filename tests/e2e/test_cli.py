@@ -69,7 +69,15 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def test_train_writes_a_complete_run_directory(job):
-    polytrain("sft", str(job), "--overwrite")
+    stderr = polytrain("sft", str(job), "--overwrite", "--set", "log.print_every=4").stderr
+    # no terminal: full-width progress lines on the first step, every log.print_every steps and the last
+    lines = [line for line in stderr.splitlines() if line.startswith("step ") and "/8 (" in line]
+    assert [line.split()[1] for line in lines] == ["1/8", "4/8", "8/8"], stderr
+    for line in lines:
+        for part in ("| loss ", "| lr ", "| grad norm ", " tok/s |", "| mem ", " GiB host", "| elapsed "):
+            assert part in line, (part, line)
+        assert len(line) > 100  # never wrapped at 80 columns
+    assert "ETA" in lines[1] and "ETA" not in lines[-1]
     run_dir = job.parent / "run"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 8

@@ -38,8 +38,12 @@ def sft(tmp_path_factory) -> dict[str, Path]:
 
 def test_grpo_raises_reward_on_a_verifiable_task(sft):
     run = sft["root"] / "grpo"
-    polytrain("grpo", str(EXAMPLES / "grpo_tiny.toml"), "--set", f'init.from_run="{sft["student"]}"',
-              "--set", f'run.output_dir="{run}"')
+    stderr = polytrain("grpo", str(EXAMPLES / "grpo_tiny.toml"), "--set", f'init.from_run="{sft["student"]}"',
+                       "--set", f'run.output_dir="{run}"').stderr
+    # the console leads with GRPO's own numbers
+    step_lines = [line for line in stderr.splitlines() if line.startswith("step ") and " | reward " in line]
+    assert step_lines and all(" reward std " in line and " response len " in line and " clip " in line
+                              for line in step_lines), stderr[-2000:]
     rollouts = [m["reward"] for m in metrics(run) if "reward" in m]
     first, last = sum(rollouts[:10]) / 10, sum(rollouts[-10:]) / 10
     result = summary(run)
@@ -60,8 +64,10 @@ def test_distillation_lowers_reverse_kl_to_the_teacher(sft):
 
 def test_dpo_learns_held_out_preferences(sft):
     run = sft["root"] / "dpo"
-    polytrain("dpo", str(EXAMPLES / "dpo_tiny.toml"), "--set", f'init.from_run="{sft["teacher"]}"',
-              "--set", f'run.output_dir="{run}"', "--set", "train.steps=60", "--set", "eval.every=30")
+    stderr = polytrain("dpo", str(EXAMPLES / "dpo_tiny.toml"), "--set", f'init.from_run="{sft["teacher"]}"',
+                       "--set", f'run.output_dir="{run}"', "--set", "train.steps=60", "--set", "eval.every=30").stderr
+    assert any(line.startswith("step 60/60") and "| loss " in line and ", margin " in line and ", accuracy " in line
+               for line in stderr.splitlines()), stderr[-2000:]
     result = summary(run)
     # at step 0 policy = reference: every margin is 0 (accuracy 0, loss log 2)
     assert result["eval_loss_first"] == pytest.approx(0.6931, abs=1e-3)

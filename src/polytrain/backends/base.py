@@ -147,6 +147,11 @@ class Backend:
     def describe(self) -> str:
         return f"{self.name} ({self.device_type}, {self.dist_backend})"
 
+    def chip_name(self) -> str | None:
+        """The device's product name as its runtime reports it (e.g. "NVIDIA H100 80GB HBM3", "Ascend910B2"), or
+        None where there is none to report (the CPU)."""
+        return None
+
     def kernels(self) -> dict[str, Callable[..., torch.Tensor]]:
         """This device's implementations of polytrain's replaceable ops (see `polytrain.backends.kernel`):
         "grouped_mm"(x [M, K], weight [E, K, N], offsets int32 [E] cumulative rows) -> [M, N], differentiable."""
@@ -205,3 +210,6 @@ class AcceleratorBackend(Backend):
 
     def describe(self) -> str:
         return f"{self.name} ({self.device_count()} x {self.device_type}, {self.dist_backend})"
+
+    def chip_name(self) -> str | None:
+        return str(self._module().get_device_name())

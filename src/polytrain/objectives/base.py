@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -17,6 +18,19 @@ from polytrain.splits import batch_problems
 
 if TYPE_CHECKING:
     from polytrain.config import JobConfig
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A logged number an objective is judged by: shown on the console and plotted (`key` of its `stats`; the
+    `eval_<key>` record, when there is one, is drawn beside it)."""
+
+    key: str
+    label: str
+    fmt: str = ".4f"
+
+    def format(self, value: float) -> str:
+        return f"{self.label} {value:{self.fmt}}"
 
 
 def chunks(items: list, size: int) -> list[list]:
@@ -41,6 +55,11 @@ class Objective:
     train_outputs = False
     """Whether the loss reads the MTP hidden states and the balance loss (`DecoderLM.forward_train`), not just the
     final hidden states: pipeline stages then carry them to the last stage."""
+    headline: tuple[Metric, ...] = (Metric("loss", "loss"),)
+    """The numbers this objective is judged by, first on every console line, in TensorBoard's "headline" charts and
+    in `loss.png`."""
+    loss_label = "loss"
+    """What `loss` is (the y axis of its plot)."""
     watch_loss_spikes = True
     """Whether the guard's loss-spike check applies (non-finite checks always do)."""
     items_split_into_micro_batches = True

@@ -22,6 +22,7 @@ from polytrain.data.dataset import IGNORE
 from polytrain.data.prompts import PromptItem
 from polytrain.data.tokenizer import Tokenizer
 from polytrain.errors import ConfigError
+from polytrain.objectives.base import Metric
 from polytrain.objectives.context import ObjectiveContext
 from polytrain.objectives.rollout import Rollout, RolloutObjective
 from polytrain.rollout.generate import SamplingConfig
@@ -53,6 +54,8 @@ def check_same_tokenizer(student: Tokenizer, student_template: str, teacher_cfg:
 
 class DistillObjective(RolloutObjective):
     name = "distill"
+    headline = (Metric("reverse_kl", "reverse KL"), Metric("completion_len", "response len", ".1f"))
+    loss_label = "reverse-KL loss per completion token"
     sum_keys = ("loss_sum", "kl_sum", "k1_sum")
 
     def __init__(self, ctx: ObjectiveContext) -> None:

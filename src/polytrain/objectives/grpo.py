@@ -20,6 +20,7 @@ from polytrain.data.dataset import IGNORE
 from polytrain.data.prompts import PromptItem
 from polytrain.errors import ConfigError, PolytrainError
 from polytrain.models.registry import spec_for
+from polytrain.objectives.base import Metric
 from polytrain.objectives.context import ObjectiveContext
 from polytrain.objectives.rollout import Rollout, RolloutObjective
 from polytrain.rollout.engine import BuiltinEngine
@@ -35,6 +36,10 @@ class RewardError(PolytrainError):
 
 class GRPOObjective(RolloutObjective):
     name = "grpo"
+    headline = (Metric("reward", "reward"), Metric("reward_std", "reward std"),
+                Metric("completion_len", "response len", ".1f"), Metric("clip_fraction", "clip", ".3f"),
+                Metric("kl", "KL", ".4f"))
+    loss_label = "clipped surrogate loss (+ KL)"
     sum_keys = ("loss_sum", "pg_sum", "kl_sum", "clipped_tokens", "ratio_sum")
 
     def __init__(self, ctx: ObjectiveContext) -> None:

@@ -14,7 +14,7 @@ from polytrain.data.packing import Batch, collate
 from polytrain.data.preference import PreferencePair, load_preference_pairs
 from polytrain.errors import ConfigError
 from polytrain.models.reward import build_reward_model
-from polytrain.objectives.base import Objective, chunks
+from polytrain.objectives.base import Metric, Objective, chunks
 from polytrain.objectives.context import ObjectiveContext
 
 
@@ -80,6 +80,8 @@ class PairObjective(Objective):
 
 class DPOObjective(PairObjective):
     name = "dpo"
+    headline = (Metric("loss", "loss"), Metric("reward_margin", "margin"), Metric("accuracy", "accuracy", ".3f"))
+    loss_label = "DPO loss per pair"
     sum_keys = ("loss_sum", "correct", "margin_sum", "chosen_logp_sum", "rejected_logp_sum", "sft_sum",
                 "policy_correct")
 
@@ -174,6 +176,8 @@ class DPOObjective(PairObjective):
 
 class RewardObjective(PairObjective):
     name = "rm"
+    headline = (Metric("loss", "loss"), Metric("reward_margin", "margin"), Metric("accuracy", "accuracy", ".3f"))
+    loss_label = "Bradley-Terry loss per pair"
     sum_keys = ("loss_sum", "correct", "margin_sum")
 
     def build_model(self, device: torch.device) -> nn.Module:

@@ -11,12 +11,14 @@ from polytrain.algorithms.sft import StepTokens, sft_loss_from_output
 from polytrain.data.dataset import Sample, full_sample, load_sft_dataset
 from polytrain.data.packing import Batch
 from polytrain.models.common.decoder import TrainOutput
-from polytrain.objectives.base import Objective
+from polytrain.objectives.base import Metric, Objective
 
 
 class SFTObjective(Objective):
     name = "sft"
     sum_keys = ("loss_sum", "mtp_loss_sum", "aux_loss_weighted")
+    headline = (Metric("loss", "loss"), Metric("mtp_loss", "MTP loss"))
+    loss_label = "cross-entropy per trained token"
     supports_pipeline = True
     train_outputs = True
 

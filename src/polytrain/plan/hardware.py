@@ -3,6 +3,7 @@ user's own chip files (`--hardware path/to/chip.toml`, same keys)."""
 
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import dataclass, field, fields, replace
 from importlib import resources
@@ -104,6 +105,28 @@ def load_chip(spec: str) -> Chip:
                           f"{', '.join(known_chips())}, or a chip TOML file")
     text = (_chip_dir() / f"{name}.toml").read_text(encoding="utf-8")
     return chip_from_table(tomllib.loads(text), f"{name}.toml")
+
+
+# torch's device names (`get_device_name()`) of the catalogue's chips, for the MFU a training run reports. Only names
+# that fix the dense peak: H100 PCIe / NVL, 910B3 / 910B4 and the like have other peaks and are left to
+# `log.peak_tflops`.
+DEVICE_NAMES = (
+    (r"^NVIDIA H100 80GB HBM3$|^NVIDIA H100 SXM", "h100"),
+    (r"^NVIDIA H800\b", "h800"),
+    (r"^NVIDIA H20$", "h20"),
+    (r"^NVIDIA A100\b", "a100"),
+    (r"^NVIDIA B200\b", "b200"),
+    (r"^Ascend910B2$", "ascend-910b"),
+    (r"^Ascend910_93", "ascend-910c-die"),  # torch_npu shows each 910C die as one device
+)
+
+
+def chip_for_device_name(device_name: str | None) -> Chip | None:
+    """The catalogue chip whose peak a device of this name has, or None when the name does not pin one down."""
+    for pattern, chip in DEVICE_NAMES:
+        if device_name and re.search(pattern, device_name):
+            return load_chip(chip)
+    return None
 
 
 def chip_to_toml(chip: Chip, note: str = "") -> str:

@@ -1,11 +1,16 @@
-"""Metrics sinks: `metrics.jsonl` (one JSON object per logged step), TensorBoard, and the console."""
+"""Metrics sinks: `metrics.jsonl` (one JSON object per logged step), TensorBoard, and the chosen experiment trackers
+(`train/trackers.py`)."""
 
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from polytrain.objectives.base import Metric
+    from polytrain.train.trackers import Tracker
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -24,10 +29,12 @@ def tensorboard_tag(key: str) -> str:
 
 
 class MetricsWriter:
-    """Appends records to metrics.jsonl and TensorBoard. On resume, records past the resumed step (written after
-    the checkpoint the run went back to) are dropped so the history has one record per step."""
+    """Appends records to metrics.jsonl, TensorBoard and the `trackers`. On resume, records past the resumed step
+    (written after the checkpoint the run went back to) are dropped so the history has one record per step.
+    TensorBoard's Custom Scalars tab gets a "headline" chart per `headline` metric, train and eval together."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool, resume_step: int = 0) -> None:
+    def __init__(self, run_dir: Path, tensorboard: bool, resume_step: int = 0, headline: tuple[Metric, ...] = (),
+                 trackers: list[Tracker] | None = None) -> None:
         self.path = run_dir / METRICS_FILE
         kept = [r for r in read_metrics(run_dir) if r.get("step", 0) <= resume_step] if resume_step else []
         with self.path.open("w") as handle:
@@ -38,6 +45,11 @@ class MetricsWriter:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+            if headline:
+                charts = {m.label: ["Multiline", [tensorboard_tag(m.key), tensorboard_tag("eval_" + m.key)]]
+                          for m in headline}
+                self._tb.add_custom_scalars({"headline": charts})
+        self._trackers = trackers or []
 
     def rewind(self, step: int) -> None:
         """Drop records after `step` (a rollback went back there; those steps will be recomputed)."""
@@ -51,13 +63,21 @@ class MetricsWriter:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         self._file.write(json.dumps(clean) + "\n")
         self._file.flush()
+        step = record["step"]
+        scalars = {tensorboard_tag(key): value for key, value in clean.items()
+                   if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)}
         if self._tb is not None:
-            step = record["step"]
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self._tb.add_scalar(tensorboard_tag(key), value, step)
+            for tag, value in scalars.items():
+                self._tb.add_scalar(tag, value, step)
+        for tracker in self._trackers:
+            tracker.log(scalars, step)
 
     def close(self) -> None:
+        """Idempotent: the trainer closes the sinks on every way out of the loop."""
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+            self._tb = None
+        for tracker in self._trackers:
+            tracker.close()
+        self._trackers = []

@@ -35,6 +35,9 @@ from polytrain.parallel.pp import split_layers
 from polytrain.parallel.runtime import ParallelRuntime
 from polytrain.parallel.shards import materialize, tensors_to_initialise
 from polytrain.parallel.validate import MULTI_STAGE, pipeline_problems
+from polytrain.plan.flops import flops_per_token
+from polytrain.plan.hardware import chip_for_device_name
+from polytrain.schema import to_dict
 from polytrain.train.checkpoint import Checkpointer, checkpoint_root, latest_checkpoint, load_checkpoint
 from polytrain.train.faults import Faults
 from polytrain.train.frozen import frozen_run_model, reference_model
@@ -42,8 +45,10 @@ from polytrain.train.guard import EVENTS_FILE, Guard, GuardEvent
 from polytrain.train.metrics import MetricsWriter
 from polytrain.train.optim import build_optimizer, lr_at, set_lr
 from polytrain.train.plot import plot_run
+from polytrain.train.progress import Progress as StepProgress
 from polytrain.train.run_dir import CONFIG_FILE, check_run_dir, write_run_dir
 from polytrain.train.signals import StopRequest, TrainingInterrupted
+from polytrain.train.trackers import check_trackers, open_trackers
 from polytrain.train.watchdog import Watchdog
 
 SUMMARY_FILE = "summary.json"
@@ -115,7 +120,9 @@ class Trainer:
         self.backend.prepare_training()
         self.runtime = ParallelRuntime(config.parallel, config.model, self.backend)
         main = self.runtime.is_main
-        self.console = (console or Console(stderr=True)) if main else Console(file=io.StringIO(), quiet=True)
+        # soft_wrap: lines are never cut at 80 columns where the console is a file or a cluster log
+        self.console = ((console or Console(stderr=True, soft_wrap=True)) if main
+                        else Console(file=io.StringIO(), quiet=True))
         self.device = self.backend.device()
         self.amp_dtype = resolve_precision(config.run.precision, self.backend)
         self.per_rank = config.train.global_batch_size // self.runtime.dp_size
@@ -134,6 +141,7 @@ class Trainer:
         objective = objective or registry.objective_class(config.run.algorithm)
         self.objective = objective(self.ctx)
         self._check_layout()
+        check_trackers(config.log.trackers)
         self.objective.load_data()
         # All inputs are valid: only now touch the run directory (checked on every rank, written by one).
         # resume=True (--resume) continues a run or refuses; "or-start" (--resume-or-start), and a job the launcher
@@ -334,21 +342,48 @@ class Trainer:
         console.print(f"step {self.step}: " + ", ".join(f"{k.replace('eval_', 'eval ')} {v:.4f}"
                                                       for k, v in metrics.items()))
 
+    def _progress(self, start_step: int) -> StepProgress:
+        log, world = self.config.log, self.runtime.world_size
+        peak = log.peak_tflops * 1e12 if log.peak_tflops else None
+        chip = None if peak else chip_for_device_name(self.backend.chip_name())
+        if chip is not None:
+            peak = chip.peak_flops("bf16")
+        return StepProgress(
+            total_steps=self.config.train.steps, start_step=start_step, headline=self.objective.headline,
+            flops_per_token=flops_per_token(self.config.model, self.config.data.max_seq_len).total,
+            peak_flops=peak * world if peak else None, every_steps=log.print_every, every_s=log.print_every_s,
+        )
+
+    def _open_metrics(self) -> MetricsWriter | None:
+        """The metrics sinks (one process writes them): metrics.jsonl, TensorBoard, the chosen trackers."""
+        if not self.runtime.is_main:
+            return None
+        log = self.config.log
+        trackers = open_trackers(log.trackers, self.run_dir, log.project, to_dict(self.config))
+        return MetricsWriter(self.run_dir, log.tensorboard, resume_step=self.step, headline=self.objective.headline,
+                             trackers=trackers)
+
     def _run(self) -> dict[str, Any]:
         if self.resume_from is not None:
             self._restore(self.resume_from)
             self.console.print(f"resumed from {self.resume_from} (step {self.step}, sample {self.loader.position})")
-        cfg = self.config
         self.console.print(self._banner())
-        main = self.runtime.is_main
-        writer = MetricsWriter(self.run_dir, cfg.log.tensorboard, resume_step=self.step) if main else None
+        with contextlib.ExitStack() as closing:
+            writer = self._open_metrics()
+            if writer is not None:
+                closing.callback(writer.close)
+            return self._loop(writer)
+
+    def _loop(self, writer: MetricsWriter | None) -> dict[str, Any]:
+        cfg = self.config
         start_time = time.perf_counter()
         start_step = self.step
         if self.step == 0:
             self._log_eval(writer, self.console)
         last_saved = self.step
         interactive = cfg.log.progress and self.console.is_terminal
-        quiet_every = max(cfg.log.every, math.ceil(cfg.train.steps / 20))
+        lines = self._progress(start_step)
+        device_memory = self.backend.capabilities.device_memory_stats
         progress = Progress(
             TextColumn(f"[bold]{self.objective.name}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("{task.description}"), TimeElapsedColumn(), TimeRemainingColumn(), console=self.console,
@@ -362,31 +397,36 @@ class Trainer:
             while self.step < cfg.train.steps:
                 timeout = cfg.watchdog.first_step_timeout_s if first else cfg.watchdog.step_timeout_s
                 self.watchdog.arm(timeout, f"step {self.step + 1}")
+                step_start = time.perf_counter()
                 stats = self.train_step()
                 self.watchdog.disarm()
                 first = False
                 self.checkpointer.poll()
                 window_tokens += stats["tokens"]
-                progress.update(task, completed=self.step, description=f"loss {stats['loss']:.4f}")
+                progress.update(task, completed=self.step, description=lines.headline_text(stats))
                 if "rolled_back_to" in stats:
                     if writer:
                         writer.rewind(self.step)
                     continue
-                if self.step % cfg.log.every == 0 or self.step == cfg.train.steps or "guard" in stats:
+                logs = self.step % cfg.log.every == 0 or self.step == cfg.train.steps or "guard" in stats
+                prints = not interactive and lines.due(self.step, force="guard" in stats)
+                if logs or prints:
                     self.backend.synchronize()
+                lines.step_done(time.perf_counter() - step_start, stats["tokens"])
+                memory = self.backend.memory_stats() if logs or prints else None
+                if logs:
                     now = time.perf_counter()
-                    memory = self.backend.memory_stats()
                     record = {"step": self.step, **stats, "tokens_per_s": window_tokens / (now - window_start),
                               "epoch": self.loader.epoch, "elapsed_s": now - start_time,
                               "peak_device_mem_gib": memory.device_peak_allocated / 2**30,
                               "peak_host_mem_gib": memory.host_peak_rss / 2**30}
+                    if lines.mfu is not None:
+                        record["mfu"] = lines.mfu
                     if writer:
                         writer.write(record)
                     window_start, window_tokens = now, 0
-                    if not interactive and (self.step % quiet_every == 0 or self.step == cfg.train.steps):
-                        self.console.print(f"step {self.step}/{cfg.train.steps}: loss {stats['loss']:.4f}, "
-                                           f"lr {stats['lr']:.2e}, grad norm {stats['grad_norm']:.3f}, "
-                                           f"{record['tokens_per_s']:.0f} tok/s")
+                if prints:
+                    self.console.print(lines.line(self.step, stats, memory, device_memory), soft_wrap=True)
                 is_last = self.step == cfg.train.steps
                 if is_last or (cfg.eval.every and self.step % cfg.eval.every == 0):
                     self._log_eval(writer, progress.console)
@@ -408,8 +448,6 @@ class Trainer:
                 if boundary and not is_last and not self.runtime.all_agree(stop.signal_name is None):
                     saved = self.step == last_saved or self.save()
                     saved = self._wait_for_saves() and saved
-                    if writer:
-                        writer.close()
                     why = stop.signal_name or "a signal on another rank"
                     if not saved:
                         raise TrainingInterrupted(
@@ -423,7 +461,7 @@ class Trainer:
         if writer:
             writer.close()
             (self.run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
-            plot_run(self.run_dir)
+            plot_run(self.run_dir, objective=type(self.objective))
         return summary
 
     def _summary(self, elapsed: float, start_step: int) -> dict[str, Any]:
