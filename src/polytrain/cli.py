@@ -129,8 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser(
         "export", help="write a run's checkpoint as a Hugging Face model directory",
         description="Write a checkpoint of a run as Hugging Face safetensors shards + index + config.json "
-        "(release naming; transformers loads it), streaming one tensor at a time from the sharded checkpoint "
-        "(peak memory about the largest tensor, whatever the model size).")
+        "(release naming; transformers loads it: a reward-model run as the family's sequence-classification model) "
+        "+ the run's tokenizer.json, tokenizer_config.json with its chat template as Jinja, and "
+        "generation_config.json, streaming one tensor at a time from the sharded checkpoint (peak memory about "
+        "the largest tensor, whatever the model size).")
     export.add_argument("run_dir")
     export.add_argument("out", help="output directory")
     export.add_argument("--step", type=int, help="checkpoint step (default: the newest)")

@@ -1,5 +1,5 @@
-"""Model commands as a user runs them: `model info`, `convert`, `export`, and `sft` starting from a Hugging Face
-checkpoint or on the tiny DeepSeek-V4 preset."""
+"""Model commands as a user runs them: `model info`, `convert`, `export` (of a language model and of a reward model,
+loaded back by transformers), and `sft` starting from a Hugging Face checkpoint or on the tiny DeepSeek-V4 preset."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import json
 import pytest
 import torch
 
+from polytrain.data.chat import get_template, render
+from polytrain.data.tokenizer import Tokenizer
 from tests.conftest import EXAMPLES, TOKENIZER
 from tests.e2e.test_cli import polytrain
 
@@ -64,9 +66,17 @@ def test_sft_starts_from_a_hugging_face_checkpoint_then_exports_and_converts(tmp
 
     exported = polytrain("export", str(tmp_path / "run"), str(tmp_path / "export"), "--dtype", "fp32")
     assert json.loads(exported.stdout)["step"] == 3
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     AutoModelForCausalLM.from_pretrained(tmp_path / "export")
+    ours = Tokenizer.load(TOKENIZER)
+    template = get_template("polytrain", ours)
+    prompt = [{"role": "user", "content": "Say twice: abc"}]
+    hf = AutoTokenizer.from_pretrained(tmp_path / "export")
+    assert hf.apply_chat_template(prompt, add_generation_prompt=True, return_dict=False) == render(
+        prompt, template, ours, add_generation_prompt=True)[0]
+    stops = GenerationConfig.from_pretrained(tmp_path / "export").eos_token_id
+    assert stops == [ours.token_id("<|end|>"), ours.token_id("<|eos|>")]
     again = polytrain("export", str(tmp_path / "run"), str(tmp_path / "export"), check=False)
     assert again.returncode == 2 and "already exists" in again.stderr
 
@@ -78,6 +88,52 @@ def test_sft_starts_from_a_hugging_face_checkpoint_then_exports_and_converts(tmp
     handle = safe_open(str(shard), "pt")
     dtypes = {handle.get_tensor(k).dtype for k in handle.keys()}  # noqa: SIM118 - safe_open is not iterable
     assert torch.bfloat16 in dtypes
+
+
+def test_reward_model_exports_as_sequence_classification_giving_polytrain_rewards(tmp_path):
+    pytest.importorskip("transformers")
+    from polytrain.config import config_to_toml, load_config, read_run_config
+    from polytrain.errors import ConfigError
+    from polytrain.models.reward import build_reward_model
+    from polytrain.train.checkpoint import checkpoint_root, latest_checkpoint, load_checkpoint
+    from polytrain.train.export import export_run
+
+    pairs = (EXAMPLES / "data" / "pref_train.jsonl").read_text().splitlines()[:8]
+    (tmp_path / "pref.jsonl").write_text("\n".join(pairs) + "\n")
+    config = job_on(tmp_path, '[model]\npreset = "tiny-v3"\nnum_hidden_layers = 2')  # tiny-v3: with MTP
+    polytrain("rm", config, "--set", f'data.train_path="{tmp_path / "pref.jsonl"}"')
+    polytrain("export", str(tmp_path / "run"), str(tmp_path / "export"), "--dtype", "fp32")
+    assert not (tmp_path / "export" / "generation_config.json").exists()
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model, info = AutoModelForSequenceClassification.from_pretrained(tmp_path / "export", output_loading_info=True)
+    assert type(model).__name__ == "DeepseekV3ForSequenceClassification" and model.config.num_labels == 1
+    assert not any(info[key] for key in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    conversations = [[{"role": "user", "content": "Say twice: abc"}, {"role": "assistant", "content": "abc abc"}],
+                     [{"role": "user", "content": "Reverse: abcdef"}, {"role": "assistant", "content": "fedcb"}]]
+    batch = AutoTokenizer.from_pretrained(tmp_path / "export").apply_chat_template(
+        conversations, padding=True, return_dict=True, return_tensors="pt")
+    with torch.no_grad():
+        theirs = model.eval()(**batch).logits.squeeze(-1)
+
+    run = read_run_config(tmp_path / "run")
+    ours = build_reward_model(run.model, "cpu", seed=None)
+    load_checkpoint(latest_checkpoint(checkpoint_root(tmp_path / "run")), ours)
+    tokenizer = Tokenizer.load(TOKENIZER)
+    rows = [render(c, get_template("polytrain", tokenizer), tokenizer)[0] for c in conversations]
+    real = batch["attention_mask"].bool()
+    assert [batch["input_ids"][i][real[i]].tolist() for i in range(2)] == rows and not real.all()  # one is padded
+    with torch.no_grad():
+        expected = ours.eval().reward(batch["input_ids"], None, real.sum(1) - 1, doc_ids=torch.where(real, 0, -1))
+    assert (theirs - expected).abs().max().item() <= 1e-5, (theirs, expected)
+    assert (expected[0] - expected[1]).abs() > 1e-4  # the head reads each row's own last token
+
+    v4 = tmp_path / "v4"
+    v4.mkdir()
+    (v4 / "config.toml").write_text(config_to_toml(load_config(config, [
+        'run.algorithm="rm"', 'model.preset="tiny-v4"', "data.packing=false"])))
+    with pytest.raises(ConfigError, match="deepseek_v4 family, which transformers has no sequence-classification"):
+        export_run(v4, tmp_path / "v4-export")
 
 
 def test_tiny_v4_trains_and_generates_without_a_kv_cache(tmp_path):

@@ -25,6 +25,9 @@ class HFFormat(Protocol):
 
     hf_class: str
     """`architectures[0]` of the release's config.json (its `model_type` is the spec's architecture)."""
+    hf_reward_class: str | None
+    """`architectures[0]` of an exported reward model: transformers' sequence-classification class of the family
+    (its scalar head is `score.weight`); None where transformers has none."""
     keys: tuple[str, ...]
     """config.json keys copied one to one into the family's own config fields (the shared ones come on top)."""
 

@@ -74,6 +74,7 @@ class V3Names(StackedExperts):
 
 class V3Format:
     hf_class = "DeepseekV3ForCausalLM"
+    hf_reward_class = "DeepseekV3ForSequenceClassification"
     keys = ("first_k_dense_replace", "intermediate_size", "kv_lora_rank", "qk_nope_head_dim", "v_head_dim",
             "attention_bias", "n_group", "topk_group", "aux_loss_alpha", "rope_interleave")
 

@@ -124,6 +124,7 @@ class V4Names(StackedExperts):
 
 class V4Format:
     hf_class = "DeepseekV4ForCausalLM"
+    hf_reward_class = None  # transformers has no DeepseekV4ForSequenceClassification
     keys = ("head_dim", "o_groups", "o_lora_rank", "sliding_window", "compress_rope_theta", "index_n_heads",
             "index_head_dim", "index_topk", "hc_mult", "hc_sinkhorn_iters", "hc_eps", "swiglu_limit", "num_hash_layers",
             "compress_ratios")
