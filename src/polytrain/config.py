@@ -15,6 +15,7 @@ import tomli_w
 
 from polytrain.backends import DEVICE_CHOICES
 from polytrain.data.chat import TEMPLATES
+from polytrain.data.jinja_template import FROM_TOKENIZER, is_jinja_spec
 from polytrain.errors import ConfigError, RunDirError, closest
 from polytrain.models.common.config import ModelConfig
 from polytrain.models.registry import model_config_from_table, spec_for
@@ -50,11 +51,23 @@ class DataConfig:
         "", "Hugging Face tokenizer.json (or a directory holding one); empty: the one in init.hf_path."
     )
     eval_path: str = option("", "Held-out conversations for the eval loss (empty: no eval).")
-    chat_template: str = option("polytrain", "How conversations become tokens.", choices=tuple(TEMPLATES))
+    chat_template: str = option(
+        "polytrain", "How conversations become tokens: a built-in template (polytrain, deepseek, chatml); `tokenizer`, "
+        "the model's own Jinja template shipped with data.tokenizer (chat_template.jinja, else the `chat_template` of "
+        "tokenizer_config.json); or a path to a .jinja file or a tokenizer_config.json."
+    )
     max_seq_len: int = option(512, "Longest sample in tokens; longer conversations are cut (and counted).", ge=2)
     packing: bool = option(True, "Pack several conversations per row, with attention kept inside each.")
     loss_on: Literal["assistant", "all"] = option("assistant", "Tokens the loss is taken on.")
     shuffle: bool = option(True, "Visit the training set in a seeded random order each epoch.")
+
+    def validate(self) -> None:
+        if self.chat_template not in TEMPLATES and not is_jinja_spec(self.chat_template):
+            choices = (*TEMPLATES, FROM_TOKENIZER)
+            raise ConfigError(
+                f"`data.chat_template` must be one of {', '.join(choices)} or a path to a .jinja file or a "
+                f"tokenizer_config.json, got {self.chat_template!r}{closest(self.chat_template, choices)}"
+            )
 
 
 @dataclass
@@ -286,6 +299,8 @@ def build_config(data: dict[str, Any], base_dir: Path | None = None) -> JobConfi
     config.model = _model_config(model_table, config.init)
     for name in ("train_path", "eval_path", "tokenizer"):
         setattr(config.data, name, _resolve(getattr(config.data, name), base_dir))
+    if config.data.chat_template not in (*TEMPLATES, FROM_TOKENIZER):
+        config.data.chat_template = _resolve(config.data.chat_template, base_dir)
     if config.init.from_run:
         source = read_run_config(config.init.from_run, "init.from_run")
         config.data.tokenizer = config.data.tokenizer or source.data.tokenizer

@@ -1,14 +1,17 @@
 """Chat templates: turn a conversation into token ids and a mask of the tokens the loss is taken on.
 
-A template is data: the text around each role's content. Each piece is tokenised on its own and the pieces are
-concatenated, so the trainable span is exact (no character-offset guessing) and generation renders the prompt
-the same way training did.
+A built-in template is data: the text around each role's content. A model's own Hugging Face Jinja template
+(data/jinja_template.py) renders the text and marks its assistant spans. Either way the conversation becomes
+(text, trainable) pieces, each piece is tokenised on its own and the pieces are concatenated, so the trainable span
+is exact (no character-offset guessing) and generation renders the prompt the same way training did.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
+from polytrain.data.jinja_template import FROM_TOKENIZER, JinjaTemplate, is_jinja_spec, load_jinja_template
 from polytrain.data.tokenizer import Tokenizer
 from polytrain.errors import DataError, closest
 
@@ -25,6 +28,26 @@ class ChatTemplate:
     """Tokens that end an assistant turn (generation stops at any of them)."""
     special_tokens: tuple[str, ...] = field(default=())
     """Strings that must be single tokens of the tokenizer for this template to work."""
+
+    @property
+    def jinja_source(self) -> str:
+        """The same template as a Hugging Face Jinja chat template: it renders the same text (what a tokenizer
+        exported for other tools carries as its chat_template)."""
+
+        def literal(text: str) -> str:
+            return json.dumps(text, ensure_ascii=False)  # a JSON string is a valid Jinja string literal
+
+        turns = "".join(
+            f"{{%- {'if' if i == 0 else 'elif'} message['role'] == {literal(role)} -%}}\n"
+            f"    {{{{- {literal(self.prefix[role])} + message['content'] + {literal(self.suffix[role])} -}}}}\n"
+            for i, role in enumerate(ROLES)
+        )
+        opening = literal(self.prefix["assistant"])
+        return (
+            f"{{{{- {literal(self.bos)} -}}}}\n{{%- for message in messages -%}}\n{turns}"
+            "{%- else -%}\n    {{- raise_exception('unknown role: ' + message['role']) -}}\n{%- endif -%}\n"
+            f"{{%- endfor -%}}\n{{%- if add_generation_prompt -%}}\n    {{{{- {opening} -}}}}\n{{%- endif -%}}\n"
+        )
 
 
 TEMPLATES: dict[str, ChatTemplate] = {
@@ -57,10 +80,18 @@ TEMPLATES: dict[str, ChatTemplate] = {
 }
 
 
-def get_template(name: str, tokenizer: Tokenizer) -> ChatTemplate:
-    """The template `name`, checked against the tokenizer (each special string must be one token)."""
+Template = ChatTemplate | JinjaTemplate
+
+
+def get_template(name: str, tokenizer: Tokenizer) -> Template:
+    """The template `name`: a built-in one, checked against the tokenizer (each special string must be one token);
+    "tokenizer" (the Jinja template shipped with the tokenizer); or a path to a .jinja file or tokenizer_config.json."""
+    if name not in TEMPLATES and is_jinja_spec(name):
+        return load_jinja_template(name, tokenizer)
     if name not in TEMPLATES:
-        raise DataError(f"unknown chat template `{name}`{closest(name, TEMPLATES)}; templates: {', '.join(TEMPLATES)}")
+        choices = (*TEMPLATES, FROM_TOKENIZER)
+        raise DataError(f"unknown chat template `{name}`{closest(name, choices)}; templates: {', '.join(choices)}, "
+                        "or a path to a .jinja file or a tokenizer_config.json")
     template = TEMPLATES[name]
     missing = [t for t in template.special_tokens if tokenizer.token_id(t) is None]
     if missing:
@@ -73,36 +104,42 @@ def get_template(name: str, tokenizer: Tokenizer) -> ChatTemplate:
 
 def render(
     messages: list[dict[str, str]],
-    template: ChatTemplate,
+    template: Template,
     tokenizer: Tokenizer,
     loss_on: str = "assistant",
     add_generation_prompt: bool = False,
 ) -> tuple[list[int], list[bool]]:
     """Token ids of the conversation and, per token, whether the loss is taken on it.
 
-    loss_on="assistant": only assistant content and the token that closes the turn (so the model learns to stop);
-    loss_on="all": every token after the first.
+    loss_on="assistant": only assistant content and the text that closes the turn (so the model learns to stop);
+    loss_on="all": every token (the first is never a label).
     """
+    if isinstance(template, JinjaTemplate):
+        pieces = template.segments(messages, add_generation_prompt)
+    else:
+        pieces = _builtin_pieces(messages, template, add_generation_prompt)
     ids: list[int] = []
     mask: list[bool] = []
-
-    def add(text: str, trainable: bool) -> None:
+    for text, trainable in pieces:
         if text:
             piece = tokenizer.encode(text)
             ids.extend(piece)
             mask.extend([trainable or loss_on == "all"] * len(piece))
-
-    add(template.bos, False)
-    for message in messages:
-        role = message["role"]
-        is_assistant = role == "assistant"
-        add(template.prefix[role], False)
-        add(message["content"], is_assistant)
-        add(template.suffix[role], is_assistant)
-    if add_generation_prompt:
-        add(template.prefix["assistant"], False)
     return ids, mask
 
 
-def stop_token_ids(template: ChatTemplate, tokenizer: Tokenizer) -> set[int]:
+def _builtin_pieces(messages: list[dict[str, str]], template: ChatTemplate,
+                    add_generation_prompt: bool) -> list[tuple[str, bool]]:
+    pieces = [(template.bos, False)]
+    for message in messages:
+        role = message["role"]
+        is_assistant = role == "assistant"
+        pieces += [(template.prefix[role], False), (message["content"], is_assistant),
+                   (template.suffix[role], is_assistant)]
+    if add_generation_prompt:
+        pieces.append((template.prefix["assistant"], False))
+    return pieces
+
+
+def stop_token_ids(template: Template, tokenizer: Tokenizer) -> set[int]:
     return {i for s in template.stop if (i := tokenizer.token_id(s)) is not None}

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from polytrain.data.chat import ChatTemplate, render
+from polytrain.data.chat import Template, render
 from polytrain.data.jsonl import load_conversations
 from polytrain.data.tokenizer import Tokenizer
 from polytrain.errors import DataError
@@ -62,7 +62,7 @@ class SFTDataset:
 
 
 def load_sft_dataset(
-    path: str, tokenizer: Tokenizer, template: ChatTemplate, max_len: int, loss_on: str, model_vocab: int
+    path: str, tokenizer: Tokenizer, template: Template, max_len: int, loss_on: str, model_vocab: int
 ) -> SFTDataset:
     """Tokenise every conversation of `path`. Conversations longer than `max_len` are cut (counted in
     `truncated`); those left with no trained token are dropped (counted in `dropped`)."""

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from polytrain.data.chat import ChatTemplate, render
+from polytrain.data.chat import Template, render
 from polytrain.data.dataset import Sample, make_sample
 from polytrain.data.jsonl import check_messages, read_jsonl
 from polytrain.data.tokenizer import Tokenizer
@@ -50,7 +50,7 @@ def parse_pair(record: Any, where: str) -> tuple[list[dict], list[dict], list[di
     return prompt, chosen, rejected
 
 
-def load_preference_pairs(path: str | Path, tokenizer: Tokenizer, template: ChatTemplate, max_len: int,
+def load_preference_pairs(path: str | Path, tokenizer: Tokenizer, template: Template, max_len: int,
                           model_vocab: int) -> tuple[list[PreferencePair], int]:
     """(pairs, number dropped because the prompt leaves no room for a scored reply within max_len)."""
     pairs, dropped = [], 0

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from polytrain.data.chat import ChatTemplate, render
+from polytrain.data.chat import Template, render
 from polytrain.data.jsonl import check_messages, read_jsonl
 from polytrain.data.tokenizer import Tokenizer
 from polytrain.errors import DataError
@@ -43,7 +43,7 @@ def _messages(record: object, where: str) -> tuple[list[dict[str, str]], str | N
     raise DataError(f"{where}: expected an object with a `prompt` string or a `messages` list{keys}")
 
 
-def load_prompts(path: str | Path, tokenizer: Tokenizer, template: ChatTemplate,
+def load_prompts(path: str | Path, tokenizer: Tokenizer, template: Template,
                  max_prompt_len: int) -> tuple[list[PromptItem], int]:
     """(prompts, number dropped because the rendered prompt is longer than `max_prompt_len` tokens)."""
     items, dropped = [], 0

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from polytrain.data.batches import BatchMaker
-from polytrain.data.chat import ChatTemplate
+from polytrain.data.chat import Template
 from polytrain.data.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -52,7 +52,7 @@ class ObjectiveContext:
     config: JobConfig
     device: torch.device
     tokenizer: Tokenizer
-    template: ChatTemplate
+    template: Template
     batches: BatchMaker
     collectives: Collectives
     autocast: Callable[[], AbstractContextManager]

@@ -18,6 +18,7 @@ from torch import nn
 from polytrain.algorithms.distill import mean_teacher_logprobs, reverse_kl
 from polytrain.algorithms.grpo import aggregate
 from polytrain.config import JobConfig, read_run_config
+from polytrain.data.chat import Template, get_template
 from polytrain.data.dataset import IGNORE
 from polytrain.data.prompts import PromptItem
 from polytrain.data.tokenizer import Tokenizer
@@ -39,7 +40,10 @@ def parse_teachers(specs: list[str]) -> dict[str, str]:
     return teachers
 
 
-def check_same_tokenizer(student: Tokenizer, student_template: str, teacher_cfg: Any, name: str) -> None:
+def check_same_tokenizer(student: Tokenizer, student_template: Template, student_template_name: str, teacher_cfg: Any,
+                         name: str) -> None:
+    """The teacher's tokenizer has the student's vocabulary and its chat template renders like the student's (a
+    Jinja template compares by its text and special tokens, wherever the file lies)."""
     teacher = Tokenizer.load(teacher_cfg.data.tokenizer)
     if teacher.vocab() != student.vocab():
         raise ConfigError(
@@ -47,9 +51,10 @@ def check_same_tokenizer(student: Tokenizer, student_template: str, teacher_cfg:
             f"student's ({student.path}): on-policy distillation scores the student's token ids with the teacher, so "
             "both must share one tokenizer"
         )
-    if teacher_cfg.data.chat_template != student_template:
+    if get_template(teacher_cfg.data.chat_template, teacher) != student_template:
         raise ConfigError(f"distill teacher `{name}` was trained with chat template "
-                          f"`{teacher_cfg.data.chat_template}`, the student with `{student_template}`")
+                          f"`{teacher_cfg.data.chat_template}`, the student with `{student_template_name}`, and they "
+                          "render differently")
 
 
 class DistillObjective(RolloutObjective):
@@ -90,7 +95,7 @@ class DistillObjective(RolloutObjective):
         ctx = self.ctx
         for name, run_dir in self.teacher_dirs.items():
             teacher_cfg = read_run_config(run_dir, f"distill teacher `{name}`")
-            check_same_tokenizer(ctx.tokenizer, self.config.data.chat_template, teacher_cfg, name)
+            check_same_tokenizer(ctx.tokenizer, ctx.template, self.config.data.chat_template, teacher_cfg, name)
             if teacher_cfg.model.vocab_size != self.config.model.vocab_size:
                 raise ConfigError(f"distill teacher `{name}` has vocab_size {teacher_cfg.model.vocab_size}, the "
                                   f"student {self.config.model.vocab_size}")
