@@ -1,22 +1,19 @@
-"""The tokenizer files of an export: transformers' `AutoTokenizer` loads them and `apply_chat_template` (the Jinja
-generated from each built-in template) gives the text and the token ids `render` gives."""
+"""The tokenizer files of an export: transformers' `AutoTokenizer` loads them and `apply_chat_template` (each built-in
+template's Jinja form, a Jinja template as shipped) gives the text and the token ids `render` gives."""
 
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import pytest
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as HFTokenizer
 
 from polytrain.data.chat import TEMPLATES, get_template, render
-from polytrain.data.chat_jinja import jinja_source
 from polytrain.data.tokenizer import Tokenizer
 from polytrain.train.export_tokenizer import ExportTokenizer
-from tests.conftest import TOKENIZER
+from tests.conftest import EXAMPLES, TOKENIZER
 
-pytest.importorskip("transformers")
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say twice: abc"},
         {"role": "assistant", "content": "abc abc"}, {"role": "user", "content": "Reverse: xyz"}]
@@ -54,10 +51,12 @@ def test_apply_chat_template_on_the_export_gives_the_ids_render_gives(tmp_path, 
     assert generation["eos_token_id"] == (stops[0] if len(stops) == 1 else stops)
 
 
-def test_a_template_with_its_own_jinja_is_written_as_it_is():
-    source = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
-    assert jinja_source(SimpleNamespace(jinja_source=source, bos="")) == source
-    assert "<|user|>" in jinja_source(TEMPLATES["polytrain"])
+def test_a_jinja_template_is_written_as_it_was_shipped(tmp_path):
+    shipped = EXAMPLES / "tokenizer" / "chat_template.jinja"
+    ExportTokenizer(str(TOKENIZER), str(shipped)).write(tmp_path, 512, language_model=True)
+    written = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert written["chat_template"] == shipped.read_text()
+    assert written["eos_token"] == "<|end|>"
 
 
 def test_padding_never_closes_a_turn(tmp_path):

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 from polytrain.data.chat import get_template
-from polytrain.data.chat_jinja import jinja_source
 from polytrain.data.tokenizer import Tokenizer
 
 PAD_NAMES = ("<|pad|>", "<pad>", "[PAD]", "<｜▁pad▁｜>", "<|endoftext|>")
@@ -47,7 +46,8 @@ def _pad(tokenizer: Tokenizer, template: Any) -> str | None:
 
 def special_tokens(tokenizer: Tokenizer, template: Any) -> SpecialTokens:
     """BOS (the template's), EOS (its first stop token: the end of an assistant turn) and padding of an export."""
-    bos = getattr(template, "bos", "") or None
+    # a built-in template's BOS string; a Jinja template's `bos_token` variable (its tokenizer_config.json's)
+    bos = getattr(template, "bos", None) or dict(getattr(template, "variables", ())).get("bos_token") or None
     stops = [token for token in template.stop if tokenizer.token_id(token) is not None]
     eos = stops[0] if stops else None
     pad = _pad(tokenizer, template)
@@ -78,7 +78,7 @@ class ExportTokenizer:
             "add_eos_token": False,
             "clean_up_tokenization_spaces": False,
             "model_max_length": max_length,
-            "chat_template": jinja_source(self.template),
+            "chat_template": self.template.jinja_source,
         }
         (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
         if language_model:
