@@ -67,6 +67,13 @@ def _startup(d: dict[str, Any]) -> str:
             f"(MiB): 1 process: {single:.0f}; 4 ranks, {worst} (share S / 4 = {rows[0]['checkpoint_share_mib']:.0f})")
 
 
+def _data(d: dict[str, Any]) -> str:
+    over = {(r["format"], r["mode"]): r["loaded_peak_over_baseline_mib"] for r in d["rows"]}
+    return (f"loading {d['conversations']:,} conversations, peak over baseline: JSONL {over['jsonl', 'store']:.0f} "
+            f"MiB through the token store ({over['jsonl', 'eager']:.0f} MiB holding records and tensors), Parquet "
+            f"{over['parquet', 'store']:.0f} MiB ({over['parquet', 'eager']:.0f} MiB)")
+
+
 def _plan(d: dict[str, Any]) -> str:
     errors = [abs(row["error"]) for row in d["rows"] if "error" in row]
     return f"planner vs measured peak memory: worst error {max(errors):.1%} ({len(errors)} cases)"
@@ -91,6 +98,7 @@ BENCHMARKS: list[tuple[str, str, Callable[[dict[str, Any]], str]]] = [
     ("startup_memory", "python benchmarks/startup_memory.py", _startup),
     ("convert_memory", "python benchmarks/convert_memory.py", _convert),
     ("export_memory", "python benchmarks/export_memory.py", _export),
+    ("data_memory", "python benchmarks/data_memory.py", _data),
     ("plan_validation", "python benchmarks/plan_validation.py", _plan),
     ("plan_vs_dryrun", "python benchmarks/plan_vs_dryrun.py", _plan_vs_dryrun),
     ("audit_speed", "python benchmarks/audit_speed.py", _audit),

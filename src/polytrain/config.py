@@ -46,11 +46,14 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
-    train_path: str = option(help="Training conversations: messages JSONL.")
+    train_path: str = option(
+        help="Training data: JSON Lines, a .json / .parquet / .arrow file, a directory of them, or a `datasets` "
+        "save_to_disk directory (a DatasetDict's split: `path/train`)."
+    )
     tokenizer: str = option(
         "", "Hugging Face tokenizer.json (or a directory holding one); empty: the one in init.hf_path."
     )
-    eval_path: str = option("", "Held-out conversations for the eval loss (empty: no eval).")
+    eval_path: str = option("", "Held-out data for the eval loss, in the same formats (empty: no eval).")
     chat_template: str = option(
         "polytrain", "How conversations become tokens: a built-in template (polytrain, deepseek, chatml); `tokenizer`, "
         "the model's own Jinja template shipped with data.tokenizer (chat_template.jinja, else the `chat_template` of "

@@ -14,7 +14,6 @@ from polytrain.data.tokenizer import Tokenizer
 from polytrain.train.export_tokenizer import ExportTokenizer
 from tests.conftest import EXAMPLES, TOKENIZER
 
-
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say twice: abc"},
         {"role": "assistant", "content": "abc abc"}, {"role": "user", "content": "Reverse: xyz"}]
 

@@ -1,13 +1,22 @@
-"""Tokenised SFT samples."""
+"""Tokenised SFT samples.
+
+A training set is tokenised conversation by conversation into a `TokenStore` (flat, memory-mapped token files);
+its samples are built when they are asked for, so neither the raw records nor one tensor per conversation are held
+in memory.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import overload
 
+import numpy as np
 import torch
 
 from polytrain.data.chat import Template, render
-from polytrain.data.jsonl import load_conversations
+from polytrain.data.jsonl import iter_conversations
+from polytrain.data.store import TokenStore
 from polytrain.data.tokenizer import Tokenizer
 from polytrain.errors import DataError
 
@@ -46,9 +55,63 @@ def make_sample(ids: list[int], mask: list[bool], max_len: int) -> Sample | None
     return sample if sample.num_loss_tokens else None
 
 
+def stored_sample(store: TokenStore, i: int) -> Sample:
+    """The `Sample` of store sequence i (a rendered conversation cut to `max_len + 1` tokens): what `make_sample`
+    returns for it."""
+    ids, mask = store.tokens(i)
+    ids = ids.astype(np.int64)
+    labels = np.where(mask[1:].astype(bool), ids[1:], IGNORE)
+    return Sample(torch.from_numpy(ids[:-1]), torch.from_numpy(labels))
+
+
+def store_rendered(store: TokenStore, ids: list[int], mask: list[bool], max_len: int) -> bool:
+    """Cut a rendered conversation to `max_len + 1` tokens and append it to `store`, unless no trained target
+    token remains (then False: the conversation is dropped)."""
+    ids, mask = ids[: max_len + 1], mask[: max_len + 1]
+    if not any(mask[1 : len(ids)]):
+        return False
+    store.append(ids, mask)
+    return True
+
+
+def checked_index(index: int, length: int) -> int:
+    """`index` (negative counting from the end) checked against `length`."""
+    if index < 0:
+        index += length
+    if not 0 <= index < length:
+        raise IndexError(f"item {index} of {length}")
+    return index
+
+
+class SampleSequence(Sequence[Sample]):
+    """SFT samples built on demand from a `TokenStore` of rendered conversations already cut to `max_len + 1`
+    tokens: item i is the `Sample` `make_sample` returns for sequence i. A slice is a list of samples."""
+
+    def __init__(self, store: TokenStore) -> None:
+        self.store = store
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    @property
+    def num_tokens(self) -> int:
+        """Input tokens of all samples (a sample has one fewer than its sequence)."""
+        return self.store.num_tokens - len(self.store)
+
+    @overload
+    def __getitem__(self, index: int) -> Sample: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[Sample]: ...
+
+    def __getitem__(self, index: int | slice) -> Sample | list[Sample]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        return stored_sample(self.store, checked_index(index, len(self)))
+
+
 @dataclass
 class SFTDataset:
-    samples: list[Sample]
+    samples: Sequence[Sample]
     truncated: int
     dropped: int
     path: str
@@ -58,30 +121,30 @@ class SFTDataset:
 
     @property
     def num_tokens(self) -> int:
+        if isinstance(self.samples, SampleSequence):
+            return self.samples.num_tokens
         return sum(len(s) for s in self.samples)
 
 
 def load_sft_dataset(
     path: str, tokenizer: Tokenizer, template: Template, max_len: int, loss_on: str, model_vocab: int
 ) -> SFTDataset:
-    """Tokenise every conversation of `path`. Conversations longer than `max_len` are cut (counted in
-    `truncated`); those left with no trained token are dropped (counted in `dropped`)."""
-    samples, truncated, dropped = [], 0, 0
-    for conversation in load_conversations(path):
+    """Tokenise the conversations of `path` one at a time into a `TokenStore`. Conversations longer than
+    `max_len` are cut (counted in `truncated`); those left with no trained token are dropped (counted in
+    `dropped`)."""
+    store, truncated, dropped = TokenStore(), 0, 0
+    for conversation in iter_conversations(path):
         ids, mask = render(conversation, template, tokenizer, loss_on)
         if len(ids) > max_len + 1:
             truncated += 1
-        sample = make_sample(ids, mask, max_len)
-        if sample is None:
+        if not store_rendered(store, ids, mask, max_len):
             dropped += 1
-            continue
-        samples.append(sample)
-    if not samples:
+    store.close()
+    if not len(store):
         raise DataError(f"{path}: no conversation has a trained token within `data.max_seq_len` = {max_len}")
-    top = max(int(s.input_ids.max()) for s in samples)
-    if top >= model_vocab:
+    if store.max_id >= model_vocab:
         raise DataError(
-            f"{path}: token id {top} from {tokenizer.path} does not fit the model's vocab_size {model_vocab}; "
-            f"set `model.vocab_size` >= {tokenizer.vocab_size}"
+            f"{path}: token id {store.max_id} from {tokenizer.path} does not fit the model's vocab_size "
+            f"{model_vocab}; set `model.vocab_size` >= {tokenizer.vocab_size}"
         )
-    return SFTDataset(samples, truncated, dropped, path)
+    return SFTDataset(SampleSequence(store), truncated, dropped, path)

@@ -1,32 +1,21 @@
-"""Reading conversation datasets: OpenAI-style `{"messages": [{"role": ..., "content": ...}, ...]}` JSONL.
+"""Conversation datasets: OpenAI-style `{"messages": [{"role": ..., "content": ...}, ...]}` records, in any format
+`data.records` reads (JSON Lines, JSON, Parquet, Arrow, `datasets` directories).
 
-Every problem is reported as `file:line: what is wrong`, so a user can jump straight to the bad record.
+Every problem is reported as `where: what is wrong`, `where` being `file:line` for JSON Lines and `file, row N` for
+columnar files, so a user can jump straight to the bad record.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from polytrain.data.chat import ROLES
+from polytrain.data.records import empty_dataset, read_jsonl, read_records
 from polytrain.errors import DataError, closest
 
-
-def read_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
-    """(line number, parsed record) for each non-blank line."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"data file not found: {path}")
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield number, json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{number}: invalid JSON ({err.msg} at column {err.colno})") from None
+__all__ = ["check_messages", "iter_conversations", "load_conversations", "read_jsonl"]
 
 
 def check_messages(record: Any, where: str) -> list[dict[str, str]]:
@@ -51,9 +40,16 @@ def check_messages(record: Any, where: str) -> list[dict[str, str]]:
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
+def iter_conversations(path: str | Path) -> Iterator[list[dict[str, str]]]:
+    """The conversations of `path`, checked and yielded one at a time; an empty dataset is an error."""
+    empty = True
+    for where, record in read_records(path):
+        empty = False
+        yield check_messages(record, where)
+    if empty:
+        raise empty_dataset(path)
+
+
 def load_conversations(path: str | Path) -> list[list[dict[str, str]]]:
-    """All conversations of a messages JSONL file; an empty file is an error."""
-    conversations = [check_messages(record, f"{path}:{number}") for number, record in read_jsonl(path)]
-    if not conversations:
-        raise DataError(f"{path}: dataset is empty (no JSON lines)")
-    return conversations
+    """All conversations of `path` in a list (`iter_conversations` streams them)."""
+    return list(iter_conversations(path))

@@ -1,6 +1,6 @@
 """Prompts for RL and distillation: what the policy is asked, and (optionally) the reference answer rewards use.
 
-Accepted records (JSONL, one per line):
+Accepted records (in any format `data.records` reads: JSON Lines, JSON, Parquet, Arrow, `datasets` directories):
   {"prompt": "What is 2 + 3?", "answer": "5"}
   {"messages": [{"role": "user", ...}, {"role": "assistant", "content": "5"}]}   # SFT data works as is:
        a trailing assistant turn is the reference answer and is not part of the prompt
@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from polytrain.data.chat import Template, render
-from polytrain.data.jsonl import check_messages, read_jsonl
+from polytrain.data.jsonl import check_messages
+from polytrain.data.records import empty_dataset, read_records
 from polytrain.data.tokenizer import Tokenizer
 from polytrain.errors import DataError
 
@@ -47,8 +48,7 @@ def load_prompts(path: str | Path, tokenizer: Tokenizer, template: Template,
                  max_prompt_len: int) -> tuple[list[PromptItem], int]:
     """(prompts, number dropped because the rendered prompt is longer than `max_prompt_len` tokens)."""
     items, dropped = [], 0
-    for number, record in read_jsonl(path):
-        where = f"{path}:{number}"
+    for where, record in read_records(path):
         messages, answer = _messages(record, where)
         if not messages or messages[-1]["role"] != "user":
             raise DataError(f"{where}: the prompt must end with a user message")
@@ -62,7 +62,9 @@ def load_prompts(path: str | Path, tokenizer: Tokenizer, template: Template,
             dropped += 1
             continue
         items.append(PromptItem(ids, messages[-1]["content"], answer, teacher))
+    if not items and not dropped:
+        raise empty_dataset(path)
     if not items:
         raise DataError(f"{path}: no prompt fits in {max_prompt_len} tokens (data.max_seq_len minus the longest "
-                        "completion)" if dropped else f"{path}: dataset is empty (no JSON lines)")
+                        "completion)")
     return items, dropped

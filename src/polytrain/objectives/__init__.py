@@ -10,15 +10,20 @@ A run directory that already holds a run is never overwritten silently: pass --r
 `polytrain {name} --help-config` lists every config key with its default and meaning.
 """
 
+_FORMATS = """\
+Data files: JSON Lines, or .json / .parquet / .arrow files, a directory of them, or a `datasets` save_to_disk
+directory (docs/data.md).
+"""
+
 _PAIRS = """\
 data: JSONL, one pair per line: {"prompt": "...", "chosen": "...", "rejected": "..."} (each a string, or a list
 of OpenAI-style messages). Usually starts from an SFT run: [init] from_run = "runs/my-sft".
-"""
+""" + _FORMATS
 
 _PROMPTS = """\
 data: JSONL prompts with their reference answer: {"prompt": "...", "answer": "..."} or {"messages": [..., user
 turn(s), optionally the reference assistant turn], "answer": "..."}.
-"""
+""" + _FORMATS
 
 register(ObjectiveEntry(
     name="sft",
@@ -29,7 +34,7 @@ register(ObjectiveEntry(
     epilog="""\
 data: JSONL conversations, one per line: {"messages": [{"role": "user", "content": "..."}, {"role": "assistant",
 "content": "..."}]}.
-
+""" + _FORMATS + """
 examples:
   polytrain sft examples/sft_tiny.toml
   polytrain sft examples/sft_tiny.toml --set train.steps=50 --set run.output_dir=runs/short

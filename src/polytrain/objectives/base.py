@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -69,8 +70,8 @@ class Objective:
     def __init__(self, ctx: ObjectiveContext) -> None:
         self.ctx = ctx
         self.config = ctx.config
-        self.train_items: list[Any] = []
-        self.eval_items: list[Any] | None = None
+        self.train_items: Sequence[Any] = []
+        self.eval_items: Sequence[Any] | None = None
 
     # ---------------------------------------------------------------------------------------------- set-up
     @classmethod

@@ -14,7 +14,7 @@ from polytrain.data.packing import Batch, collate
 from polytrain.data.preference import PreferencePair, load_preference_pairs
 from polytrain.errors import ConfigError
 from polytrain.models.reward import build_reward_model
-from polytrain.objectives.base import Metric, Objective, chunks
+from polytrain.objectives.base import Metric, Objective
 from polytrain.objectives.context import ObjectiveContext
 
 
@@ -44,7 +44,7 @@ class PairObjective(Objective):
 
     def dry_run_items(self, count: int, generator: torch.Generator) -> list[PreferencePair]:
         length, vocab = self.config.data.max_seq_len, self.config.model.vocab_size
-        return [PreferencePair(full_sample(length, vocab, generator), full_sample(length, vocab, generator), {},
+        return [PreferencePair(full_sample(length, vocab, generator), full_sample(length, vocab, generator),
                                ref_chosen=0.0, ref_rejected=0.0) for _ in range(count)]
 
     def begin_step(self, step: int, items: list[PreferencePair]) -> dict[str, int]:
@@ -101,8 +101,8 @@ class DPOObjective(PairObjective):
             return
         data = self.config.data
         for items, path, key in ((self.train_items, data.train_path, "train_path"),
-                                 (self.eval_items or [], data.eval_path, "eval_path")):
-            missing = [i for i, p in enumerate(items) if p.ref_chosen is None or p.ref_rejected is None]
+                                 (self.eval_items, data.eval_path, "eval_path")):
+            missing = items.missing_reference() if items is not None else []
             if missing:
                 raise ConfigError(
                     f"dpo.reference = \"precomputed\" but {len(missing)} pairs of {path} lack ref_chosen_logp / "
@@ -163,14 +163,17 @@ class DPOObjective(PairObjective):
             raise ConfigError("--precompute-reference runs as a single process")
         self.cfg.reference = "model"
         reference = self.ctx.reference_model()
+        items, size = self.train_items, self.config.train.micro_batch_size
+        records = items.records()
         with open(out, "w") as handle:
-            for part in chunks(self.train_items, self.config.train.micro_batch_size):
+            for start in range(0, len(items), size):
+                part = items[start : start + size]
                 batch = self.pair_batch(part)
                 logp, _ = sequence_logprobs(batch_logprobs(reference, batch), batch.labels)
-                for i, pair in enumerate(part):
-                    record = {**pair.record, "ref_chosen_logp": float(logp[i]),
+                for i in range(len(part)):
+                    record = {**next(records), "ref_chosen_logp": float(logp[i]),
                               "ref_rejected_logp": float(logp[len(part) + i])}
-                    handle.write(json.dumps(record) + "\n")
+                    handle.write(json.dumps(record, default=str) + "\n")
         return {"out": out, "pairs": len(self.train_items)}
 
 
