@@ -39,9 +39,12 @@ def shift_left(x: torch.Tensor, k: int, fill: int) -> torch.Tensor:
 
 
 def aux_loss_sum(modules: list[nn.Module]) -> torch.Tensor | None:
-    """The summed balance losses the routers among `modules` (and their children) left in their last forward."""
-    losses = [m.aux_loss for module in modules for m in module.modules()
-              if isinstance(m, Router) and m.aux_loss is not None]
+    """The summed balance losses the routers among `modules` (and their children) left in their last forward,
+    taken from them: a router holding its loss would keep that forward's autograd graph alive after backward."""
+    routers = [m for module in modules for m in module.modules() if isinstance(m, Router) and m.aux_loss is not None]
+    losses = [m.aux_loss for m in routers]
+    for m in routers:
+        m.aux_loss = None
     return torch.stack(losses).sum() if losses else None
 
 

@@ -148,7 +148,11 @@ class Router(nn.Module):
                 self.expert_load.index_add_(0, indices.flatten(), counts.flatten())
         self.aux_loss = None
         if self.training and cfg.aux_loss_alpha > 0:
-            self.aux_loss = sequence_balance_loss(scores, indices, rows, cfg.aux_loss_alpha, token_mask)
+            aux_loss = sequence_balance_loss(scores, indices, rows, cfg.aux_loss_alpha, token_mask)
+            # Activation recomputation runs the same ops (it checks that the same tensors are saved), but the loss
+            # was taken from the first forward: a recomputed one kept here, never differentiated, would keep every
+            # recomputed block's tensors alive until the next step.
+            self.aux_loss = None if in_backward() else aux_loss
         return weights, indices
 
 
