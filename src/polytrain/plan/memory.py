@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 
 from polytrain.models.common.config import ModelConfig
 from polytrain.models.registry import spec_for
+from polytrain.parallel.validate import MULTI_STAGE
 from polytrain.plan.layout import Job, Layout
 
 GiB = 2**30
@@ -194,8 +195,12 @@ def _stage_memory(job: Job, layout: Layout, stage: int) -> Memory:
     else:
         kept = kept_per_token * tokens
     working = working_per_token * tokens if layout.recompute != "none" else 0.0
+    mtp_layers = c.num_nextn_predict_layers if job.mtp else 0
+    if layout.pp > 1 and stage == 0:
+        # the MTP modules' token embeddings are made on the first stage and sent on with each micro-batch
+        kept += mtp_layers * tokens * c.hidden_size * b
     activations = kept * _in_flight(layout, m, stage)
-    if stage == 0 or layout.pp == 1:
+    if layout.pp == 1:
         activations += tokens * c.hidden_size * b  # embedding output
     logits = 0.0
     buffers = 0.0
@@ -207,13 +212,26 @@ def _stage_memory(job: Job, layout: Layout, stage: int) -> Memory:
             # each head's input gradient kept, and the head's weight gradient allocated in forward
             chunk = min(HEAD_CHUNK_BYTES, tokens * c.vocab_size * 4) * (1 + (b / 4 if b < 4 else 0))
             logits = chunk + heads * tokens * c.hidden_size * b + 4 * c.vocab_size * c.hidden_size
+    gathered = 0.0
     if layout.zero == 3 and layout.dp * layout.cp > 1:
-        biggest = job.biggest_layer(layout.tp, layout.ep)
-        buffers += 2 * biggest * w  # the gathered layer and the prefetched next one
+        if layout.pp > 1:
+            # torch.distributed.pipelining keeps a stage's FSDP units unsharded from their first backward to the
+            # step's end (reshard_after_backward off between micro-batches): the whole stage, gathered
+            gathered = w * (local_dense + local_experts)
+        else:
+            buffers += 2 * job.biggest_layer(layout.tp, layout.ep) * w  # the gathered layer and the prefetched next
     if layout.ep > 1:  # all-to-all send / receive buffers of one MoE layer
         buffers += 2 * tokens * c.num_experts_per_tok * c.hidden_size * b
     if layout.pp > 1:
-        buffers += 2 * tokens * spec_for(c).planner.residual_width(c) * b  # p2p send / receive
+        # a pipeline stage allocates one receive buffer per micro-batch for each tensor crossing its boundaries
+        # (the residual stream and the MTP embeddings): activations coming in (all but the first stage), gradients
+        # coming back (all but the last), kept for the whole step; the last stage's outputs are kept too (the
+        # schedule returns them merged)
+        crossing = (1 + mtp_layers) * seq_tokens * spec_for(c).planner.residual_width(c) * b
+        directions = (stage > 0) + (stage < layout.pp - 1) + (stage == layout.pp - 1)
+        if layout.schedule in MULTI_STAGE:  # two virtual stages per device: stage s and 2p - 1 - s
+            directions = 2 + (stage == 0)
+        buffers += m * crossing * directions
     rl = 0.0
     if job.algorithm == "grpo":
         rl = _rl_memory(job, layout, local_dense + local_experts)
@@ -221,8 +239,13 @@ def _stage_memory(job: Job, layout: Layout, stage: int) -> Memory:
         rl = 2 * (local_dense + local_experts) / (layout.dp * layout.cp if layout.zero == 3 else 1)
     in_flight = _in_flight(layout, m, stage)
     forward_end = activations + logits
-    # backward of the last micro-batch: the other in-flight micro-batches' activations are already gone in 1F1B
-    backward_end = working + (activations * (1 - 1 / in_flight) if in_flight > 1 else 0.0)
+    if stage == 0:
+        # the embedding's backward: a dense [vocab, hidden] gradient per use (the MTP modules share the
+        # embedding), their sum, in the unsharded parameters' dtype
+        uses = 1 + mtp_layers
+        working = max(working, (2 * uses - 1) * c.vocab_size * c.hidden_size * (w if layout.zero == 3 else 4))
+    # a stage's first backward: the other in-flight micro-batches' activations are all still there
+    backward_end = working + gathered + (activations * (1 - 1 / in_flight) if in_flight > 1 else 0.0)
     persistent = layout.zero in (1, 2) and layout.offload != "all"
     if accumulate:  # the unsharded gradients live from the first micro-batch's backward to the step's end
         dynamic = unsharded_grads + max(forward_end, backward_end)
@@ -231,7 +254,7 @@ def _stage_memory(job: Job, layout: Layout, stage: int) -> Memory:
     else:
         dynamic = max(forward_end, grads + backward_end)
     peak = params + optim + rl + buffers + dynamic
-    return Memory(params, grads, optim, activations, working + logits + buffers, peak, rl, host, stage)
+    return Memory(params, grads, optim, activations, working + logits + buffers + gathered, peak, rl, host, stage)
 
 
 def _rl_memory(job: Job, layout: Layout, local_params: float) -> float:
