@@ -4,7 +4,8 @@
 - Fake tensors against real ones (one rank; SFT, and GRPO's update step with its reference model): the same peak,
   category by category.
 - DeepSeek-V3-671B on 1,024 ranks: each role's parameter bytes are exactly the planner's count of its pipeline
-  stage's parameters (an independent count, models/params.py) over the 64 data-parallel shards, in fp32.
+  stage's parameters (an independent count, models/params.py) over the 64 data-parallel shards, in fp32, and its
+  peak is within 10% of the planner's.
 - A layout the engine refuses fails with the engine's own message; the command line prints the report.
 - The config `polytrain plan --emit-config` writes for V3-671B and V4-Flash on 256 ranks and V4-Pro on 1,024 runs.
 """
@@ -86,21 +87,27 @@ def test_fake_tensors_account_like_real_ones(preset, algorithm):
     assert (fake.peak_by_category["frozen models"] > 0) == (algorithm == "grpo")
 
 
-def test_deepseek_v3_671b_on_1024_ranks_holds_exactly_its_shard():
+def test_deepseek_v3_671b_on_1024_ranks_holds_exactly_its_shard_and_peaks_where_the_planner_says():
     from polytrain.config import build_config
     from polytrain.dryrun.run import dry_run
     from polytrain.models import preset
-    from polytrain.plan.layout import Job
+    from polytrain.plan.layout import Job, Layout
+    from polytrain.plan.memory import _stage_memory
+    from polytrain.plan.report import job_config
 
-    config = build_config(job("deepseek-v3-671b", {"pp": 16, "ep": 64}, gbs=1024, seq=4096))
-    reports = dry_run(config, 1024)
+    job = Job(preset("deepseek-v3-671b"), 4096, 4096 * 1024)
+    layout = Layout(dp=64, pp=16, ep=64, recompute="full", schedule="1f1b")
+    reports = dry_run(build_config(job_config(job, layout)), 1024)
     assert [r.rank for r in reports] == [0, 960]  # the first and the last pipeline stage
-    shape = Job(preset("deepseek-v3-671b"), 4096, 4096 * 1024).shape
     for report, stage in zip(reports, (0, 15)):
-        dense, experts = shape.stage_params(16, stage)
+        dense, experts = job.shape.stage_params(16, stage)
         assert report.parameter_bytes == 4 * (dense // 64 + experts // 64), stage
         assert report.optimizer_bytes == 2 * report.parameter_bytes  # AdamW: two fp32 moments
         assert any(call["group"] == "ep" and call["op"] == "all_to_all_single" for call in report.collectives)
+        # the planner's memory model of a pipeline stage (gathered stage, receive buffers, unsharded gradients,
+        # in-flight micro-batches) against the engine's: measured within 1% (stage 0) and 4% (stage 15)
+        plan = _stage_memory(job, layout, stage)
+        assert abs(plan.peak / report.peak_bytes - 1) <= 0.10, (stage, plan.peak / 2**30, report.peak_bytes / 2**30)
 
 
 def test_the_engines_refusal_and_the_command_line(tmp_path):
