@@ -196,7 +196,8 @@ def _stage_memory(job: Job, layout: Layout, stage: int) -> Memory:
         kept = kept_per_token * tokens
     working = working_per_token * tokens if layout.recompute != "none" else 0.0
     mtp_layers = c.num_nextn_predict_layers if job.mtp else 0
-    if layout.pp > 1 and stage == 0:
+    fsdp_pipeline = layout.pp > 1 and layout.zero == 3
+    if fsdp_pipeline and stage == 0:
         # the MTP modules' token embeddings are made on the first stage and sent on with each micro-batch
         kept += mtp_layers * tokens * c.hidden_size * b
     activations = kept * _in_flight(layout, m, stage)
@@ -214,7 +215,7 @@ def _stage_memory(job: Job, layout: Layout, stage: int) -> Memory:
             logits = chunk + heads * tokens * c.hidden_size * b + 4 * c.vocab_size * c.hidden_size
     gathered = 0.0
     if layout.zero == 3 and layout.dp * layout.cp > 1:
-        if layout.pp > 1:
+        if fsdp_pipeline:
             # torch.distributed.pipelining keeps a stage's FSDP units unsharded from their first backward to the
             # step's end (reshard_after_backward off between micro-batches): the whole stage, gathered
             gathered = w * (local_dense + local_experts)
@@ -222,16 +223,19 @@ def _stage_memory(job: Job, layout: Layout, stage: int) -> Memory:
             buffers += 2 * job.biggest_layer(layout.tp, layout.ep) * w  # the gathered layer and the prefetched next
     if layout.ep > 1:  # all-to-all send / receive buffers of one MoE layer
         buffers += 2 * tokens * c.num_experts_per_tok * c.hidden_size * b
-    if layout.pp > 1:
-        # a pipeline stage allocates one receive buffer per micro-batch for each tensor crossing its boundaries
-        # (the residual stream and the MTP embeddings): activations coming in (all but the first stage), gradients
-        # coming back (all but the last), kept for the whole step; the last stage's outputs are kept too (the
-        # schedule returns them merged)
-        crossing = (1 + mtp_layers) * seq_tokens * spec_for(c).planner.residual_width(c) * b
+    width = spec_for(c).planner.residual_width(c)
+    if fsdp_pipeline:
+        # polytrain's pipelines (torch.distributed.pipelining over FSDP stages) allocate one receive buffer per
+        # micro-batch for each tensor crossing a stage boundary (the residual stream and the MTP embeddings):
+        # activations coming in (all but the first stage), gradients coming back (all but the last), kept for the
+        # whole step; the last stage's outputs are kept too (the schedule returns them merged)
+        crossing = (1 + mtp_layers) * seq_tokens * width * b
         directions = (stage > 0) + (stage < layout.pp - 1) + (stage == layout.pp - 1)
         if layout.schedule in MULTI_STAGE:  # two virtual stages per device: stage s and 2p - 1 - s
             directions = 2 + (stage == 0)
         buffers += m * crossing * directions
+    elif layout.pp > 1:  # ZeRO-1 / 2 pipelines (Megatron-style engines): one send and one receive buffer
+        buffers += 2 * tokens * width * b
     rl = 0.0
     if job.algorithm == "grpo":
         rl = _rl_memory(job, layout, local_dense + local_experts)
@@ -239,11 +243,11 @@ def _stage_memory(job: Job, layout: Layout, stage: int) -> Memory:
         rl = 2 * (local_dense + local_experts) / (layout.dp * layout.cp if layout.zero == 3 else 1)
     in_flight = _in_flight(layout, m, stage)
     forward_end = activations + logits
-    if stage == 0:
+    if fsdp_pipeline and stage == 0:
         # the embedding's backward: a dense [vocab, hidden] gradient per use (the MTP modules share the
         # embedding), their sum, in the unsharded parameters' dtype
         uses = 1 + mtp_layers
-        working = max(working, (2 * uses - 1) * c.vocab_size * c.hidden_size * (w if layout.zero == 3 else 4))
+        working = max(working, (2 * uses - 1) * c.vocab_size * c.hidden_size * w)
     # a stage's first backward: the other in-flight micro-batches' activations are all still there
     backward_end = working + gathered + (activations * (1 - 1 / in_flight) if in_flight > 1 else 0.0)
     persistent = layout.zero in (1, 2) and layout.offload != "all"
