@@ -108,11 +108,13 @@ def v3_features(tmp_path_factory):
     return job, root / "single"
 
 
-@pytest.mark.parametrize("schedule", ["1f1b", "zbv"])
-def test_pipeline_pp2_carries_mtp_and_balance_loss_to_the_objectives_loss(v3_features, tmp_path, schedule):
-    """The last stage hands the MTP hidden states and every stage's balance losses to SFT's own loss function."""
+@pytest.mark.parametrize(("schedule", "recompute"), [("1f1b", "none"), ("zbv", "none"), ("dualpipev", "full")])
+def test_pipeline_pp2_carries_mtp_and_balance_loss_to_the_objectives_loss(v3_features, tmp_path, schedule, recompute):
+    """The last stage hands the MTP hidden states and every stage's balance losses to SFT's own loss function. With
+    recomputation a zero-bubble schedule runs each backward whole (B computes the weight gradients too)."""
     job, single = v3_features
-    run(job, tmp_path / schedule, 2, "parallel.pp=2", f'parallel.pp_schedule="{schedule}"')
+    run(job, tmp_path / schedule, 2, "parallel.pp=2", f'parallel.pp_schedule="{schedule}"',
+        f'parallel.activation_checkpointing="{recompute}"')
     assert_parity(single, tmp_path / schedule)
 
 

@@ -75,6 +75,21 @@ def stages_of_rank(rank: int, pp: int, schedule: str) -> list[int]:
     return [rank, rank + pp]
 
 
+SPLIT_SCHEDULES = ("zbv", "dualpipev")
+"""Schedules that run a backward as input gradients first and weight gradients later (zero-bubble)."""
+
+
+def split_backward(cfg: ParallelConfig) -> bool:
+    """Whether the schedule's backwards are split in two: a zero-bubble schedule without activation recomputation
+    (with it, each backward runs whole: see `Pipeline`)."""
+    return cfg.pp_schedule in SPLIT_SCHEDULES and cfg.activation_checkpointing == "none"
+
+
+def _no_weight_pass() -> Callable[[], None]:
+    """`PipelineStage(dw_builder=...)`: the stage's B runs the whole backward; its W runs this, nothing."""
+    return lambda: None
+
+
 @dataclass(frozen=True)
 class StageIO:
     """What travels between stages of one micro-batch of [rows, width] tokens."""
@@ -197,11 +212,18 @@ class Pipeline:
         self.group = StageGroup(model, self.modules)
         for module in self.modules:
             wrap_stage(module)
+        # Zero-bubble schedules (zbv, dualpipev) split each backward into input gradients (B) and weight gradients
+        # (W, later). Under activation recomputation that split runs the recomputation twice and keeps the first
+        # one's tensors (autograd.grad with retain_graph) until W: a stage's memory grows with every micro-batch
+        # in flight (DeepSeek-V4-Flash, 4 layers, pp=2 dualpipev: 154 GiB of temporaries instead of 12 under 1F1B;
+        # pytorch/pytorch#136766). With recomputation, B runs the whole backward and W has nothing left to do.
+        self.split_backward = split_backward(cfg)
+        whole = None if self.split_backward else _no_weight_pass
         self.stages = []
         for module, stage in zip(self.modules, self.stage_ids):
             inputs, outputs = stage_io(stage == 0, stage == total_stages - 1, io)
             self.stages.append(pipelining.PipelineStage(module, stage, total_stages, device, input_args=inputs,
-                                                        output_args=outputs, group=pp_group))
+                                                        output_args=outputs, group=pp_group, dw_builder=whole))
         self.is_last = total_stages - 1 in self.stage_ids
         self.is_first = 0 in self.stage_ids
         self.n_microbatches = n_microbatches
@@ -227,7 +249,7 @@ class Pipeline:
         inputs = (input_ids, position_ids, doc_ids) if self.is_first else ()
         target = torch.arange(self.n_microbatches) if self.is_last else None
         run = self.schedule.step if train else self.schedule.eval
-        split = SPLIT_BACKWARD.set(self.schedule_name in ("zbv", "dualpipev"))
+        split = SPLIT_BACKWARD.set(self.split_backward)
         try:
             if self.is_first or self.is_last:
                 run(*inputs, target=target, losses=[])

@@ -196,7 +196,7 @@ def _stage_memory(job: Job, layout: Layout, stage: int) -> Memory:
         kept = kept_per_token * tokens
     working = working_per_token * tokens if layout.recompute != "none" else 0.0
     mtp_layers = c.num_nextn_predict_layers if job.mtp else 0
-    fsdp_pipeline = layout.pp > 1 and layout.zero == 3
+    fsdp_pipeline = layout.pp > 1 and layout.zero in (2, 3)
     if fsdp_pipeline and stage == 0:
         # the MTP modules' token embeddings are made on the first stage and sent on with each micro-batch
         kept += mtp_layers * tokens * c.hidden_size * b
@@ -234,7 +234,7 @@ def _stage_memory(job: Job, layout: Layout, stage: int) -> Memory:
         if layout.schedule in MULTI_STAGE:  # two virtual stages per device: stage s and 2p - 1 - s
             directions = 2 + (stage == 0)
         buffers += m * crossing * directions
-    elif layout.pp > 1:  # ZeRO-1 / 2 pipelines (Megatron-style engines): one send and one receive buffer
+    elif layout.pp > 1:  # ZeRO-1 pipelines (Megatron-style engines): one send and one receive buffer
         buffers += 2 * tokens * width * b
     rl = 0.0
     if job.algorithm == "grpo":

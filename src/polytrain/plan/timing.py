@@ -92,10 +92,14 @@ def _all_to_all(job: Job, layout: Layout, chip: Chip, tokens: float, element_byt
 
 
 def bubble_fraction(layout: Layout, m: int) -> float:
-    """Idle time over busy time of a pipeline with m micro-batches (F = 1, B = 2, W = 1 units)."""
+    """Idle time over busy time of a pipeline with m micro-batches (F = 1, B = 2, W = 1 units). Under activation
+    recomputation polytrain runs the zero-bubble schedules' backwards whole (parallel/pp.py): no W is left to fill
+    the bubble, which is then that of two interleaved stages per device."""
     p = layout.pp
     if p == 1:
         return 0.0
+    if layout.schedule in ("zbv", "dualpipev") and layout.recompute != "none":
+        return (p - 1) / (2 * m)
     return {
         "gpipe": (p - 1) / m,
         "1f1b": (p - 1) / m,
