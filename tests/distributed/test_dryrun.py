@@ -140,6 +140,7 @@ def test_the_config_the_planner_emits_starts_and_steps(model, devices):
     from polytrain.parallel.validate import MULTI_STAGE
     from polytrain.plan.hardware import load_chip
     from polytrain.plan.layout import Job
+    from polytrain.plan.memory import _stage_memory
     from polytrain.plan.report import job_config
     from polytrain.plan.search import search
 
@@ -151,6 +152,12 @@ def test_the_config_the_planner_emits_starts_and_steps(model, devices):
     [report] = dry_run(build_config(spec), devices, [devices - 1])  # the last stage: the output head, MTP
     assert 0 < report.parameter_bytes < report.peak_bytes
     assert report.optimizer_bytes == 2 * report.parameter_bytes
+    if lay.schedule not in MULTI_STAGE:
+        # this rank's fp32 shards and their two moments are the planner's share of the stage: FSDP pads nothing
+        # big (stacked experts that do not divide over the expert-data-parallel ranks split another dimension)
+        share = _stage_memory(job, lay.with_(offload="none"), lay.pp - 1).optimizer  # 12 bytes per parameter held
+        held = report.parameter_bytes + report.optimizer_bytes
+        assert abs(held / share - 1) < 0.01, (held / 2**30, share / 2**30)
 
 
 def test_zero_bubble_schedule_with_recomputation_peaks_like_1f1b():

@@ -32,6 +32,15 @@ def test_expert_parallel_ep2_with_expert_fsdp_over_4_ranks(reference, tmp_path):
     assert_parity(single, tmp_path / "ep2x2")
 
 
+def test_expert_fsdp_splits_experts_by_another_dimension_when_they_do_not_divide(tmp_path):
+    """3 experts per expert-parallel rank over 2 expert-data-parallel ranks: FSDP shards the stacked experts along
+    their first dimension that divides evenly (here the intermediate one) instead of padding whole experts."""
+    job = write_job(tmp_path, model='preset = "tiny"\nn_routed_experts = 6\nn_group = 2\ntopk_group = 1')
+    run(job, tmp_path / "single", 1)
+    run(job, tmp_path / "ep2x2", 4, "parallel.ep=2")
+    assert_parity(tmp_path / "single", tmp_path / "ep2x2")
+
+
 def test_full_activation_checkpointing_with_fsdp(reference, tmp_path):
     job, single = reference
     run(job, tmp_path / "ac", 2, 'parallel.activation_checkpointing="full"')

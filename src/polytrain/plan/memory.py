@@ -127,6 +127,9 @@ def _stage_activations(job: Job, layout: Layout, stage: int) -> tuple[float, flo
 
         # a checkpointed block's recomputation keeps its experts' token rows (polytrain.parallel.checkpointing)
         full = [per_layer(i, recomputed=layout.recompute != "none") for i in layers]
+        hooks = spec_for(c).planner
+        backward = [hooks.attention_backward_bytes(c, i, seq, job.activation_bytes, job.attention_fused, layout.tp)
+                    for i in layers]
         if layout.recompute == "none":
             kept = sum(full)
         elif layout.recompute == "selective":
@@ -134,7 +137,8 @@ def _stage_activations(job: Job, layout: Layout, stage: int) -> tuple[float, flo
             kept = sum(per_layer(i, True) for j, i in enumerate(layers) if j % 2)
         else:
             kept = 0.0
-        _CACHE[key] = (kept, max(full, default=0.0), len(layers))
+        # the working set of a layer's backward: what it keeps (recomputed) and what its backward adds
+        _CACHE[key] = (kept, max((f + w for f, w in zip(full, backward)), default=0.0), len(layers))
     return _CACHE[key]
 
 
@@ -241,15 +245,18 @@ def _stage_memory(job: Job, layout: Layout, stage: int) -> Memory:
         rl = _rl_memory(job, layout, local_dense + local_experts)
     elif job.algorithm == "dpo":  # the frozen reference model, bf16, sharded like the policy under ZeRO-3
         rl = 2 * (local_dense + local_experts) / (layout.dp * layout.cp if layout.zero == 3 else 1)
-    in_flight = _in_flight(layout, m, stage)
     forward_end = activations + logits
     if fsdp_pipeline and stage == 0:
         # the embedding's backward: a dense [vocab, hidden] gradient per use (the MTP modules share the
         # embedding), their sum, in the unsharded parameters' dtype
         uses = 1 + mtp_layers
         working = max(working, (2 * uses - 1) * c.vocab_size * c.hidden_size * w)
-    # a stage's first backward: the other in-flight micro-batches' activations are all still there
-    backward_end = working + gathered + (activations * (1 - 1 / in_flight) if in_flight > 1 else 0.0)
+    # a stage's first backward: under full recomputation every in-flight micro-batch's kept activations (the
+    # other layers' inputs) are still there beside the recomputed layer's working set; otherwise the layer
+    # differentiated first holds its own share of them
+    in_flight = _in_flight(layout, m, stage)
+    others = 1.0 if layout.recompute == "full" else (1 - 1 / in_flight if in_flight > 1 else 0.0)
+    backward_end = working + gathered + activations * others
     persistent = layout.zero in (1, 2) and layout.offload != "all"
     if accumulate:  # the unsharded gradients live from the first micro-batch's backward to the step's end
         dynamic = unsharded_grads + max(forward_end, backward_end)

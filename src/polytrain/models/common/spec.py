@@ -66,6 +66,11 @@ class PlannerHooks(Protocol):
         """Bytes per token autograd keeps in layer `layer` besides its MLP / MoE (attention, its norms, and
         anything around the residual stream), with `b` bytes per element; `norm(d)`: one RMSNorm of width d."""
 
+    def attention_backward_bytes(self, config: ModelConfig, layer: int, seq_len: int, b: int, fused: bool,
+                                 tp: int) -> float:
+        """Bytes per token layer `layer`'s attention backward allocates beyond what its forward keeps (the
+        gradients of materialised scores); 0 for a fused kernel."""
+
     def residual_width(self, config: ModelConfig) -> int:
         """Elements per token of the residual state between layers (what pipeline stages send)."""
 

@@ -46,6 +46,11 @@ class V3Planner:
             attn += 3 * b * heads * qk + b * heads * seq_len  # scaled q, k, padded v; softmax probabilities
         return attn + b * heads * dv  # o_proj input
 
+    def attention_backward_bytes(self, c: DeepSeekV3Config, layer: int, seq_len: int, b: int, fused: bool,
+                                 tp: int) -> float:
+        """Without a fused kernel, the softmax backward's gradients of the probabilities and of the scores."""
+        return 0.0 if fused else 2 * b * c.num_attention_heads / tp * seq_len
+
     def residual_width(self, c: DeepSeekV3Config) -> int:
         return c.hidden_size
 

@@ -101,6 +101,15 @@ class V4Planner:
                 attn += 8 * c.index_topk
         return hyper + attn
 
+    def attention_backward_bytes(self, c: DeepSeekV4Config, layer: int, seq_len: int, b: int, fused: bool,
+                                 tp: int) -> float:
+        """The materialised scores' backward: the gradients of the probabilities and of the logits."""
+        if fused:
+            return 0.0
+        ratio = c.compress_ratio(layer)
+        entries = seq_len // ratio if ratio else 0
+        return 2 * b * c.num_attention_heads / tp * (seq_len + entries + 1)
+
     def residual_width(self, c: DeepSeekV4Config) -> int:
         return c.hc_mult * c.hidden_size
 
