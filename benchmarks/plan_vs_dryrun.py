@@ -11,7 +11,7 @@ through the engine, on tensors without storage). The categories are matched as f
   run's activations + temporaries + communication buffers;
 - peak: the planner's device peak; the dry run's peak of all live tensors (no allocator slack).
 
-Usage (writes benchmarks/results/plan_vs_dryrun.json, prints a Markdown table; about 2 minutes):
+Usage (writes benchmarks/results/plan_vs_dryrun.json, prints a Markdown table; about 5 minutes):
     python benchmarks/plan_vs_dryrun.py
 """
 
@@ -35,6 +35,7 @@ from polytrain.plan.report import job_config
 JOBS = [  # (model, layout, sequences per step)
     ("deepseek-v3-671b", Layout(dp=64, pp=16, ep=64, recompute="full", schedule="1f1b"), 1024),
     ("deepseek-v4-flash", Layout(dp=256, ep=64, recompute="full"), 512),
+    ("deepseek-v4-pro", Layout(dp=1024, ep=128, recompute="full", micro_batch=4), 4096),
 ]
 
 
