@@ -18,6 +18,7 @@ from polytrain.data.jsonl import load_conversations
 from polytrain.data.tokenizer import Tokenizer
 from polytrain.errors import ConfigError, DataError
 from tests.conftest import EXAMPLES, ROOT, TOKENIZER
+from tests.unit.test_chat_data import CONVERSATION
 
 ASSETS = ROOT / "tests" / "assets" / "chat_templates"
 DEEPSEEK_TOKENS = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"]
@@ -25,13 +26,6 @@ CHATML_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
           "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
-CONVERSATION = [
-    {"role": "system", "content": "Be brief."},
-    {"role": "user", "content": "Hi"},
-    {"role": "assistant", "content": "Yo"},
-    {"role": "user", "content": "Again"},
-    {"role": "assistant", "content": "Ok"},
-]
 
 
 def make_tokenizer(directory: Path, specials: list[str], config: dict | None = None) -> Tokenizer:
