@@ -217,5 +217,5 @@ def test_prompt_datasets_accept_the_new_formats(tmp_path, tokenizer):
     expected, _ = load_prompts(write_jsonl(tmp_path / "p.jsonl", prompts), tokenizer, template, 40)
     for writer in (as_parquet, as_saved):
         items, dropped = load_prompts(writer(tmp_path, prompts), tokenizer, template, 40)
-        assert dropped == 0 and items == expected
+        assert dropped == 0 and list(items) == list(expected)
     assert expected[1].answer is None

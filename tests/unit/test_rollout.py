@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from polytrain.algorithms.logprobs import token_logprobs
-from polytrain.data.chat import get_template
+from polytrain.data.chat import get_template, render
 from polytrain.data.dataset import make_sample
 from polytrain.data.packing import collate
 from polytrain.data.prompts import load_prompts
@@ -130,6 +130,12 @@ def test_prompt_records(chat, tmp_path):
     assert [(p.text, p.answer, p.teacher) for p in items] == [
         ("Reverse: ab", "ba", None), ("Uppercase: ab", "AB", None), ("Say twice: ab", None, "math")]
     assert tokenizer.decode(items[1].ids, skip_special_tokens=False).endswith("<|assistant|>")
+    # built on demand from the memory-mapped store: the ids the template renders, any text, slices with a step
+    ids, _ = render([{"role": "user", "content": "Reverse: ab"}], template, tokenizer, add_generation_prompt=True)
+    assert items[0].ids == ids and items[-1] == items[2] and items[::2] == [items[0], items[2]]
+    path.write_text(json.dumps({"prompt": "Zählen: «ü»", "answer": "\"2\""}) + "\n")
+    [unicode], _ = load_prompts(path, tokenizer, template, 40)
+    assert (unicode.text, unicode.answer) == ("Zählen: «ü»", '"2"')
     path.write_text(json.dumps({"question": "hi"}) + "\n")
     with pytest.raises(DataError, match=r"p.jsonl:1: expected an object with a `prompt` string"):
         load_prompts(path, tokenizer, template, 40)

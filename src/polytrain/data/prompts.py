@@ -9,12 +9,17 @@ Accepted records (in any format `data.records` reads: JSON Lines, JSON, Parquet,
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import overload
 
 from polytrain.data.chat import Template, render
+from polytrain.data.dataset import checked_index
 from polytrain.data.jsonl import check_messages
 from polytrain.data.records import empty_dataset, read_records
+from polytrain.data.store import TokenStore
 from polytrain.data.tokenizer import Tokenizer
 from polytrain.errors import DataError
 
@@ -44,10 +49,44 @@ def _messages(record: object, where: str) -> tuple[list[dict[str, str]], str | N
     raise DataError(f"{where}: expected an object with a `prompt` string or a `messages` list{keys}")
 
 
+class PromptSequence(Sequence[PromptItem]):
+    """The prompts of a dataset, built on demand from two `TokenStore`s: the rendered prompts' token ids, and the
+    UTF-8 bytes of each prompt's (text, answer, teacher). A slice is a list of prompts."""
+
+    def __init__(self) -> None:
+        self._ids, self._fields = TokenStore(), TokenStore()
+
+    def append(self, item: PromptItem) -> None:
+        self._ids.append(item.ids, [False] * len(item.ids))
+        fields = json.dumps([item.text, item.answer, item.teacher], ensure_ascii=False).encode()
+        self._fields.append(list(fields), [False] * len(fields))
+
+    def close(self) -> PromptSequence:
+        self._ids.close()
+        self._fields.close()
+        return self
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    @overload
+    def __getitem__(self, index: int) -> PromptItem: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[PromptItem]: ...
+
+    def __getitem__(self, index: int | slice) -> PromptItem | list[PromptItem]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        i = checked_index(index, len(self))
+        text, answer, teacher = json.loads(self._fields.tokens(i)[0].astype("uint8").tobytes().decode())
+        return PromptItem(self._ids.tokens(i)[0].tolist(), text, answer, teacher)
+
+
 def load_prompts(path: str | Path, tokenizer: Tokenizer, template: Template,
-                 max_prompt_len: int) -> tuple[list[PromptItem], int]:
-    """(prompts, number dropped because the rendered prompt is longer than `max_prompt_len` tokens)."""
-    items, dropped = [], 0
+                 max_prompt_len: int) -> tuple[PromptSequence, int]:
+    """(prompts, number dropped because the rendered prompt is longer than `max_prompt_len` tokens), read and
+    rendered record by record into a memory-mapped store (a prompt set larger than memory trains as any other)."""
+    items, dropped = PromptSequence(), 0
     for where, record in read_records(path):
         messages, answer = _messages(record, where)
         if not messages or messages[-1]["role"] != "user":
@@ -62,6 +101,7 @@ def load_prompts(path: str | Path, tokenizer: Tokenizer, template: Template,
             dropped += 1
             continue
         items.append(PromptItem(ids, messages[-1]["content"], answer, teacher))
+    items.close()
     if not items and not dropped:
         raise empty_dataset(path)
     if not items:
