@@ -117,7 +117,7 @@ DEVICE_NAMES = (
     (r"^NVIDIA A100\b", "a100"),
     (r"^NVIDIA B200\b", "b200"),
     (r"^Ascend910B2$", "ascend-910b"),
-    (r"^Ascend910_93", "ascend-910c-die"),  # torch_npu shows each 910C die as one device
+    (r"^Ascend910_93", "ascend-910c-die"),  # each 910C die shows as one device
 )
 
 
