@@ -9,14 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import overload
 
 import numpy as np
 import torch
 
 from polytrain.data.chat import Template, render
 from polytrain.data.jsonl import iter_conversations
-from polytrain.data.store import TokenStore
+from polytrain.data.store import StoredSequence, TokenStore
 from polytrain.data.tokenizer import Tokenizer
 from polytrain.errors import DataError
 
@@ -74,16 +73,7 @@ def store_rendered(store: TokenStore, ids: list[int], mask: list[bool], max_len:
     return True
 
 
-def checked_index(index: int, length: int) -> int:
-    """`index` (negative counting from the end) checked against `length`."""
-    if index < 0:
-        index += length
-    if not 0 <= index < length:
-        raise IndexError(f"item {index} of {length}")
-    return index
-
-
-class SampleSequence(Sequence[Sample]):
+class SampleSequence(StoredSequence[Sample]):
     """SFT samples built on demand from a `TokenStore` of rendered conversations already cut to `max_len + 1`
     tokens: item i is the `Sample` `make_sample` returns for sequence i. A slice is a list of samples."""
 
@@ -98,15 +88,8 @@ class SampleSequence(Sequence[Sample]):
         """Input tokens of all samples (a sample has one fewer than its sequence)."""
         return self.store.num_tokens - len(self.store)
 
-    @overload
-    def __getitem__(self, index: int) -> Sample: ...
-    @overload
-    def __getitem__(self, index: slice) -> list[Sample]: ...
-
-    def __getitem__(self, index: int | slice) -> Sample | list[Sample]:
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        return stored_sample(self.store, checked_index(index, len(self)))
+    def item(self, i: int) -> Sample:
+        return stored_sample(self.store, i)
 
 
 @dataclass

@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import math
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, overload
+from typing import Any
 
 from polytrain.data.chat import Template, render
-from polytrain.data.dataset import Sample, checked_index, store_rendered, stored_sample
+from polytrain.data.dataset import Sample, store_rendered, stored_sample
 from polytrain.data.jsonl import check_messages
 from polytrain.data.records import read_records
-from polytrain.data.store import TokenStore
+from polytrain.data.store import StoredSequence, TokenStore
 from polytrain.data.tokenizer import Tokenizer
 from polytrain.errors import DataError
 
@@ -67,7 +67,7 @@ def _number(record: dict[str, Any], key: str, where: str, default: float) -> flo
         raise DataError(f"{where}: `{key}` must be a number, got {value!r:.40}") from None
 
 
-class PairSequence(Sequence[PreferencePair]):
+class PairSequence(StoredSequence[PreferencePair]):
     """The pairs of a preference dataset, built on demand: pair i is sequences 2i (chosen) and 2i + 1 (rejected) of
     a `TokenStore`, with its reference log-probabilities and margin. A slice is a list of pairs."""
 
@@ -77,15 +77,7 @@ class PairSequence(Sequence[PreferencePair]):
     def __len__(self) -> int:
         return len(self.margins)
 
-    @overload
-    def __getitem__(self, index: int) -> PreferencePair: ...
-    @overload
-    def __getitem__(self, index: slice) -> list[PreferencePair]: ...
-
-    def __getitem__(self, index: int | slice) -> PreferencePair | list[PreferencePair]:
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        i = checked_index(index, len(self))
+    def item(self, i: int) -> PreferencePair:
         ref_chosen, ref_rejected = (None if math.isnan(v) else v for v in self.refs[2 * i : 2 * i + 2])
         return PreferencePair(stored_sample(self.store, 2 * i), stored_sample(self.store, 2 * i + 1),
                               ref_chosen, ref_rejected, self.margins[i])

@@ -10,16 +10,13 @@ Accepted records (in any format `data.records` reads: JSON Lines, JSON, Parquet,
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import overload
 
 from polytrain.data.chat import Template, render
-from polytrain.data.dataset import checked_index
 from polytrain.data.jsonl import check_messages
 from polytrain.data.records import empty_dataset, read_records
-from polytrain.data.store import TokenStore
+from polytrain.data.store import StoredSequence, TokenStore
 from polytrain.data.tokenizer import Tokenizer
 from polytrain.errors import DataError
 
@@ -49,7 +46,7 @@ def _messages(record: object, where: str) -> tuple[list[dict[str, str]], str | N
     raise DataError(f"{where}: expected an object with a `prompt` string or a `messages` list{keys}")
 
 
-class PromptSequence(Sequence[PromptItem]):
+class PromptSequence(StoredSequence[PromptItem]):
     """The prompts of a dataset, built on demand from two `TokenStore`s: the rendered prompts' token ids, and the
     UTF-8 bytes of each prompt's (text, answer, teacher). A slice is a list of prompts."""
 
@@ -69,15 +66,7 @@ class PromptSequence(Sequence[PromptItem]):
     def __len__(self) -> int:
         return len(self._ids)
 
-    @overload
-    def __getitem__(self, index: int) -> PromptItem: ...
-    @overload
-    def __getitem__(self, index: slice) -> list[PromptItem]: ...
-
-    def __getitem__(self, index: int | slice) -> PromptItem | list[PromptItem]:
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        i = checked_index(index, len(self))
+    def item(self, i: int) -> PromptItem:
         text, answer, teacher = json.loads(self._fields.tokens(i)[0].astype("uint8").tobytes().decode())
         return PromptItem(self._ids.tokens(i)[0].tolist(), text, answer, teacher)
 

@@ -11,12 +11,37 @@ from __future__ import annotations
 
 import tempfile
 from array import array
-from typing import IO
+from collections.abc import Sequence
+from typing import IO, TypeVar, overload
 
 import numpy as np
 
 FLUSH_TOKENS = 1 << 20
 """Tokens gathered in memory before they are appended to the files."""
+
+T = TypeVar("T")
+
+
+class StoredSequence(Sequence[T]):
+    """A dataset's items built on demand (`item(i)`, from a `TokenStore`): negative indices count from the end, a
+    slice is a list of items."""
+
+    def item(self, i: int) -> T:
+        raise NotImplementedError
+
+    @overload
+    def __getitem__(self, index: int) -> T: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[T]: ...
+
+    def __getitem__(self, index: int | slice) -> T | list[T]:
+        length = len(self)
+        if isinstance(index, slice):
+            return [self.item(i) for i in range(*index.indices(length))]
+        i = index + length if index < 0 else index
+        if not 0 <= i < length:
+            raise IndexError(f"item {index} of {length}")
+        return self.item(i)
 
 
 class TokenStore:
