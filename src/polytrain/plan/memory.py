@@ -204,7 +204,8 @@ def _stage_memory(job: Job, layout: Layout, stage: int) -> Memory:
     if fsdp_pipeline and stage == 0:
         # the MTP modules' token embeddings are made on the first stage and sent on with each micro-batch
         kept += mtp_layers * tokens * c.hidden_size * b
-    activations = kept * _in_flight(layout, m, stage)
+    in_flight = _in_flight(layout, m, stage)
+    activations = kept * in_flight
     if layout.pp == 1:
         activations += tokens * c.hidden_size * b  # embedding output
     logits = 0.0
@@ -254,7 +255,6 @@ def _stage_memory(job: Job, layout: Layout, stage: int) -> Memory:
     # a stage's first backward: under full recomputation every in-flight micro-batch's kept activations (the
     # other layers' inputs) are still there beside the recomputed layer's working set; otherwise the layer
     # differentiated first holds its own share of them
-    in_flight = _in_flight(layout, m, stage)
     others = 1.0 if layout.recompute == "full" else (1 - 1 / in_flight if in_flight > 1 else 0.0)
     backward_end = working + gathered + activations * others
     persistent = layout.zero in (1, 2) and layout.offload != "all"

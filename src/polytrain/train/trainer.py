@@ -343,15 +343,16 @@ class Trainer:
                                                       for k, v in metrics.items()))
 
     def _progress(self, start_step: int) -> StepProgress:
-        log, world = self.config.log, self.runtime.world_size
-        peak = log.peak_tflops * 1e12 if log.peak_tflops else None
-        chip = None if peak else chip_for_device_name(self.backend.chip_name())
-        if chip is not None:
-            peak = chip.peak_flops("bf16")
+        log = self.config.log
+        peak = log.peak_tflops * 1e12  # one device's dense BF16 peak; 0: the chip's, if its name pins it down
+        if not peak:
+            chip = chip_for_device_name(self.backend.chip_name())
+            peak = chip.peak_flops("bf16") if chip else 0.0
         return StepProgress(
             total_steps=self.config.train.steps, start_step=start_step, headline=self.objective.headline,
             flops_per_token=flops_per_token(self.config.model, self.config.data.max_seq_len).total,
-            peak_flops=peak * world if peak else None, every_steps=log.print_every, every_s=log.print_every_s,
+            peak_flops=peak * self.runtime.world_size or None, every_steps=log.print_every,
+            every_s=log.print_every_s,
         )
 
     def _open_metrics(self) -> MetricsWriter | None:
