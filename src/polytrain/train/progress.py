@@ -85,7 +85,7 @@ class Progress:
         return self.throughput.tokens_per_s * self.flops_per_token / self.peak_flops
 
     def due(self, step: int, force: bool = False) -> bool:
-        """Whether step `step` gets a line: the first step of the session, every `every_steps`, the last, when
+        """Whether step `step` gets a line: the first step this process runs, every `every_steps`, the last, when
         `every_s` seconds passed since the last line, or when `force`d (a guard event)."""
         return (force or step == self.start_step + 1 or step % self.every_steps == 0 or step == self.total_steps
                 or (self.every_s > 0 and self.clock() - self.last_line >= self.every_s))
