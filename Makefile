@@ -42,6 +42,7 @@ bench: $(VENV)/.test
 	$(VENV)/bin/polytrain bench examples/sft_tiny.toml --steps 20 --json benchmarks/results/bench_cpu_tiny.json
 	$(PY) benchmarks/provenance.py benchmarks/results/bench_cpu_tiny.json
 	$(PY) benchmarks/decode_speed.py
+	$(PY) benchmarks/v4_attention.py
 	$(PY) benchmarks/plan_validation.py
 	$(PY) benchmarks/plan_vs_dryrun.py
 	$(PY) benchmarks/vs_transformers.py --profile

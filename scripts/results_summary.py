@@ -38,6 +38,24 @@ def _decode(d: dict[str, Any]) -> str:
             f"{d['results']['expanded']['decode_tokens_per_s']:.0f} tokens/s)")
 
 
+def _decode_v4(d: dict[str, Any]) -> str:
+    v4 = d["deepseek_v4"]
+    return (f"DeepSeek-V4 cached decode x{v4['speedup']:.1f} recomputing the sequence "
+            f"({v4['cached']['decode_tokens_per_s']:.0f} vs {v4['recompute']['decode_tokens_per_s']:.0f} tokens/s), "
+            f"logits within {v4['max_logit_diff']:.0e}")
+
+
+def _v4_attention(d: dict[str, Any]) -> str:
+    cells = []
+    for row in d["rows"]:
+        block, dense = row["block"], row["dense"]
+        vs = (f" (dense {dense['peak_mib']:,.0f} MiB, {dense['seconds']:.1f} s)" if "peak_mib" in dense
+              else " (dense: not run)")
+        cells.append(f"{row['layer'].split(' ')[0]} {row['tokens'] // 1024}K: {block['peak_mib']:,.0f} MiB, "
+                     f"{block['seconds']:.1f} s{vs}")
+    return "DeepSeek-V4 attention layer forward + backward, block-wise: " + "; ".join(cells)
+
+
 def _convert(d: dict[str, Any]) -> str:
     rows = d["rows"]
     return ("FP8 -> bf16 conversion peak over baseline: " + " / ".join(
@@ -94,6 +112,8 @@ BENCHMARKS: list[tuple[str, str, Callable[[dict[str, Any]], str]]] = [
     ("gemm_shapes", "python benchmarks/gemm_shapes.py", _gemm_shapes),
     ("bench_cpu_tiny", "polytrain bench examples/sft_tiny.toml --steps 20", _bench),
     ("decode_speed", "python benchmarks/decode_speed.py", _decode),
+    ("decode_speed", "python benchmarks/decode_speed.py", _decode_v4),
+    ("v4_attention", "python benchmarks/v4_attention.py", _v4_attention),
     ("parallel_memory", "python benchmarks/parallel_memory.py", _parallel),
     ("startup_memory", "python benchmarks/startup_memory.py", _startup),
     ("convert_memory", "python benchmarks/convert_memory.py", _convert),

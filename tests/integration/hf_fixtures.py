@@ -12,9 +12,11 @@ V3_KW = dict(vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermedi
              n_group=4, topk_group=2, n_shared_experts=1, max_position_embeddings=512)
 YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0, "original_max_position_embeddings": 64,
         "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}
+# 16 indexer heads: with few heads, many compressed entries score exactly 0 (every head's ReLU at 0), and
+# transformers' torch.topk orders such ties differently from polytrain's stable choice (earlier entry first).
 V4_KW = dict(vocab_size=128, hidden_size=64, moe_intermediate_size=32, num_hidden_layers=4, num_attention_heads=4,
              head_dim=32, q_lora_rank=32, o_groups=2, o_lora_rank=16, n_routed_experts=8, num_experts_per_tok=2,
-             index_n_heads=2, index_head_dim=16, index_topk=3, sliding_window=8, hc_mult=4,
+             index_n_heads=16, index_head_dim=16, index_topk=3, sliding_window=8, hc_mult=4,
              layer_types=["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention",
                           "compressed_sparse_attention"],
              compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 8},

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from polytrain.models import build_model, preset
@@ -62,9 +61,3 @@ def test_clamped_swiglu_limits_gate_above_and_up_both_sides():
     out = swiglu(gate, up, limit=10.0)
     expected = torch.nn.functional.silu(torch.tensor([10.0, -20.0])) * torch.tensor([10.0, -10.0])
     torch.testing.assert_close(out, expected)
-
-
-def test_v4_rejects_packed_documents():
-    model = build_model(preset("tiny-v4"), "cpu", seed=0)
-    with pytest.raises(ValueError, match="packed documents"):
-        model(torch.zeros(1, 8, dtype=torch.long), doc_ids=torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1]]))

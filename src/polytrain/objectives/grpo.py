@@ -50,9 +50,9 @@ class GRPOObjective(RolloutObjective):
         self.reference: nn.Module | None = None
         model = ctx.config.model
         if cfg.routing_replay:
-            if not spec_for(model).model_class.supports_kv_cache:
-                raise ConfigError(f"grpo.routing_replay records the experts while the KV-cache sampler decodes; "
-                                  f"{model.architecture} models have no KV cache in polytrain yet")
+            if not spec_for(model).model_class.supports_routing_replay:
+                raise ConfigError(f"grpo.routing_replay is not supported for {model.architecture} models yet: their "
+                                  f"cached sampler prefills right-aligned rows, which the routing record does not map")
             if ctx.config.parallel.sequence_parallel and ctx.config.parallel.tp > 1:
                 raise ConfigError("grpo.routing_replay does not support parallel.sequence_parallel yet")
 

@@ -65,17 +65,21 @@ class Job:
         return spec_for(self.model).planner.fused_attention
 
     @cached_property
-    def executed_flops(self):  # -> Flops the engine computes per token: a materialised attention scores every key
+    def executed_flops(self):  # -> Flops the engine computes per token, masked attention products included
+        from polytrain.models.registry import spec_for
         from polytrain.plan.flops import flops_per_token
 
-        if self.attention_fused:
+        if self.attention_fused and spec_for(self.model).planner.executes_model_flops:
             return self.flops
         return flops_per_token(self.model, self.seq_len, mtp=self.mtp, attention="dense")
 
     def attention_note(self) -> str:
         """One line on the attention the prediction assumes."""
-        if self.attention_fused:
+        if self.attention_fused and self.executed_flops is self.flops:
             return "attention: fused (no seq x seq scores kept)"
+        if self.attention_fused:
+            return (f"attention: block by block (no seq x seq scores kept; {self.executed_flops.total / 1e9:,.0f} "
+                    f"GFLOP/token computed for {self.flops.total / 1e9:,.0f} of model work)")
         return (f"attention: as polytrain runs {self.model.architecture} now, materialising the seq x seq scores "
                 f"(kept for backward; {self.executed_flops.total / 1e9:,.0f} GFLOP/token computed for "
                 f"{self.flops.total / 1e9:,.0f} of model work)")

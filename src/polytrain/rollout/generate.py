@@ -117,7 +117,8 @@ def _sample_without_cache(
     model: DecoderLM, prompts: list[list[int]], cfg: SamplingConfig, stop_ids: set[int], pad_id: int,
     keep_going: KeepGoing, row_seeds: list[int] | None,
 ) -> tuple[list[list[int]], list[bool]]:
-    """Recompute the whole sequence for every new token (models without a KV cache, e.g. DeepSeek-V4 here).
+    """Recompute the whole sequence for every new token (models without a KV cache; for those with one, the
+    oracle their cached decoding is tested against).
     Rows are right-padded, so padding never precedes a real token and causal attention ignores it."""
     device = model.embed_tokens.weight.device
     generator = generators(cfg, device, row_seeds)

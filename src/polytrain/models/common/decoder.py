@@ -65,6 +65,8 @@ class DecoderLM(nn.Module):
     """
 
     supports_kv_cache = False
+    supports_routing_replay = False
+    """Whether the routing its KV-cached sampler records lines up with the left-padded prompts (rollout/routing.py)."""
     entry_points: tuple[str, ...] = ("forward_train", "hidden_states")
     """Methods besides `forward` that callers run the model through (sharding wrappers gather parameters around
     each of them)."""

@@ -49,8 +49,13 @@ class PlannerHooks(Protocol):
     """Whether the family's attention in polytrain keeps no sequence x sequence matrix for backward (a fused,
     flash-style kernel); False: it materialises the scores, as a reference implementation does."""
 
+    executes_model_flops: bool
+    """Whether the fused attention multiplies only what the architecture defines (a flash kernel skipping masked
+    tiles); False: it also multiplies masked entries, counted by `attention_flops(..., dense=True)`."""
+
     def attention_flops(self, config: ModelConfig, layer: int, seq_len: int, dense: bool) -> tuple[float, float]:
-        """Forward FLOPs per token of layer `layer`'s attention: (projections, scores + context)."""
+        """Forward FLOPs per token of layer `layer`'s attention: (projections, scores + context). dense: as
+        polytrain's attention code multiplies them, masked products included (what torch's FLOP counter sees)."""
 
     def layer_extra_flops(self, config: ModelConfig) -> float:
         """Forward FLOPs per token and layer outside attention and MLP (e.g. hyper-connections)."""

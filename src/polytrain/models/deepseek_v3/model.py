@@ -118,6 +118,7 @@ class LayerInputs:
 
 class DeepSeekV3LM(DecoderLM):
     supports_kv_cache = True
+    supports_routing_replay = True
 
     def __init__(self, config: DeepSeekV3Config) -> None:
         super().__init__()

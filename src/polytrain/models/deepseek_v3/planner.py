@@ -9,6 +9,7 @@ from polytrain.models.deepseek_v3.config import DeepSeekV3Config
 
 class V3Planner:
     fused_attention = True  # SDPA's flash kernel (values padded to the query head size)
+    executes_model_flops = True  # a flash kernel skips the masked (future) tiles
 
     def attention_flops(self, c: DeepSeekV3Config, layer: int, seq_len: int, dense: bool) -> tuple[float, float]:
         """Forward FLOPs per token of MLA: (projections, scores + context); causal: seq_len / 2 keys per query."""

@@ -16,7 +16,6 @@ SPEC = ModelSpec(
     presets=PRESETS,
     hf=V4Format(),
     planner=V4Planner(),
-    supports_packing=False,
 )
 
 __all__ = ["SPEC", "DeepSeekV4Config", "DeepSeekV4LM"]

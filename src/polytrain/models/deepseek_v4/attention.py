@@ -13,17 +13,29 @@ the output at the query position so every entry contributes as a function of rel
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from polytrain.models.common.layers import RMSNorm
 from polytrain.models.common.rope import RotaryEmbedding, apply_rotary_tail
+from polytrain.models.deepseek_v4.blockwise import QUERY_BLOCK, attend, entry_masks, hybrid_attention
 from polytrain.models.deepseek_v4.config import DeepSeekV4Config
+
+if TYPE_CHECKING:
+    from polytrain.models.deepseek_v4.kv_cache import V4KVCache
+    from polytrain.models.deepseek_v4.packing import PackedEntries, PackedRows
 
 
 def unweighted_rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + eps).to(x.dtype)
+
+
+def rotate_tokens(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`apply_rotary_tail` on per-token heads x [B * S, H, D] with cos / sin [B, S, rope_dim / 2]."""
+    return apply_rotary_tail(x, cos.reshape(x.shape[0], -1), sin.reshape(x.shape[0], -1))
 
 
 class Compressor(nn.Module):
@@ -39,29 +51,49 @@ class Compressor(nn.Module):
         self.position_bias = nn.Parameter(torch.zeros(ratio, width))
         self.kv_norm = RMSNorm(head_dim, eps)
 
-    def forward(self, x: torch.Tensor, rope: RotaryEmbedding) -> torch.Tensor:
-        """x [B, S, dim] -> compressed entries [B, S // ratio, head_dim], rotated at their window's first position."""
-        batch, seq, _ = x.shape
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per token of x [B, N, dim]: (its key/value series, its gate logits before the per-slot bias)."""
+        return self.kv_proj(x), self.gate_proj(x)
+
+    def pool(self, kv: torch.Tensor, gate: torch.Tensor, windows: torch.Tensor, rope: RotaryEmbedding,
+             kv_before: torch.Tensor | None = None, gate_before: torch.Tensor | None = None) -> torch.Tensor:
+        """Entries [B, W, head_dim] of W windows from their tokens' kv / biased gates [B, W, m, width]; with
+        overlap, also each window's previous window (kv_before / gate_before, the same shape; gates -inf where
+        there is none). Each entry is rotated at its window's first position (`windows` [B, W]: the windows'
+        indices)."""
         m, d = self.ratio, self.head_dim
+        if self.overlap:  # entry w pools window w-1's Ca and window w's Cb
+            assert kv_before is not None and gate_before is not None
+            kv = torch.cat([kv_before[..., :d], kv[..., d:]], dim=2)
+            gate = torch.cat([gate_before[..., :d], gate[..., d:]], dim=2)
+        pooled = (kv * gate.softmax(dim=2, dtype=torch.float32).to(kv.dtype)).sum(dim=2)
+        cos, sin = rope(windows * m)
+        return apply_rotary_tail(self.kv_norm(pooled).unsqueeze(1), cos, sin).squeeze(1)
+
+    def forward(self, x: torch.Tensor, rope: RotaryEmbedding, packed: PackedEntries | None = None) -> torch.Tensor:
+        """x [B, S, dim] -> compressed entries [B, S // ratio, head_dim]: one per whole window of `ratio` tokens
+        (per document of packed rows), rotated at its window's first position."""
+        batch, seq, _ = x.shape
+        m = self.ratio
         windows = seq // m
         if windows == 0:
-            return x.new_zeros(batch, 0, d)
-        source = x[:, : windows * m]
-        kv = self.kv_proj(source).view(batch, windows, m, -1)
-        gate = self.gate_proj(source).view(batch, windows, m, -1) + self.position_bias
-        if self.overlap:
-            kv_both = kv.new_zeros(batch, windows, 2 * m, d)
-            gate_both = gate.new_full((batch, windows, 2 * m, d), float("-inf"))
-            kv_both[:, :, m:] = kv[..., d:]
-            gate_both[:, :, m:] = gate[..., d:]
-            kv_both[:, 1:, :m] = kv[:, :-1, :, :d]
-            gate_both[:, 1:, :m] = gate[:, :-1, :, :d]
-            kv, gate = kv_both, gate_both
-        pooled = (kv * gate.softmax(dim=2, dtype=torch.float32).to(kv.dtype)).sum(dim=2)
-        compressed = self.kv_norm(pooled)
-        positions = (torch.arange(windows, device=x.device) * m).expand(batch, windows)
-        cos, sin = rope(positions)
-        return apply_rotary_tail(compressed.unsqueeze(1), cos, sin).squeeze(1)
+            return x.new_zeros(batch, 0, self.head_dim)
+        if packed is None:
+            tokens = x[:, : windows * m].view(batch, windows, m, -1)
+            index = torch.arange(windows, device=x.device).expand(batch, windows)
+            has_before = index > 0
+        else:
+            columns = packed.starts.unsqueeze(-1) + torch.arange(m, device=x.device)  # [B, T, m]
+            tokens = x[torch.arange(batch, device=x.device).view(-1, 1, 1), columns]
+            index, has_before = packed.windows, packed.has_before
+        kv, gate = self.project(tokens)
+        gate = gate + self.position_bias
+        if not self.overlap:
+            return self.pool(kv, gate, index, rope)
+        kv_before = torch.cat([torch.zeros_like(kv[:, :1]), kv[:, :-1]], dim=1)
+        gate_before = torch.cat([gate[:, :1], gate[:, :-1]], dim=1)
+        gate_before = gate_before.masked_fill(~has_before.view(batch, windows, 1, 1), float("-inf"))
+        return self.pool(kv, gate, index, rope, kv_before, gate_before)
 
 
 def visible_entries(position_ids: torch.Tensor, ratio: int, entries: int) -> torch.Tensor:
@@ -70,9 +102,25 @@ def visible_entries(position_ids: torch.Tensor, ratio: int, entries: int) -> tor
     return torch.arange(entries, device=position_ids.device).view(1, 1, -1) < threshold.unsqueeze(-1)
 
 
+def top_entries(index: torch.Tensor, visible: torch.Tensor, topk: int) -> torch.Tensor:
+    """The `topk` highest-scoring visible entries per query of index [..., T] (-1 where fewer are visible). Ties
+    go to the earlier entry (a stable sort), so the choice does not depend on how many later entries exist: a
+    KV-cached decode step, which holds room for entries not yet made, chooses as a full forward does."""
+    ranked = index.masked_fill(~visible, float("-inf")).sort(dim=-1, descending=True, stable=True).indices
+    top = ranked[..., : min(topk, index.shape[-1])]
+    return top.masked_fill(~visible.gather(-1, top), -1)
+
+
+INDEX_SCORE_ELEMENTS = 1 << 25
+"""Bound on one block of indexer scores [B, queries, heads, T] (fp32): 128 MiB."""
+
+
 class Indexer(nn.Module):
     """Lightning indexer: its own overlapping compressor at `index_head_dim`, scored against queries from the
-    attention's query latent; returns the top-k visible entries per query (-1 where fewer are visible)."""
+    attention's query latent; returns the top-k visible entries per query (-1 where fewer are visible).
+
+    The choice is an index, not a differentiable function, so it runs without autograd, a block of queries at a
+    time (scores [B, block, heads, T] at most INDEX_SCORE_ELEMENTS), keeping only the top-k of each query."""
 
     def __init__(self, config: DeepSeekV4Config, ratio: int) -> None:
         super().__init__()
@@ -83,33 +131,55 @@ class Indexer(nn.Module):
         self.q_b_proj = nn.Linear(config.q_lora_rank, self.num_heads * self.head_dim, bias=False)
         self.weights_proj = nn.Linear(config.hidden_size, self.num_heads, bias=False)
 
+    @torch.no_grad()
     def forward(
         self, x: torch.Tensor, q_latent: torch.Tensor, position_ids: torch.Tensor, rope: RotaryEmbedding
     ) -> torch.Tensor:
+        return self.choose(self.compressor(x, rope), x, q_latent, position_ids, rope)
+
+    @torch.no_grad()
+    def choose(
+        self, keys: torch.Tensor, x: torch.Tensor, q_latent: torch.Tensor, position_ids: torch.Tensor,
+        rope: RotaryEmbedding, packed: PackedEntries | None = None,
+    ) -> torch.Tensor:
+        """The top-k of the indexer's compressed keys [B, T, D] for the queries of x [B, S, dim] at position_ids
+        (of packed rows: among their document's entries)."""
         batch, seq, _ = x.shape
-        keys = self.compressor(x, rope)  # [B, T, D]
-        cos, sin = rope(position_ids)
-        q = self.q_b_proj(q_latent).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
-        q = apply_rotary_tail(q, cos, sin).transpose(1, 2)  # [B, S, H, D]
-        scores = F.relu(torch.matmul(q.float(), keys.float().transpose(-1, -2).unsqueeze(1))) * self.head_dim**-0.5
-        weights = self.weights_proj(x).float() * self.num_heads**-0.5  # [B, S, H]
-        index = (scores * weights.unsqueeze(-1)).sum(dim=2)  # [B, S, T]
         entries = keys.shape[1]
         if entries == 0:
-            return index.new_zeros(batch, seq, 0, dtype=torch.long)
-        visible = visible_entries(position_ids, self.ratio, entries)
-        top = index.masked_fill(~visible, float("-inf")).topk(min(self.topk, entries), dim=-1).indices
-        return top.masked_fill(~visible.gather(-1, top), -1)
+            return torch.zeros(batch, seq, 0, dtype=torch.long, device=x.device)
+        keys = keys.float().transpose(-1, -2).unsqueeze(1)  # [B, 1, D, T]
+        cos, sin = rope(position_ids)
+        weights = self.weights_proj(x).float() * self.num_heads**-0.5  # [B, S, H]
+        block = max(1, INDEX_SCORE_ELEMENTS // (batch * self.num_heads * entries))
+        chosen = []
+        for start in range(0, seq, block):
+            end = min(start + block, seq)
+            q = self.q_b_proj(q_latent[:, start:end]).view(batch, end - start, self.num_heads, self.head_dim)
+            q = apply_rotary_tail(q.transpose(1, 2), cos[:, start:end], sin[:, start:end]).transpose(1, 2)
+            scores = F.relu(torch.matmul(q.float(), keys)) * self.head_dim**-0.5  # [B, block, H, T]
+            index = (scores * weights[:, start:end].unsqueeze(-1)).sum(dim=2)
+            if packed is None:
+                visible = visible_entries(position_ids[:, start:end], self.ratio, entries)
+            else:
+                slot = torch.arange(entries, device=x.device)
+                visible = ((slot >= packed.first[:, start:end, None]) & (slot < packed.limit[:, start:end, None]))
+            chosen.append(top_entries(index, visible, self.topk))
+        return torch.cat(chosen, dim=1)
 
 
 class HybridAttention(nn.Module):
+    """Queries (low-rank, per-head RMS-normalised), one shared key/value head, optional compressed entries, the
+    sink, the grouped output projection. The attention itself runs block by block (`blockwise.py`)."""
+
     component = "attention"
 
     def __init__(self, config: DeepSeekV4Config, layer_idx: int) -> None:
         super().__init__()
         self.num_heads, self.head_dim = config.num_attention_heads, config.head_dim
         self.sliding_window, self.o_groups, self.eps = config.sliding_window, config.o_groups, config.rms_norm_eps
-        self.ratio = config.compress_ratio(layer_idx)
+        self.layer_idx, self.ratio = layer_idx, config.compress_ratio(layer_idx)
+        self.query_block = QUERY_BLOCK
         self.q_a_proj = nn.Linear(config.hidden_size, config.q_lora_rank, bias=False)
         self.q_a_norm = RMSNorm(config.q_lora_rank, config.rms_norm_eps)
         self.q_b_proj = nn.Linear(config.q_lora_rank, self.num_heads * self.head_dim, bias=False)
@@ -127,46 +197,83 @@ class HybridAttention(nn.Module):
             if sparse:
                 self.indexer = Indexer(config, self.ratio)
 
+    def project(
+        self, x: torch.Tensor, tables: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(rotated queries [B, S, H, D], rotated shared keys / values [B, S, D], the query latent)."""
+        batch, seq, _ = x.shape
+        cos, sin = tables["compress" if self.ratio else "main"]
+        q_latent = self.q_a_norm(self.q_a_proj(x))
+        q = self.q_b_proj(q_latent).view(batch * seq, self.num_heads, self.head_dim)
+        q = rotate_tokens(unweighted_rms_norm(q, self.eps), cos, sin).view(batch, seq, self.num_heads, -1)
+        kv = apply_rotary_tail(self.kv_norm(self.kv_proj(x)).unsqueeze(1), cos, sin).squeeze(1)
+        return q, kv, q_latent
+
+    def output(self, out: torch.Tensor, tables: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Undo the values' rotation at the query position (out [B, S, H, D]), then the grouped output projection:
+        [B, S, hidden]."""
+        batch, seq = out.shape[:2]
+        cos, sin = tables["compress" if self.ratio else "main"]
+        out = rotate_tokens(out.reshape(batch * seq, self.num_heads, -1), cos, -sin)
+        groups = out.view(batch, seq, self.o_groups, -1)
+        weight = self.o_a_proj.weight.view(self.o_groups, -1, groups.shape[-1])
+        grouped = torch.einsum("bsgi,goi->bsgo", groups, weight)
+        return self.o_b_proj(grouped.flatten(2))
+
     def forward(
         self,
         x: torch.Tensor,
         ropes: dict[str, RotaryEmbedding],
         tables: dict[str, tuple[torch.Tensor, torch.Tensor]],
         position_ids: torch.Tensor,
+        cache: V4KVCache | None = None,
+        packed: PackedRows | None = None,
     ) -> torch.Tensor:
-        batch, seq, _ = x.shape
-        kind = "compress" if self.ratio else "main"
-        cos, sin = tables[kind]
-        q_latent = self.q_a_norm(self.q_a_proj(x))
-        q = self.q_b_proj(q_latent).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
-        q = apply_rotary_tail(unweighted_rms_norm(q, self.eps), cos, sin)
-        kv = apply_rotary_tail(self.kv_norm(self.kv_proj(x)).unsqueeze(1), cos, sin)  # [B, 1, S, D]
-
-        query_pos = torch.arange(seq, device=x.device)
-        distance = query_pos[:, None] - query_pos[None, :]
-        visible = ((distance >= 0) & (distance < self.sliding_window)).expand(batch, 1, seq, seq)
+        """x [B, S, hidden] -> [B, S, hidden]. With `cache`: S > 1 prefills it (rows right-aligned), S == 1 is a
+        decode step at position_ids [B, 1]. `packed`: the rows' document layout (packing.py)."""
+        q, kv, q_latent = self.project(x, tables)
+        rope = ropes["compress"]
+        if cache is not None and x.shape[1] == 1:
+            return self.output(self._decode(x, q, kv, q_latent, rope, position_ids[:, 0], cache), tables)
+        entries = chosen = visible_count = entry_first = index_keys = None
+        layout = None if packed is None or self.compressor is None else packed.entries[self.ratio]
         if self.compressor is not None:
-            compressed = self.compressor(x, ropes["compress"])  # [B, T, D]
-            entries = compressed.shape[1]
+            entries = self.compressor(x, rope, layout)  # [B, T, D]
             if self.indexer is not None:
-                chosen = self.indexer(x, q_latent, position_ids, ropes["compress"])  # [B, S, k], -1 = none
-                picked = torch.zeros(batch, seq, entries + 1, dtype=torch.bool, device=x.device)
-                picked.scatter_(-1, chosen.masked_fill(chosen < 0, entries), True)
-                block = picked[..., :entries]
+                with torch.no_grad():
+                    index_keys = self.indexer.compressor(x, rope, layout)
+                chosen = self.indexer.choose(index_keys, x, q_latent, position_ids, rope, layout)  # -1 = none
+            elif layout is None:
+                visible_count = (position_ids + 1) // self.ratio
             else:
-                block = visible_entries(position_ids, self.ratio, entries)
-            kv = torch.cat([kv, compressed.unsqueeze(1)], dim=2)
-            visible = torch.cat([visible, block.unsqueeze(1)], dim=-1)
+                entry_first, visible_count = layout.first, layout.limit
+        out = hybrid_attention(q, kv, self.sliding_window, self.sinks, entries, chosen, visible_count,
+                               self.query_block, entry_first, None if packed is None else packed.doc_start)
+        if cache is not None:
+            layer, lengths = cache.layers[self.layer_idx], cache.prefilling
+            layer.prefill(kv, lengths)
+            if layer.compressor is not None:
+                layer.compressor.prefill(self.compressor, x, entries, lengths)
+            if layer.index is not None:
+                layer.index.prefill(self.indexer.compressor, x, index_keys, lengths)
+        return self.output(out, tables)
 
-        logits = torch.matmul(q, kv.transpose(-1, -2)) * self.head_dim**-0.5  # [B, H, S, S + T]
-        logits = logits.masked_fill(~visible, float("-inf"))
-        sink = self.sinks.to(logits.dtype).view(1, -1, 1, 1).expand(batch, -1, seq, 1)
-        logits = torch.cat([logits, sink], dim=-1)
-        probs = (logits - logits.amax(dim=-1, keepdim=True)).softmax(dim=-1)[..., :-1]
-        out = torch.matmul(probs.to(kv.dtype), kv)  # values are the keys
-        out = apply_rotary_tail(out, cos, -sin).transpose(1, 2)  # undo the value's rotation at the query position
-
-        groups = out.reshape(batch, seq, self.o_groups, -1)
-        weight = self.o_a_proj.weight.view(self.o_groups, -1, groups.shape[-1])
-        grouped = torch.einsum("bsgi,goi->bsgo", groups, weight)
-        return self.o_b_proj(grouped.flatten(2))
+    def _decode(self, x: torch.Tensor, q: torch.Tensor, kv: torch.Tensor, q_latent: torch.Tensor,
+                rope: RotaryEmbedding, positions: torch.Tensor, cache: V4KVCache) -> torch.Tensor:
+        """One new token per row against the cache: [B, 1, H, D]."""
+        layer = cache.layers[self.layer_idx]
+        keys, seen = layer.step(kv[:, 0], positions)
+        entries = chosen = visible_count = None
+        if layer.compressor is not None:
+            layer.compressor.step(self.compressor, x[:, 0], positions, rope)
+            entries = layer.compressor.entries
+            if layer.index is not None:
+                layer.index.step(self.indexer.compressor, x[:, 0], positions, rope)
+                chosen = self.indexer.choose(layer.index.entries, x, q_latent, positions.view(-1, 1), rope)
+            else:
+                visible_count = ((positions + 1) // self.ratio).view(-1, 1)
+        entry_mask = gather = None
+        if entries is not None:
+            entry_mask, gather = entry_masks(entries, chosen, visible_count, None)
+        scale = self.head_dim**-0.5
+        return attend(q, keys, seen.unsqueeze(2), entries, entry_mask, gather, (self.sinks / scale).view(-1, 1), scale)

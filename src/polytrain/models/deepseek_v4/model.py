@@ -18,6 +18,8 @@ from polytrain.models.common.rope import RotaryEmbedding
 from polytrain.models.deepseek_v4.attention import Compressor, HybridAttention
 from polytrain.models.deepseek_v4.config import DeepSeekV4Config
 from polytrain.models.deepseek_v4.hyper_connections import HyperConnection, HyperHead, merge
+from polytrain.models.deepseek_v4.kv_cache import V4KVCache
+from polytrain.models.deepseek_v4.packing import PackedRows, packed_rows
 
 
 class V4Block(nn.Module):
@@ -38,9 +40,11 @@ class V4Block(nn.Module):
         position_ids: torch.Tensor,
         input_ids: torch.Tensor,
         token_mask: torch.Tensor | None = None,
+        cache: V4KVCache | None = None,
+        packed: PackedRows | None = None,
     ) -> torch.Tensor:
         post, comb, collapsed = self.attn_hc(streams)
-        attn = self.self_attn(self.input_layernorm(collapsed), ropes, tables, position_ids)
+        attn = self.self_attn(self.input_layernorm(collapsed), ropes, tables, position_ids, cache, packed)
         streams = merge(streams, attn, post, comb)
         post, comb, collapsed = self.ffn_hc(streams)
         mlp = self.mlp(self.post_attention_layernorm(collapsed), input_ids, token_mask)
@@ -70,11 +74,12 @@ class V4MTPModule(nn.Module):
         position_ids: torch.Tensor,
         shifted_ids: torch.Tensor,
         token_mask: torch.Tensor | None = None,
+        packed: PackedRows | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(streams for the next depth, hidden states for the output head)."""
         embedded = self.e_proj(self.enorm(next_embeddings))
         streams = self.h_proj(self.hnorm(previous)) + embedded.unsqueeze(2)
-        streams = self.block(streams, ropes, tables, position_ids, shifted_ids, token_mask)
+        streams = self.block(streams, ropes, tables, position_ids, shifted_ids, token_mask, None, packed)
         return streams, self.norm(self.hc_head(streams))
 
 
@@ -86,9 +91,13 @@ class LayerInputs:
     position_ids: torch.Tensor
     input_ids: torch.Tensor
     token_mask: torch.Tensor | None
+    cache: V4KVCache | None = None
+    packed: PackedRows | None = None
 
 
 class DeepSeekV4LM(DecoderLM):
+    supports_kv_cache = True
+
     def __init__(self, config: DeepSeekV4Config) -> None:
         super().__init__()
         self.config = config
@@ -107,17 +116,56 @@ class DeepSeekV4LM(DecoderLM):
         self.tie_weights()
 
     def layer_inputs(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None, doc_ids: torch.Tensor | None,
-                     token_mask: torch.Tensor | None, cache: object | None = None,
+                     token_mask: torch.Tensor | None, cache: V4KVCache | None = None,
                      valid: torch.Tensor | None = None) -> LayerInputs:
-        if cache is not None:
-            raise NotImplementedError("DeepSeek-V4 models decode without a KV cache in polytrain (yet)")
-        if doc_ids is not None and bool((doc_ids.amax(dim=1) > 0).any()):
-            raise ValueError("DeepSeek-V4 compressed attention does not support packed documents (data.packing)")
         batch, seq = input_ids.shape
-        if position_ids is None:
+        packed = None
+        if doc_ids is not None and bool((doc_ids.amax(dim=1) > 0).any()):
+            if cache is not None or position_ids is None:
+                raise ValueError("packed documents (doc_ids) need their position_ids and no KV cache")
+            packed = packed_rows(doc_ids, position_ids, {r for r in self.config.compress_ratios if r})
+        if cache is not None:  # positions are the cache's: rows are right-aligned (see hidden_states)
+            lengths = None if valid is None else valid.sum(dim=1)
+            cache.begin(seq, lengths if seq > 1 else None)
+            if seq == 1:
+                position_ids = cache.lengths.view(-1, 1)
+            else:
+                position_ids = torch.arange(seq, device=input_ids.device).expand(batch, seq)
+        elif position_ids is None:
             position_ids = torch.arange(seq, device=input_ids.device).expand(batch, seq)
         tables = {name: rope(position_ids) for name, rope in self.ropes.items()}
-        return LayerInputs(tables, position_ids, input_ids, token_mask)
+        return LayerInputs(tables, position_ids, input_ids, token_mask, cache, packed)
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        cache: V4KVCache | None = None,
+        valid: torch.Tensor | None = None,
+        token_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """As DecoderLM's; a prefill of a left-padded batch into a cache runs with each row moved to the front
+        (V4's windows and compressed entries count from a row's first token), the output moved back."""
+        batch, seq = input_ids.shape
+        if cache is None or seq == 1:
+            return super().hidden_states(input_ids, position_ids, doc_ids, cache, valid, token_mask)
+        if valid is None:
+            valid = torch.ones(batch, seq, dtype=torch.bool, device=input_ids.device)
+        shift = (seq - valid.sum(dim=1)).view(-1, 1)
+        rows = torch.arange(batch, device=input_ids.device).view(-1, 1)
+        columns = torch.arange(seq, device=input_ids.device)
+        front = (columns + shift) % seq  # right-aligned column j holds left-padded column j + padding
+        aligned = super().hidden_states(input_ids[rows, front], None, doc_ids, cache, valid[rows, front],
+                                        None if token_mask is None else token_mask[rows, front])
+        return aligned[rows, (columns - shift) % seq]
+
+    def new_cache(self, batch: int, max_len: int) -> V4KVCache:
+        return V4KVCache(self, batch, max_len)
+
+    def end_of_layers(self, inputs: LayerInputs) -> None:
+        if inputs.cache is not None:
+            inputs.cache.advance()
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids).unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1).contiguous()
@@ -126,7 +174,8 @@ class DeepSeekV4LM(DecoderLM):
         return (rows, width, self.config.hc_mult, self.config.hidden_size)
 
     def run_block(self, block: nn.Module, state: torch.Tensor, inputs: LayerInputs) -> torch.Tensor:
-        return block(state, self.ropes, inputs.tables, inputs.position_ids, inputs.input_ids, inputs.token_mask)
+        return block(state, self.ropes, inputs.tables, inputs.position_ids, inputs.input_ids, inputs.token_mask,
+                     inputs.cache, inputs.packed)
 
     def head_input(self, state: torch.Tensor) -> torch.Tensor:
         return self.norm(self.hc_head(state))
@@ -134,7 +183,7 @@ class DeepSeekV4LM(DecoderLM):
     def run_mtp(self, module: nn.Module, previous: torch.Tensor, next_embeddings: torch.Tensor,
                 inputs: LayerInputs, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
         return module(previous, next_embeddings, self.ropes, inputs.tables, inputs.position_ids,
-                      shift_left(inputs.input_ids, depth, 0), inputs.token_mask)
+                      shift_left(inputs.input_ids, depth, 0), inputs.token_mask, inputs.packed)
 
     def stage_modules(self, first: bool, last: bool) -> dict[str, nn.Module]:
         modules: dict[str, nn.Module] = {"ropes": self.ropes}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from polytrain.models.deepseek_v4.blockwise import GATHER_ABOVE, QUERY_BLOCK
 from polytrain.models.deepseek_v4.config import DeepSeekV4Config
 
 
@@ -25,31 +26,55 @@ def mean_entries(seq_len: int, ratio: int, cap: int | None) -> float:
     return (below + above) / seq_len
 
 
+def window_keys_computed(seq_len: int, window: int, block: int = QUERY_BLOCK) -> float:
+    """Mean window keys a query is multiplied with by the block attention: block b's queries [s, e) all take the
+    keys [s - window + 1, e) (blockwise.py), the masked ones included."""
+    total = 0
+    for start in range(0, seq_len, block):
+        end = min(start + block, seq_len)
+        total += (end - start) * (end - max(0, start - window + 1))
+    return total / seq_len
+
+
+def compressed_entries_computed(c: DeepSeekV4Config, layer: int, seq_len: int) -> int:
+    """Compressed entries a query is multiplied with by the block attention: all S // ratio for HCA, and for CSA
+    its top-k, or all entries while there are at most GATHER_ABOVE x k (blockwise.py)."""
+    ratio = c.compress_ratio(layer)
+    if not ratio:
+        return 0
+    entries = seq_len // ratio
+    gathered = ratio == c.compress_ratio_csa and entries > GATHER_ABOVE * min(c.index_topk, entries)
+    return c.index_topk if gathered else entries
+
+
 class V4Planner:
-    fused_attention = False  # the dense reference attention materialises [B, H, S, S + T] scores
+    fused_attention = True  # block by block (blockwise.py): no seq x seq scores kept for backward
+    executes_model_flops = False  # its blocks multiply masked window keys and every HCA entry too
 
     def attention_flops(self, c: DeepSeekV4Config, layer: int, seq_len: int, dense: bool) -> tuple[float, float]:
         """Forward FLOPs per token of hybrid attention (models/deepseek_v4/attention.py): (projections, core).
         Counted as the architecture defines it: the sliding window (min(i, window) keys), the compressed entries a
         query may see (HCA: all of its past windows; CSA: its top-k of them) and the lightning indexer's scores over
-        the visible compressed entries; `dense` counts every key as a masked full matrix product does."""
+        the visible compressed entries; `dense` counts what the block attention multiplies, masked products
+        included (`window_keys_computed`, `compressed_entries_computed`; the indexer scores every entry)."""
         h, heads, d = c.hidden_size, c.num_attention_heads, c.head_dim
         proj = (h * c.q_lora_rank + c.q_lora_rank * heads * d + h * d  # q_a, q_b, shared kv
                 + heads * d * c.o_lora_rank + c.o_groups * c.o_lora_rank * h)  # grouped o_a, o_b
         ratio = c.compress_ratio(layer)
         csa = ratio == c.compress_ratio_csa
         if dense:
-            keys = seq_len + (seq_len // ratio if ratio else 0)
+            keys = window_keys_computed(seq_len, c.sliding_window) + compressed_entries_computed(c, layer, seq_len)
         else:
             keys = mean_min(seq_len, c.sliding_window)
             if ratio:
                 keys += mean_entries(seq_len, ratio, c.index_topk if csa else None)
         core = 2 * heads * d * 2 * keys  # scores q.k and context p.v (values are the keys)
+        pooled = (seq_len // ratio * ratio / seq_len if dense else 1.0) if ratio else 0.0  # tokens of whole windows
         if ratio:
-            proj += 2 * h * d * (2 if csa else 1)  # compressor kv_proj + gate_proj (two series when overlapping)
+            proj += pooled * 2 * h * d * (2 if csa else 1)  # compressor kv_proj + gate_proj (two series if overlapping)
         if csa:
             n_idx, d_idx = c.index_n_heads, c.index_head_dim
-            proj += 2 * h * 2 * d_idx + c.q_lora_rank * n_idx * d_idx + h * n_idx  # its compressor, q_b, weights
+            proj += pooled * 2 * h * 2 * d_idx + c.q_lora_rank * n_idx * d_idx + h * n_idx  # compressor, q_b, weights
             visible = seq_len // ratio if dense else mean_entries(seq_len, ratio, None)
             core += 2 * n_idx * d_idx * visible
         return 2 * proj, core
@@ -80,11 +105,9 @@ class V4Planner:
         hyper = 2 * (b * n * h + (4 if b < 4 else 0) * n * h + 4 * n * h + 4 * (2 + n) * n + sinkhorn + merge)
         attn = norm(h) + norm(c.q_lora_rank) + norm(d)  # input, query latent and kv norms
         attn += 3 * b * heads * d  # q, its unweighted-norm output and the rotated q
-        entries = seq_len // ratio if ratio else 0
-        if fused:
-            attn += b * heads * d + 4 * heads  # output, log-sum-exp
-        else:  # logits (amax keeps them), probabilities, the visibility mask, output
-            attn += 2 * b * heads * (seq_len + entries + 1) + (seq_len + entries) + b * heads * d
+        # the block attention keeps only its inputs (q, the keys, the entries); undoing the output's rotation keeps
+        # its RoPE channels in fp32 (and their rotated half)
+        attn += 2 * 4 * heads * c.qk_rope_head_dim
         attn += b * heads * d + b * c.o_groups * c.o_lora_rank  # grouped o_a input, o_b input
         if ratio:
             csa = ratio == c.compress_ratio_csa
@@ -94,21 +117,22 @@ class V4Planner:
 
             attn += compressor(d * (2 if csa else 1))
             if csa:
-                n_idx, d_idx = c.index_n_heads, c.index_head_dim
-                attn += compressor(2 * d_idx) + 3 * b * n_idx * d_idx + 4 * n_idx  # its compressor, q, weights
-                if not fused:  # the reference indexer keeps [S, H, T] scores: product, ReLU, scaled
-                    attn += 3 * 4 * n_idx * entries
-                attn += 8 * c.index_topk
+                attn += 8 * c.index_topk  # the indexer runs without autograd: only its choice is kept
         return hyper + attn
 
     def attention_backward_bytes(self, c: DeepSeekV4Config, layer: int, seq_len: int, b: int, fused: bool,
                                  tp: int) -> float:
-        """The materialised scores' backward: the gradients of the probabilities and of the logits."""
-        if fused:
-            return 0.0
-        ratio = c.compress_ratio(layer)
-        entries = seq_len // ratio if ratio else 0
-        return 2 * b * c.num_attention_heads / tp * (seq_len + entries + 1)
+        """One query block recomputed in backward (per token of the sequence): its logits and probabilities with
+        their gradients, [H, block, window keys + entries + sink], and for CSA the gathered entries and their
+        gradient [block, k, head_dim]."""
+        block = min(QUERY_BLOCK, seq_len)
+        keys = min(seq_len, block + c.sliding_window - 1) + compressed_entries_computed(c, layer, seq_len) + 1
+        scores = c.num_attention_heads / tp * block * keys * (5 * b + 8)
+        gathered = 0
+        if c.compress_ratio(layer) == c.compress_ratio_csa and compressed_entries_computed(c, layer, seq_len) < (
+                seq_len // c.compress_ratio(layer)):
+            gathered = 2 * b * block * c.index_topk * c.head_dim
+        return (scores + gathered) / seq_len
 
     def residual_width(self, c: DeepSeekV4Config) -> int:
         return c.hc_mult * c.hidden_size
