@@ -88,11 +88,12 @@ def run(args: argparse.Namespace) -> int:
     if args.jobs is not None and args.jobs < 1:
         raise ConfigError("--jobs must be >= 1")
     result = audit_paths(args.paths, rules, fix=args.fix or args.diff, jobs=args.jobs,
-                         prefilter=not args.no_prefilter)
+                         prefilter=not args.no_prefilter, target=args.target)
     if args.diff:
         print(unified_diff(result), end="")
     if args.fix:
         write_fixes(result)
+        result = result.as_written()  # what is still open, at the rewritten files' line numbers
     else:  # --diff alone: nothing was written, so nothing counts as fixed
         for finding in result.findings:
             finding.fixed = False
