@@ -173,6 +173,28 @@ def test_condition_and_what_it_guards_are_rewritten_together_or_not_at_all():
     assert (scope["device_type"], scope["dtype"], scope["use_fused"]) == ("cpu", "float16", False)
 
 
+def test_a_variable_holding_a_condition_changes_with_every_test_that_reads_it():
+    source = """\
+        import torch
+        use_cuda = torch.cuda.is_available()
+        if use_cuda and torch.cuda.is_bf16_supported():
+            dtype = torch.bfloat16
+        elif use_cuda:
+            dtype = torch.float16
+        else:
+            dtype = torch.float32
+        if use_cuda:
+            x = torch.ones(1).cuda()
+        """
+    result = audit_python(textwrap.dedent(source).encode(), "case.py", RULES, fix=True)
+    assert result.new_source is None  # ported halfway, this would pick fp16 on an NPU
+    notes = {f.rule: f.note for f in result.findings}
+    assert "`use_cuda` is read by the test `use_cuda and torch.cuda.is_bf16_supported()`" in notes["PA101"]
+    assert "`use_cuda`, which it reads, is not rewritten" in notes["PA201"]
+    ported = fixed(source.replace(" and torch.cuda.is_bf16_supported()", ""))
+    assert "use_cuda = torch.accelerator.is_available()" in ported and "x = torch.ones(1).to(device)" in ported
+
+
 # 5 ------------------------------------------------------------------ code that already handles NPU
 def test_branches_and_tables_that_already_handle_npu_are_not_reported():
     source = '''\

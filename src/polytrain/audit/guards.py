@@ -6,13 +6,19 @@ it guards, or the guarded code without the test, changes what the program does o
 `device_type = "cuda" if "cuda" in device else "cpu"` with only one of its two "cuda" rewritten runs an NPU job
 without autocast. So a test with a condition and everything it guards (its body, and every later elif / else) are
 rewritten together or not at all: when one hit there has no rewrite (a capability check, flash-attn, a device
-comparison --fix does not know), none is rewritten and each says why. Device comparisons (`x == "cuda"`,
-`"cuda" in x`, `x.is_cuda`) are rewritten only inside such a test: elsewhere what they decide is not visible.
+comparison --fix does not know), none is rewritten and each says why.
 
-Code that already *dispatches* per device is left alone: an if / elif chain or conditional expression whose tests
-name another platform ("npu", torch.npu, hccl, ...: [platform] others in rules.toml) keeps its CUDA branch (test and
-body) unreported; so does the CUDA entry of a dictionary or tuple that has an entry for another platform. A
-dictionary keyed by "cuda" without one is reported (PA209), its key never rewritten.
+A variable that holds a condition (`use_cuda = torch.cuda.is_available()`) is part of every test that reads it:
+when one of those is not rewritten, neither is the variable, nor what the other tests reading it guard (with only
+one of them ported, `if use_cuda and torch.cuda.is_bf16_supported(): ... elif use_cuda: <fp16>` would train in fp16
+on an NPU). Device comparisons (`x == "cuda"`, `"cuda" in x`, `x.is_cuda`) are rewritten only inside such a test:
+elsewhere what they decide is not visible.
+
+Code that already *dispatches* per device is left alone: an if / elif chain (or a run of consecutive ifs, as in
+`if device.type == "cuda": return ...` then `if device.type == "npu": return ...`), a conditional expression or a
+match whose tests name another platform ("npu", torch.npu, hccl, ...: [platform] others in rules.toml) keeps its
+CUDA branch (test and body) unreported; so does the CUDA entry of a dictionary or tuple that has an entry for another
+platform. A dictionary keyed by "cuda" without one is reported (PA209), its key never rewritten.
 """
 
 from __future__ import annotations
@@ -40,11 +46,24 @@ class Guards:
             self.by_node.setdefault(hit.node, []).append(hit)
         self.dropped: set[int] = set()  # id(hit): already handled per device
         self.in_test: set[int] = set()  # id(hit): device comparisons accepted as part of a rewritable test
+        self.condition_vars: dict[str, list[Hit]] = {}  # name -> the hits of the conditions assigned to it
+        self.kept_tests: dict[str, str] = {}  # name -> a test that reads it and is not rewritten
 
     def resolve(self) -> list[Hit]:
         if not self.scanner.hits:
             return []
-        self._collect(self.module)
+        if any(h.rule.condition for h in self.scanner.hits):
+            self._find_condition_vars(self.module)
+        while True:  # until no variable holding a condition is read by a test left as it is (blocks only grow)
+            self.dropped, self.in_test, self.kept_tests = set(), set(), {}
+            self._collect(self.module)
+            held = [(name, hit) for name, test in self.kept_tests.items()
+                    for hit in self.condition_vars.get(name, ()) if hit.fix is not None]
+            if not held:
+                break
+            for name, hit in held:
+                self._block(hit, f"not rewritten: `{name}` is read by the test `{self.kept_tests[name]}`, which is "
+                                 "not rewritten (a condition and what it decides change together)")
         for hit in self.scanner.hits:
             if hit.fix is not None and hit.fix.get("kind") == "accelerator-test" and id(hit) not in self.in_test \
                     and id(hit) not in self.dropped:
@@ -65,6 +84,8 @@ class Guards:
                                self._collect(node.msg) if node.msg is not None else [])
         elif isinstance(node, cst.Match):
             found = self._match(node)
+        elif isinstance(node, (cst.Module, cst.IndentedBlock)):
+            found = self._block_body(list(node.body))
         else:
             found = [h for child in children(node) for h in self._collect(child)]
             if isinstance(node, cst.Dict):
@@ -99,19 +120,60 @@ class Guards:
             rest = self._unit(test, self._collect(test), self._collect(body) + rest)
         return rest
 
+    def _find_condition_vars(self, node: cst.CSTNode) -> None:
+        """`use_cuda = torch.cuda.is_available() and not args.cpu`: the names that hold a condition."""
+        if isinstance(node, (cst.Assign, cst.AnnAssign)) and node.value is not None:
+            value_hits = self._under(node.value)
+            if any(h.rule.condition for h in value_hits):
+                targets = [t.target for t in node.targets] if isinstance(node, cst.Assign) else [node.target]
+                for target in targets:
+                    if isinstance(target, cst.Name):
+                        self.condition_vars.setdefault(target.value, []).extend(value_hits)
+        for child in children(node):
+            self._find_condition_vars(child)
+
+    def _block_body(self, statements: list[cst.CSTNode]) -> list[Hit]:
+        """Statements in order; a run of consecutive ifs that names another platform is one dispatch."""
+        found: list[Hit] = []
+        at = 0
+        while at < len(statements):
+            end = at
+            while end < len(statements) and isinstance(statements[end], cst.If):
+                end += 1
+            run = statements[at:end]
+            if len(run) > 1 and any(self._names_other(s.test) for s in run if isinstance(s, cst.If)):
+                branches = [b for s in run if isinstance(s, cst.If) for b in _if_chain(s)[0]]
+                found += self._chain(branches, None)
+                for statement in run:  # their else blocks, if any
+                    orelse = _if_chain(statement)[1] if isinstance(statement, cst.If) else None
+                    found += self._collect(orelse) if orelse is not None else []
+                at = end
+                continue
+            found += self._collect(statements[at])
+            at += 1
+        return found
+
     def _unit(self, test: cst.BaseExpression, test_hits: list[Hit], guarded: list[Hit]) -> list[Hit]:
         region = test_hits + guarded
-        if not any(h.rule.condition for h in test_hits):
+        read = sorted(n for n in _names(test) if n in self.condition_vars)
+        held = [h for n in read for h in self.condition_vars[n] if id(h) not in self.dropped]
+        if not any(h.rule.condition for h in test_hits + held):
             return region
         accepted = {id(h) for h in test_hits}
-        stuck = next((h for h in region if not self._rewritable(h, accepted)), None)
+        stuck = next((h for h in held + region if not self._rewritable(h, accepted)), None)
         if stuck is None:
             self.in_test |= {id(h) for h in test_hits if h.fix is not None}
             return region
         code = " ".join(self.module.code_for_node(test).split())
         code = code if len(code) <= 60 else code[:57] + "..."
-        reason = (f"not rewritten: the test `{code}` and what it guards are rewritten together or not at all, and "
-                  f"{stuck.subject or stuck.rule.name} ({stuck.rule.id}) has no rewrite")
+        for name in _names(test):
+            self.kept_tests.setdefault(name, code)
+        if any(stuck is h for h in held):
+            name = next(n for n in read if any(stuck is h for h in self.condition_vars[n]))
+            why = f"`{name}`, which it reads, is not rewritten"
+        else:
+            why = f"{stuck.subject or stuck.rule.name} ({stuck.rule.id}) has no rewrite"
+        reason = f"not rewritten: the test `{code}` and what it guards are rewritten together or not at all, and {why}"
         for hit in region:
             if hit.fix is not None:
                 self._block(hit, reason)
@@ -177,6 +239,12 @@ class Guards:
     @staticmethod
     def _block(hit: Hit, reason: str) -> None:
         hit.fix, hit.severity, hit.note = None, "manual", reason
+
+
+def _names(node: cst.CSTNode) -> set[str]:
+    if isinstance(node, cst.Name):
+        return {node.value}
+    return {n for child in children(node) for n in _names(child)}
 
 
 def _if_chain(node: cst.If) -> tuple[list[tuple[cst.BaseExpression, cst.CSTNode]], cst.CSTNode | None]:
