@@ -193,6 +193,28 @@ def test_a_variable_holding_a_condition_changes_with_every_test_that_reads_it():
     assert "`use_cuda`, which it reads, is not rewritten" in notes["PA201"]
     ported = fixed(source.replace(" and torch.cuda.is_bf16_supported()", ""))
     assert "use_cuda = torch.accelerator.is_available()" in ported and "x = torch.ones(1).to(device)" in ported
+    mixed = "import torch\nok = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8\n"
+    assert audit_python(mixed.encode(), "case.py", RULES, fix=True).new_source is None  # whole or not at all
+
+
+def test_guards_look_only_where_hits_are_and_decide_as_if_they_looked_everywhere():
+    import libcst as cst
+
+    from polytrain.audit.guards import Guards
+    from polytrain.audit.scanner import Scanner
+    from tests.conftest import EXAMPLES
+
+    sources = [p.read_text() for p in (EXAMPLES / "audit" / "corpus").glob("*.py")]
+    sources.append("import torch\nSM90 = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)\n"
+                   "if not SM90:\n    pass\nif SM90:\n    x = torch.ones(1).cuda()\n")
+    for source in sources:
+        decided = []
+        for prune in (True, False):
+            scanner = Scanner(RULES, cst.parse_module(source)).scan()
+            if not prune:
+                scanner.around_hits = set()
+            decided.append([(h.rule.id, h.severity, h.fix is None) for h in Guards(scanner).resolve()])
+        assert decided[0] == decided[1]
 
 
 # 5 ------------------------------------------------------------------ code that already handles NPU

@@ -41,12 +41,16 @@ class Guards:
         self.module = scanner.module
         self.device = scanner.rules.device
         self.others = set(scanner.rules.others)
+        # Only nodes with a hit at or under them matter (the scanner's walk records them); without that record
+        # (a scanner run through libcst's own visitor) every node is looked at.
+        self.around = scanner.around_hits or None
         self.by_node: dict[cst.CSTNode, list[Hit]] = {}
         for hit in scanner.hits:
             self.by_node.setdefault(hit.node, []).append(hit)
         self.dropped: set[int] = set()  # id(hit): already handled per device
         self.in_test: set[int] = set()  # id(hit): device comparisons accepted as part of a rewritable test
         self.condition_vars: dict[str, list[Hit]] = {}  # name -> the hits of the conditions assigned to it
+        self.condition_values: list[tuple[str, list[Hit]]] = []  # (code, hits) of each value assigned a condition
         self.kept_tests: dict[str, str] = {}  # name -> a test that reads it and is not rewritten
 
     def resolve(self) -> list[Hit]:
@@ -59,11 +63,11 @@ class Guards:
             self._collect(self.module)
             held = [(name, hit) for name, test in self.kept_tests.items()
                     for hit in self.condition_vars.get(name, ()) if hit.fix is not None]
-            if not held:
-                break
             for name, hit in held:
                 self._block(hit, f"not rewritten: `{name}` is read by the test `{self.kept_tests[name]}`, which is "
                                  "not rewritten (a condition and what it decides change together)")
+            if not held and not self._assigned_conditions():
+                break
         for hit in self.scanner.hits:
             if hit.fix is not None and hit.fix.get("kind") == "accelerator-test" and id(hit) not in self.in_test \
                     and id(hit) not in self.dropped:
@@ -72,6 +76,8 @@ class Guards:
 
     # ---------------------------------------------------------------- the walk: hits under a node, decided
     def _collect(self, node: cst.CSTNode) -> list[Hit]:
+        if self.around is not None and node not in self.around:
+            return []
         if isinstance(node, cst.If):
             found = self._chain(*_if_chain(node))
         elif isinstance(node, cst.IfExp):
@@ -120,11 +126,30 @@ class Guards:
             rest = self._unit(test, self._collect(test), self._collect(body) + rest)
         return rest
 
+    def _assigned_conditions(self) -> bool:
+        """A condition assigned to a variable is rewritten whole or not at all (`ok = torch.cuda.is_available() and
+        torch.cuda.get_device_capability()[0] >= 8`). True when that blocked a rewrite."""
+        blocked = False
+        for code, hits in self.condition_values:
+            live = [h for h in hits if id(h) not in self.dropped]
+            stuck = next((h for h in live if not self._rewritable(h, set())), None)
+            if stuck is None:
+                continue
+            for hit in live:
+                if hit.fix is not None:
+                    self._block(hit, f"not rewritten: the condition `{code}` is rewritten whole or not at all, and "
+                                     f"{stuck.subject or stuck.rule.name} ({stuck.rule.id}) has no rewrite")
+                    blocked = True
+        return blocked
+
     def _find_condition_vars(self, node: cst.CSTNode) -> None:
         """`use_cuda = torch.cuda.is_available() and not args.cpu`: the names that hold a condition."""
+        if self.around is not None and node not in self.around:
+            return
         if isinstance(node, (cst.Assign, cst.AnnAssign)) and node.value is not None:
             value_hits = self._under(node.value)
             if any(h.rule.condition for h in value_hits):
+                self.condition_values.append((_short(self.module.code_for_node(node.value)), value_hits))
                 targets = [t.target for t in node.targets] if isinstance(node, cst.Assign) else [node.target]
                 for target in targets:
                     if isinstance(target, cst.Name):
@@ -141,7 +166,8 @@ class Guards:
             while end < len(statements) and isinstance(statements[end], cst.If):
                 end += 1
             run = statements[at:end]
-            if len(run) > 1 and any(self._names_other(s.test) for s in run if isinstance(s, cst.If)):
+            if len(run) > 1 and (self.around is None or any(s in self.around for s in run)) and \
+                    any(self._names_other(s.test) for s in run if isinstance(s, cst.If)):
                 branches = [b for s in run if isinstance(s, cst.If) for b in _if_chain(s)[0]]
                 found += self._chain(branches, None)
                 for statement in run:  # their else blocks, if any
@@ -164,8 +190,7 @@ class Guards:
         if stuck is None:
             self.in_test |= {id(h) for h in test_hits if h.fix is not None}
             return region
-        code = " ".join(self.module.code_for_node(test).split())
-        code = code if len(code) <= 60 else code[:57] + "..."
+        code = _short(self.module.code_for_node(test))
         for name in _names(test):
             self.kept_tests.setdefault(name, code)
         if any(stuck is h for h in held):
@@ -231,6 +256,8 @@ class Guards:
         return any(self._names_other(child) for child in children(node))
 
     def _under(self, node: cst.CSTNode) -> list[Hit]:
+        if self.around is not None and node not in self.around:
+            return []
         return [*self.by_node.get(node, ()), *(h for child in children(node) for h in self._under(child))]
 
     def _drop(self, hits: list[Hit]) -> None:
@@ -239,6 +266,11 @@ class Guards:
     @staticmethod
     def _block(hit: Hit, reason: str) -> None:
         hit.fix, hit.severity, hit.note = None, "manual", reason
+
+
+def _short(code: str) -> str:
+    code = " ".join(code.split())
+    return code if len(code) <= 60 else code[:57] + "..."
 
 
 def _names(node: cst.CSTNode) -> set[str]:

@@ -108,6 +108,8 @@ class Scanner(StringRules, FastVisitor, cst.CSTVisitor):
         self.backend_names: set[str] = set()  # names that reach a backend argument (backend, args.dist_backend)
         self.config_backends: list[tuple[Hit, str, str]] = []  # "nccl" values of configuration names
         self.index_names: set[str] = set()  # variables assigned an integer (int(...), a literal)
+        self.path: list[cst.CSTNode] = []  # the walk's nodes from the module down (walk.py)
+        self.around_hits: set[cst.CSTNode] = set()  # the hits' nodes and every node above them (guards.py prunes)
 
     def scan(self) -> Scanner:
         """Walk the module (walk.py: like libcst's `module.visit(self)`, about 5x faster), then decide which
@@ -129,8 +131,12 @@ class Scanner(StringRules, FastVisitor, cst.CSTVisitor):
             severity = "manual" if rule.severity == "auto-fix" else rule.severity
             if rule.severity == "auto-fix" and not note:
                 note = NOT_THIS_FORM
-        hit = Hit(rule, node, severity, note, fix or None, subject)
+        return self.keep(Hit(rule, node, severity, note, fix or None, subject))
+
+    def keep(self, hit: Hit) -> Hit:
         self.hits.append(hit)
+        self.around_hits.update(self.path)
+        self.around_hits.add(hit.node)
         return hit
 
     def module_code(self, node: cst.CSTNode) -> str:
@@ -316,11 +322,11 @@ class Scanner(StringRules, FastVisitor, cst.CSTVisitor):
                     if rule.id not in seen:
                         seen.add(rule.id)
                         if self.guarded:
-                            self.hits.append(Hit(rule, node, "portable", "optional import (under try/except "
+                            self.keep(Hit(rule, node, "portable", "optional import (under try/except "
                                                  "ImportError): the fallback runs where the package is missing",
                                                  subject=module))
                         else:
-                            self.hits.append(Hit(rule, node, rule.severity, subject=module))
+                            self.keep(Hit(rule, node, rule.severity, subject=module))
                     break
 
     def visit_Import(self, node: cst.Import) -> bool:
@@ -429,7 +435,7 @@ class Scanner(StringRules, FastVisitor, cst.CSTVisitor):
         if rule.kind == "call-kwargs":
             names = [a.keyword.value for a in node.args if a.keyword is not None and a.keyword.value in rule.kwargs]
             if names:
-                self.hits.append(Hit(rule, node, rule.severity, fix={**rule.fix_for(self.target), "names": names},
+                self.keep(Hit(rule, node, rule.severity, fix={**rule.fix_for(self.target), "names": names},
                                      subject=", ".join(names)))
             return
         sources = [re.compile(p) for p in rule.sources]
@@ -437,7 +443,7 @@ class Scanner(StringRules, FastVisitor, cst.CSTVisitor):
         cuda_kwargs = [a for a in node.args if a.keyword is not None and a.keyword.value in rule.kwargs and
                        not (isinstance(a.value, cst.Name) and a.value.value in ("False", "None"))]
         if cuda_kwargs or any(any(p.search(s) for p in sources) for s in strings):
-            self.hits.append(Hit(rule, node, rule.severity, subject=qualname))
+            self.keep(Hit(rule, node, rule.severity, subject=qualname))
 
     # ------------------------------------------------------------------ results for the fixer
     def module_bindings(self) -> dict[str, str]:

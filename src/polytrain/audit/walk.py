@@ -26,7 +26,10 @@ def _fields(cls: type) -> tuple[str, ...]:
 
 
 class FastVisitor:
-    """Base of the read-only visitors: `walk(node)` visits `node` and everything under it."""
+    """Base of the read-only visitors: `walk(node)` visits `node` and everything under it; `path` holds the nodes
+    from the root down to the one being visited."""
+
+    path: list[cst.CSTNode]
 
     def walk(self, node: cst.CSTNode) -> None:
         cls = type(node)
@@ -35,7 +38,10 @@ class FastVisitor:
             plan = _PLANS[(type(self), cls)] = (getattr(type(self), f"visit_{cls.__name__}", None),
                                                 getattr(type(self), f"leave_{cls.__name__}", None), _fields(cls))
         visit, leave, fields = plan
+        path = self.path
+        path.append(node)
         if visit is not None and visit(self, node) is False:
+            path.pop()
             return
         for name in fields:
             child = getattr(node, name)
@@ -47,6 +53,7 @@ class FastVisitor:
                         self.walk(item)
         if leave is not None:
             leave(self, node)
+        path.pop()
 
 
 def children(node: cst.CSTNode) -> list[cst.CSTNode]:
