@@ -1,13 +1,13 @@
 """Precision and recall of `polytrain audit` on a corpus whose NVIDIA-only lines are marked by hand.
 
-The corpus (default: examples/audit/corpus/: a single-GPU script, a DDP script configured nanoGPT-style, a
+The corpus (default: examples/audit_corpus/: a single-GPU script, a DDP script configured nanoGPT-style, a
 mixed-precision script, a device-dispatch module that already handles Ascend and a launch script) marks each line
 that ties the code to NVIDIA (it fails, or silently does something else, off NVIDIA) with the comment `[cuda-only]`.
 A line counts as flagged when the audit reports a finding on it that is not `portable` (`portable` findings say
 the code works as is). Precision: flagged lines that are marked / flagged lines; recall: marked lines that are
 flagged / marked lines. Lines flagged but not marked, and marked but not flagged, are listed.
 
-Usage: python benchmarks/audit_accuracy.py [--corpus examples/audit/corpus]
+Usage: python benchmarks/audit_accuracy.py [--corpus examples/audit_corpus]
                                            [--out benchmarks/results/audit_accuracy.json | -]
 """
 
@@ -47,7 +47,7 @@ def score(corpus: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--corpus", default="examples/audit/corpus")
+    parser.add_argument("--corpus", default="examples/audit_corpus")
     parser.add_argument("--out", default="benchmarks/results/audit_accuracy.json")
     args = parser.parse_args()
     row = score(Path(args.corpus))

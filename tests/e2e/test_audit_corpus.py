@@ -1,4 +1,4 @@
-"""`polytrain audit --fix` on a small tree of training scripts written for NVIDIA GPUs (examples/audit/corpus/: a
+"""`polytrain audit --fix` on a small tree of training scripts written for NVIDIA GPUs (examples/audit_corpus/: a
 single-GPU script, a DDP script whose backend is a config variable, a mixed-precision script choosing bf16 / fp16 by
 capability, a launch script with NCCL / CUDA variables, a device-dispatch module that already handles Ascend).
 
@@ -20,7 +20,7 @@ from pathlib import Path
 from polytrain.cli import main
 from tests.conftest import EXAMPLES, ROOT
 
-CORPUS = EXAMPLES / "audit" / "corpus"
+CORPUS = EXAMPLES / "audit_corpus"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT / "src"),
        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]

@@ -204,7 +204,7 @@ def test_guards_look_only_where_hits_are_and_decide_as_if_they_looked_everywhere
     from polytrain.audit.scanner import Scanner
     from tests.conftest import EXAMPLES
 
-    sources = [p.read_text() for p in (EXAMPLES / "audit" / "corpus").glob("*.py")]
+    sources = [p.read_text() for p in (EXAMPLES / "audit_corpus").glob("*.py")]
     sources.append("import torch\nSM90 = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)\n"
                    "if not SM90:\n    pass\nif SM90:\n    x = torch.ones(1).cuda()\n")
     for source in sources:

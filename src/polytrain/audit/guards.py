@@ -51,7 +51,7 @@ class Guards:
         self.in_test: set[int] = set()  # id(hit): device comparisons accepted as part of a rewritable test
         self.condition_vars: dict[str, list[Hit]] = {}  # name -> the hits of the conditions assigned to it
         self.condition_values: list[tuple[str, list[Hit]]] = []  # (code, hits) of each value assigned a condition
-        self.kept_tests: dict[str, str] = {}  # name -> a test that reads it and is not rewritten
+        self.kept_tests: dict[str, tuple[str, str]] = {}  # name -> (a test that reads it and is kept, why)
 
     def resolve(self) -> list[Hit]:
         if not self.scanner.hits:
@@ -64,8 +64,9 @@ class Guards:
             held = [(name, hit) for name, test in self.kept_tests.items()
                     for hit in self.condition_vars.get(name, ()) if hit.fix is not None]
             for name, hit in held:
-                self._block(hit, f"not rewritten: `{name}` is read by the test `{self.kept_tests[name]}`, which is "
-                                 "not rewritten (a condition and what it decides change together)")
+                test, why = self.kept_tests[name]
+                self._block(hit, f"not rewritten: `{name}` is read by the test `{test}`, which is kept as it is "
+                                 f"({why}): a condition and what it decides change together")
             if not held and not self._assigned_conditions():
                 break
         for hit in self.scanner.hits:
@@ -191,13 +192,13 @@ class Guards:
             self.in_test |= {id(h) for h in test_hits if h.fix is not None}
             return region
         code = _short(self.module.code_for_node(test))
-        for name in _names(test):
-            self.kept_tests.setdefault(name, code)
         if any(stuck is h for h in held):
             name = next(n for n in read if any(stuck is h for h in self.condition_vars[n]))
             why = f"`{name}`, which it reads, is not rewritten"
         else:
             why = f"{stuck.subject or stuck.rule.name} ({stuck.rule.id}) has no rewrite"
+        for name in _names(test):
+            self.kept_tests.setdefault(name, (code, why))
         reason = f"not rewritten: the test `{code}` and what it guards are rewritten together or not at all, and {why}"
         for hit in region:
             if hit.fix is not None:
