@@ -351,6 +351,14 @@ def test_target_npu_writes_torch_npu_idioms_and_the_default_stays_device_agnosti
     assert "torch.cuda.is_bf16_supported()" in agnostic  # no portable capability check: left, with its test
 
 
+def test_a_rewrite_inside_a_rewritten_device_is_kept_in_one_pass():
+    code = fixed('import torch\na = torch.device("cuda", torch.cuda.current_device())\n'
+                 'b = f"cuda:{torch.cuda.current_device()}"\n')  # fixed() also checks a second run changes nothing
+    assert "torch.cuda" not in code and code.count("torch.get_device_module(device).current_device()") == 2
+    scope = run(code)
+    assert (scope["a"], scope["b"]) == (torch.device("cpu"), "cpu")
+
+
 def test_torch_load_with_a_rewritten_index_reads_a_checkpoint():
     buffer = io.BytesIO()
     torch.save({"w": torch.ones(1)}, buffer)

@@ -181,9 +181,10 @@ class Fixer:
             return hit.node, say.rename_method
         if kind == "drop-kwargs":
             return hit.node, self._drop_kwargs(set(fix["names"]))
-        if kind == "device-index":
-            index = fix["index"]
-            return fix["replace"], lambda _node: say.indexed_device(index)
+        if kind == "device-index":  # the index itself, or torch.device(index)
+            if fix["replace"] is fix["index"]:
+                return fix["replace"], say.indexed_device
+            return fix["replace"], lambda node: say.indexed_device(node.args[0].value)
         if kind == "accelerator-test":
             if fix["form"] == "attribute":
                 return hit.node, say.attribute_test
@@ -222,32 +223,35 @@ class Fixer:
 
     def _string(self, kind: str, fix: dict[str, Any], node: cst.CSTNode,
                 call: cst.Call | None) -> tuple[cst.CSTNode, Fix]:
-        """"cuda", "cuda:1", f"cuda:{rank}" (and torch.device("cuda", i) through its first argument)."""
+        """"cuda", "cuda:1", f"cuda:{rank}" (and torch.device("cuda", i) through its first argument). Each rewrite
+        is built from the node as already rewritten inside (f"cuda:{torch.cuda.current_device()}" keeps the
+        rewrite of its index)."""
         say = self.say
         value = fix.get("value")
         indexed = INDEXED.match(value) if value else None
-        index: cst.BaseExpression | None = fix.get("index")  # the expression of f"cuda:{index}"
-        if index is None and indexed is not None:
-            index = cst.Integer(indexed["index"])
+        literal = cst.Integer(indexed["index"]) if indexed is not None else None
+        in_fstring = fix.get("index") is not None  # f"cuda:{index}"
+        has_index = in_fstring or literal is not None
+
+        def index_of(string: Any) -> cst.BaseExpression:
+            return string.parts[1].expression if in_fstring else literal
+
         if kind == "backend":
             return node, lambda _node: say.backend()
         if kind == "torch-device" and call is not None and len(call.args) == 1:
-            replacement = say.device() if index is None else say.indexed_device(index)
-            return call, lambda _node: replacement
-        if kind == "torch-device" and call is not None and index is None:  # torch.device("cuda", i)
+            return call, lambda updated: say.indexed_device(index_of(updated.args[0].value)) if has_index \
+                else say.device()
+        if kind == "torch-device" and call is not None and not has_index:  # torch.device("cuda", i)
             second = call.args[1] if len(call.args) == 2 else None
             if second is not None and (second.keyword is None or second.keyword.value == "index") and \
                     not second.star:
-                replacement = say.indexed_device(second.value)
-                return call, lambda _node: replacement
+                return call, lambda updated: say.indexed_device(updated.args[1].value)
             return node, lambda _node: say.device_type()
         if kind in ("device-string", "torch-device"):
-            replacement = say.device() if index is None else say.indexed_device(index)
-        elif index is None:
-            replacement = say.device_type()
-        else:
-            replacement = say.indexed_string(index, node)
-        return node, lambda _node: replacement
+            return node, lambda updated: say.indexed_device(index_of(updated)) if has_index else say.device()
+        if not has_index:
+            return node, lambda _node: say.device_type()
+        return node, lambda updated: say.indexed_string(index_of(updated), updated)
 
     # ---------------------------------------------------------------- the whole module
     def apply(self, module: cst.Module, hits: list[Hit]) -> tuple[cst.Module, list[Hit]]:
