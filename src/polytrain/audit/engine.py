@@ -77,7 +77,7 @@ class FileResult:
         if self.remaining is None:
             return self
         findings = [f for f in self.findings if f.fixed] + self.remaining
-        return FileResult(self.path, self.new_source.count(b"\n") if self.new_source else self.lines, self.parsed,
+        return FileResult(self.path, line_count(self.new_source or b""), self.parsed,
                           findings, self.original, self.new_source, None)
 
 
@@ -106,6 +106,10 @@ class AuditResult:
         return counts
 
 
+def line_count(source: bytes) -> int:
+    return source.count(b"\n") + (not source.endswith(b"\n") and bool(source))
+
+
 def _finding(rule: Rule, path: str, start: tuple[int, int], end: tuple[int, int], severity: str | None = None,
              note: str = "", message: str | None = None, subject: str = "") -> Finding:
     replacement, ascend = rule.replacement, rule.ascend
@@ -127,7 +131,7 @@ def audit_python(source: bytes, path: str, rules: RuleSet, fix: bool = False, pr
                  target: str | None = None) -> FileResult:
     """Findings of one Python file; with `fix`, also its rewritten source (when anything changed and the rewrite
     passed its check). `target` ("npu"): Ascend-only rewrites and severities."""
-    result = FileResult(path, lines=source.count(b"\n") + (not source.endswith(b"\n") and bool(source)))
+    result = FileResult(path, lines=line_count(source))
     pattern = _trigger_pattern(rules, "python") if prefilter else None
     if prefilter and (pattern is None or not pattern.search(source)):
         return result

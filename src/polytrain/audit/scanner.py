@@ -323,8 +323,8 @@ class Scanner(StringRules, FastVisitor, cst.CSTVisitor):
                         seen.add(rule.id)
                         if self.guarded:
                             self.keep(Hit(rule, node, "portable", "optional import (under try/except "
-                                                 "ImportError): the fallback runs where the package is missing",
-                                                 subject=module))
+                                          "ImportError): the fallback runs where the package is missing",
+                                          subject=module))
                         else:
                             self.keep(Hit(rule, node, rule.severity, subject=module))
                     break
@@ -436,7 +436,7 @@ class Scanner(StringRules, FastVisitor, cst.CSTVisitor):
             names = [a.keyword.value for a in node.args if a.keyword is not None and a.keyword.value in rule.kwargs]
             if names:
                 self.keep(Hit(rule, node, rule.severity, fix={**rule.fix_for(self.target), "names": names},
-                                     subject=", ".join(names)))
+                              subject=", ".join(names)))
             return
         sources = [re.compile(p) for p in rule.sources]
         strings = [n for a in node.args for n in _strings_in(a.value)]
@@ -446,9 +446,6 @@ class Scanner(StringRules, FastVisitor, cst.CSTVisitor):
             self.keep(Hit(rule, node, rule.severity, subject=qualname))
 
     # ------------------------------------------------------------------ results for the fixer
-    def module_bindings(self) -> dict[str, str]:
-        return {name: q for name, q in self.scopes[MODULE_SCOPE].names.items() if q is not None}
-
     def removable_imports(self) -> set[cst.ImportAlias]:
         """Module-level imports of matched names whose every use a fix replaces (they would be left unused)."""
         return {alias for name, alias in self.module_import_nodes.items()
