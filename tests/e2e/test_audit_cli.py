@@ -196,3 +196,40 @@ def test_audit_never_imports_torch():
                             timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == "0 False"
+
+
+def test_report_after_fix_gives_the_rewritten_files_line_numbers(tmp_path, capsys):
+    script = tmp_path / "train.py"
+    script.write_text("import torch\nmodel = torch.nn.Linear(2, 2).cuda()\nfrom flash_attn import flash_attn_func\n")
+    code, out, _ = audit(capsys, str(script), "--fix", "--format", "json")
+    report = json.loads(out)
+    (flash,) = [f for f in report["findings"] if f["rule"] == "PA401"]
+    lines = script.read_text().splitlines()
+    assert lines[flash["line"] - 1] == "from flash_attn import flash_attn_func" and flash["line"] != 3
+    assert [f["rule"] for f in report["fixed"]] == ["PA201"] and code == 0
+
+
+def test_fix_writes_nothing_when_a_file_changed_while_it_was_audited(tmp_path):
+    from polytrain.audit import audit_paths, write_fixes
+    from polytrain.errors import PolytrainError
+
+    first, second = tmp_path / "a.py", tmp_path / "b.py"
+    for path in (first, second):
+        path.write_text("import torch\nx = torch.ones(1).cuda()\n")
+    result = audit_paths([str(tmp_path)], fix=True, jobs=1)
+    second.write_text("import torch\nx = torch.ones(2).cuda()\n")  # edited by someone meanwhile
+    with pytest.raises(PolytrainError, match="b.py changed while it was audited; nothing was written"):
+        write_fixes(result)
+    assert first.read_text() == "import torch\nx = torch.ones(1).cuda()\n"
+    assert write_fixes(audit_paths([str(tmp_path)], fix=True, jobs=1)) == [str(first), str(second)]
+    assert not list(tmp_path.glob(".*polytrain-fix"))  # no temporary file left behind
+
+
+def test_fix_with_target_npu_from_the_command_line(tmp_path, capsys):
+    script = tmp_path / "train.py"
+    script.write_text('import torch\nimport torch.distributed as dist\ndist.init_process_group("nccl")\n'
+                      "model = torch.nn.Linear(2, 2).cuda()\n")
+    code, out, _ = audit(capsys, str(script), "--fix", "--target", "npu")
+    text = script.read_text()
+    assert code == 0 and "fixed (2)" in out
+    assert 'dist.init_process_group("hccl")' in text and ".npu()" in text and "import torch_npu" in text

@@ -11,6 +11,7 @@ import pytest
 from polytrain.audit import audit_python, load_rules
 
 RULES = load_rules()
+ON = 'if device.type != "cpu" else device'  # device i of the accelerator, the CPU itself without one
 DEFINE = ('\n# Added by `polytrain audit --fix`: the accelerator in use (cuda, npu, ...), or the CPU without one.\n'
           'device = torch.accelerator.current_accelerator() or torch.device("cpu")\n')
 
@@ -50,17 +51,29 @@ FIXES = {
               "@torch.amp.custom_bwd(cast_inputs=torch.float32, device_type=device.type)\ndef g(x):\n    return x\n"),
     "PA201": ("import torch\nmodel = Net().cuda()\nx = batch.cuda(rank, non_blocking=True)\n",
               f"import torch\n{DEFINE}model = Net().to(device)\n"
-              "x = batch.to(torch.device(device.type, rank), non_blocking=True)\n"),
+              f"x = batch.to(torch.device(device.type, rank) {ON}, non_blocking=True)\n"),
     "PA202": ('import torch\na = torch.device("cuda")\nb = torch.device("cuda", 1)\nc = torch.device("cuda:2")\n',
-              f'import torch\n{DEFINE}a = device\nb = torch.device(device.type, 1)\n'
-              'c = torch.device(device.type, 2)\n'),
+              f"import torch\n{DEFINE}a = device\nb = torch.device(device.type, 1) {ON}\n"
+              f"c = torch.device(device.type, 2) {ON}\n"),
     "PA203": ('import torch\nx = y.to("cuda")\nz = torch.zeros(3, device="cuda:1")\nsd = torch.load(p, '
               'map_location="cuda")\n',
-              f'import torch\n{DEFINE}x = y.to(device)\nz = torch.zeros(3, device=torch.device(device.type, 1))\n'
+              f'import torch\n{DEFINE}x = y.to(device)\n'
+              f"z = torch.zeros(3, device=torch.device(device.type, 1) {ON})\n"
               'sd = torch.load(p, map_location=device)\n'),
     "PA204": ('import torch\nDEVICE = "cuda"\nNAME = "cuda:0"\nRANKED = f"cuda:{rank}"\n',
-              f'import torch\n{DEFINE}DEVICE = device.type\nNAME = f"{{device.type}}:0"\n'
-              'RANKED = f"{device.type}:{rank}"\n'),
+              f'import torch\n{DEFINE}DEVICE = device.type\n'
+              'NAME = f"{device.type}:0" if device.type != "cpu" else "cpu"\n'
+              'RANKED = f"{device.type}:{rank}" if device.type != "cpu" else "cpu"\n'),
+    "PA123": ("import torch\nidx = torch.cuda.LongTensor([1, 2])\n",
+              f"import torch\n{DEFINE}idx = torch.LongTensor([1, 2]).to(device)\n"),
+    "PA206": ('import torch\nif device.type == "cuda":\n    torch.cuda.synchronize()\nuse = "cuda" in name\n',
+              f'import torch\n{DEFINE.replace("device =", "default_device =")}if device.type != "cpu":\n'
+              '    torch.get_device_module(default_device).synchronize()\nuse = "cuda" in name\n'),
+    "PA207": ("import torch\nwhile x.is_cuda:\n    x = step(x)\n",
+              'import torch\nwhile x.device.type != "cpu":\n    x = step(x)\n'),
+    "PA208": ("import torch\nmodel.to(local_rank)\nx = torch.zeros(3, device=args.gpu)\n",
+              f"import torch\n{DEFINE}model.to(torch.device(device.type, local_rank) {ON})\n"
+              f"x = torch.zeros(3, device=torch.device(device.type, args.gpu) {ON})\n"),
     "PA301": ('import torch\nimport torch.distributed as dist\nif world > 1:\n'
               '    dist.init_process_group(backend="nccl")\ng = dist.new_group([0, 1], backend="nccl")\n',
               f'import torch\nimport torch.distributed as dist\n{DEFINE}if world > 1:\n'

@@ -53,6 +53,9 @@ CASES = {
               "from torch.nn.parallel import DistributedDataParallel\nmodel = DistributedDataParallel(model)"),
     "PA122": ("from torch.profiler import ProfilerActivity\nacts = [ProfilerActivity.CUDA]",
               "from torch.profiler import ProfilerActivity\nacts = [ProfilerActivity.CPU]"),
+    "PA123": ("import torch\nidx = torch.cuda.LongTensor([1, 2])", "import torch\nidx = torch.LongTensor([1, 2])"),
+    "PA124": ("import torch\ntorch._C._jit_set_nvfuser_enabled(False)",
+              "import torch\ntorch._C._jit_set_texpr_fuser_enabled(False)"),
     "PA201": ("y = model(x).cuda()", "y = x.cuda_count + x.to_cuda_later"),
     "PA202": ('import torch\nd = torch.device("cuda", 0)', 'import torch\nd = torch.device("cpu")'),
     "PA203": ('y = x.to("cuda")', 'y = x.to("cpu")'),
@@ -61,6 +64,9 @@ CASES = {
     "PA205": ('name = "cuda:%d" % rank', 'name = "cuda-toolkit"'),
     "PA206": ('if device.type == "cuda":\n    pass', 'if device.type == "cpu":\n    pass'),
     "PA207": ("if x.is_cuda:\n    pass", "if x.is_cpu:\n    pass"),
+    "PA208": ("model.to(local_rank)\nx = torch.zeros(3, device=args.gpu)",
+              "model.to(dtype)\nx = torch.zeros(3, device=device)\nbatch.to(rank_of_batch)"),
+    "PA209": ('BACKEND = {"cuda": "nccl", "cpu": "gloo"}', 'BACKEND = {"cuda": "nccl", "npu": "hccl", "cpu": "gloo"}'),
     "PA301": ('import torch.distributed as dist\ndist.init_process_group("nccl")',
               'import torch.distributed as dist\ndist.init_process_group("gloo")'),
     "PA302": ('if backend == "nccl":\n    pass', 'if backend == "gloo":\n    pass\nprint("nccl is fast")'),
@@ -69,6 +75,10 @@ CASES = {
     "PA304": ('import os\nos.environ["NCCL_DEBUG"] = "INFO"',
               '"""Set NCCL_DEBUG=INFO to debug hangs."""\nimport os\nflag = os.environ.get("MY_NCCL_FLAG")'),
     "PA305": ('import os\nos.environ["CUDA_VISIBLE_DEVICES"] = "0"', 'import os\nhome = os.environ["CUDA_HOME_HINT"]'),
+    "PA309": ('import os\nos.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")',
+              'import os\nos.environ.setdefault("PYTORCH_NPU_ALLOC_CONF", "expandable_segments:True")'),
+    "PA310": ('import os\nos.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"\nos.environ["NVTE_FLASH_ATTN"] = "0"',
+              'import os\nos.environ["HCCL_DETERMINISTIC"] = "true"'),
     "PA306": ("from torch.nn.parallel import DistributedDataParallel as DDP\nm = DDP(model, device_ids=[rank])",
               "from torch.nn.parallel import DistributedDataParallel as DDP\nm = DDP(model)"),
     "PA401": ("from flash_attn import flash_attn_func", "from flash_attn_utils import x\nfrom .flash_attn import f"),
@@ -254,5 +264,6 @@ def test_fast_walk_finds_what_the_libcst_visitor_finds():
         walked = Scanner(RULES, module).scan()
         visited = Scanner(RULES, module)
         module.visit(visited)
+        visited.finish()
         assert [(h.rule.id, h.node, h.severity, h.fix is None) for h in walked.hits] == \
             [(h.rule.id, h.node, h.severity, h.fix is None) for h in visited.hits]

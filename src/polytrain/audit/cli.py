@@ -27,15 +27,20 @@ examples:
   polytrain audit src/ --diff                    # show the rewrites --fix would make, change nothing
   polytrain audit src/ --fix                     # rewrite in place (run it twice: the second changes nothing)
   polytrain audit src/ --target npu              # add the Ascend (torch_npu) equivalent to every finding
+  polytrain audit src/ --fix --target npu        # rewrite to Ascend-only torch_npu code instead
   polytrain audit src/ --format sarif -o audit.sarif    # for code-review tools (GitHub code scanning, ...)
   polytrain audit src/ --format json --fail-on never    # for scripts; exit 0 whatever is found
   polytrain audit src/ --select PA1,PA201 --ignore PA116
   polytrain audit --list-rules
 
---fix defines the device once after the imports:
+--fix defines the device once, after the imports it needs:
   device = torch.accelerator.current_accelerator() or torch.device("cpu")
-and rewrites through it; review the diff like any other change. Files are parsed in parallel (--jobs); a file
-that does not parse is reported (PA000) and the run continues.
+and rewrites through it. A test on the platform (torch.cuda.is_available(), device == "cuda") is rewritten with
+everything it guards or not at all; code that already branches per device (an "npu" case) is left alone. Each
+rewritten file must compile and leave no name unbound, else it is left unchanged and reported (PA001); files are
+written only when all of them can be. The report after --fix shows the rewritten files' line numbers. Review the
+diff like any other change. Files are parsed in parallel (--jobs); a file that does not parse is reported (PA000)
+and the run continues.
 exit status: 0 nothing at or above --fail-on, 1 something is, 2 bad input (missing path, unknown rule)."""
 
 FAIL_ON = ("blocker", "manual", "auto-fix", "portable", "never")
@@ -52,7 +57,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     audit.add_argument("--format", choices=("text", "json", "sarif"), default="text", help="report format "
                        "(default: text)")
     audit.add_argument("--output", "-o", metavar="FILE", help="write the report to FILE instead of stdout")
-    audit.add_argument("--target", choices=_targets(), help="also give the Ascend (torch_npu) equivalents")
+    audit.add_argument("--target", choices=_targets(), help="also give the Ascend (torch_npu) equivalents; with "
+                       "--fix, rewrite to Ascend-only torch_npu code (default: device-agnostic code)")
     audit.add_argument("--fail-on", choices=FAIL_ON, default="blocker", help="exit 1 when a finding of this "
                        "severity or worse remains (default: blocker; never: always exit 0)")
     audit.add_argument("--jobs", "-j", type=int, metavar="N", help="worker processes (default: the CPUs available)")
@@ -88,11 +94,12 @@ def run(args: argparse.Namespace) -> int:
     if args.jobs is not None and args.jobs < 1:
         raise ConfigError("--jobs must be >= 1")
     result = audit_paths(args.paths, rules, fix=args.fix or args.diff, jobs=args.jobs,
-                         prefilter=not args.no_prefilter)
+                         prefilter=not args.no_prefilter, target=args.target)
     if args.diff:
         print(unified_diff(result), end="")
     if args.fix:
         write_fixes(result)
+        result = result.as_written()  # what is still open, at the rewritten files' line numbers
     else:  # --diff alone: nothing was written, so nothing counts as fixed
         for finding in result.findings:
             finding.fixed = False

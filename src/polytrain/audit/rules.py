@@ -17,10 +17,13 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 SEVERITIES = ("portable", "auto-fix", "manual", "blocker")  # in increasing order of trouble
-KINDS = ("qualname", "import", "method", "attribute", "string", "call-kwargs", "call-sources", "shell", "file")
-CONTEXTS = ("torch.device", "device", "backend", "compare", "any")
+KINDS = ("qualname", "import", "method", "attribute", "string", "call-kwargs", "call-sources", "index", "shell",
+         "file")
+CONTEXTS = ("torch.device", "device", "backend", "compare", "key", "any")
 FIX_KINDS = ("call", "device-module", "name", "amp", "amp-decorator", "to-device", "torch-device", "device-string",
-             "device-type-string", "backend", "drop-kwargs")
+             "device-type-string", "backend", "drop-kwargs", "legacy-tensor", "device-index", "accelerator-test",
+             "rename-method", "rename")
+REGEX_KINDS = ("string", "shell", "index")
 PARSE_ERROR_ID = "PA000"
 
 
@@ -39,15 +42,38 @@ class Rule:
     kwargs: tuple[str, ...] = ()
     sources: tuple[str, ...] = ()
     whole_word: bool = False
+    condition: bool = False
+    inert: bool = False
     fix: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    target_fix: dict[str, dict[str, Any]] = field(default_factory=dict, hash=False, compare=False)
 
     @property
     def fixable(self) -> bool:
         return bool(self.fix)
 
+    def fix_for(self, target: str | None) -> dict[str, Any]:
+        """The rewrite under `--fix` (target None) or `--fix --target <target>`; empty: none."""
+        if target is not None and target in self.target_fix:
+            return self.target_fix[target]
+        return self.fix
+
+
+@dataclass(frozen=True)
+class Target:
+    """How Ascend-only (or other single-platform) code spells things: `--fix --target <name>` ([target.<name>])."""
+
+    name: str
+    device: str  # device type string ("npu")
+    backend: str  # process-group backend ("hccl")
+    module: str  # the device module (torch.npu)
+    package: str  # the package that registers the device (torch_npu), imported by the rewritten file
+
 
 PARSE_ERROR = Rule(PARSE_ERROR_ID, "not-parsed", "file", (), "manual",
                    "the file could not be read or parsed, so it was not audited", "fix the syntax error / encoding")
+FIX_REFUSED = Rule("PA001", "fix-not-applied", "file", (), "manual",
+                   "--fix left this file unchanged: the rewrite would have broken it",
+                   "apply the auto-fix findings of this file by hand (the check that refused names what broke)")
 
 
 @dataclass(frozen=True)
@@ -58,9 +84,18 @@ class RuleSet:
     device: str
     backend: str
     targets: tuple[str, ...] = ()
+    others: tuple[str, ...] = ()  # names of other platforms' devices / backends / modules ([platform] others)
+    spellings: tuple[Target, ...] = ()
+    index_names: tuple[str, ...] = ()  # regexes of variable names that hold a device index (the `index` rules')
+
+    def target(self, name: str | None) -> Target | None:
+        return next((t for t in self.spellings if t.name == name), None) if name else None
+
+    def with_rules(self, rules: tuple[Rule, ...]) -> RuleSet:
+        return RuleSet(rules, self.device, self.backend, self.targets, self.others, self.spellings, self.index_names)
 
     def by_id(self) -> dict[str, Rule]:
-        return {rule.id: rule for rule in (*self.rules, PARSE_ERROR)}
+        return {rule.id: rule for rule in (*self.rules, PARSE_ERROR, FIX_REFUSED)}
 
     def select(self, select: list[str] | None = None, ignore: list[str] | None = None) -> RuleSet:
         """Keep rules named in `select` (all when empty) minus those in `ignore`; each entry is an id, an id prefix
@@ -72,7 +107,7 @@ class RuleSet:
                 names = [r.id for r in self.rules] + [r.name for r in self.rules]
                 raise ConfigError(f"unknown rule `{entry}`{closest(entry, names)}: give a rule id (PA101), an id "
                                   "prefix (PA1) or a name (dot-cuda); `polytrain audit --list-rules` lists them")
-        return RuleSet(tuple(chosen), self.device, self.backend, self.targets)
+        return self.with_rules(tuple(chosen))
 
     @staticmethod
     def _names(rule: Rule, entry: str) -> bool:
@@ -112,7 +147,9 @@ def parse_rules(data: dict[str, Any]) -> RuleSet:
                     triggers=_as_tuple(entry.get("triggers"), where), ascend=entry.get("ascend", ""),
                     context=entry.get("context", "any"), kwargs=_as_tuple(entry.get("kwargs"), where),
                     sources=_as_tuple(entry.get("sources"), where), whole_word=bool(entry.get("whole_word", False)),
-                    fix=dict(entry.get("fix", {})))
+                    condition=bool(entry.get("condition", False)), inert=bool(entry.get("inert", False)),
+                    fix=dict(entry.get("fix", {})),
+                    target_fix={k: dict(v) for k, v in entry.get("target_fix", {}).items()})
         if rule.id in seen or rule.name in seen:
             raise ValueError(f"{where}: duplicate id or name")
         seen |= {rule.id, rule.name}
@@ -120,6 +157,10 @@ def parse_rules(data: dict[str, Any]) -> RuleSet:
             raise ValueError(f"{where}: kind, severity or context not one of {KINDS} / {SEVERITIES} / {CONTEXTS}")
         if (rule.severity == "auto-fix") != rule.fixable or (rule.fix and rule.fix.get("kind") not in FIX_KINDS):
             raise ValueError(f"{where}: auto-fix rules, and only they, have a fix with a kind in {FIX_KINDS}")
+        for name, target_fix in rule.target_fix.items():
+            if name not in platform.get("targets", ()) or target_fix.get("kind") not in FIX_KINDS:
+                raise ValueError(f"{where}: target_fix.{name}: the target must be in [platform] targets and the "
+                                 f"kind in {FIX_KINDS}")
         if rule.kind != "file" and not rule.triggers:
             raise ValueError(f"{where}: no triggers (the text pre-filter would skip every file it can match)")
         if rule.kind in ("qualname", "import", "method", "attribute", "call-kwargs", "call-sources"):
@@ -133,12 +174,22 @@ def parse_rules(data: dict[str, Any]) -> RuleSet:
                                      + (" as a whole part" if rule.whole_word else ""))
         elif rule.whole_word:
             raise ValueError(f"{where}: whole_word is only for rules that match dotted names")
-        for pattern in rule.match if rule.kind in ("string", "shell") else ():
+        for pattern in rule.match if rule.kind in REGEX_KINDS else ():
             re.compile(pattern)
         rules.append(rule)
     if not {"device", "backend", "targets"} <= set(platform):
         raise ValueError("[platform] needs device, backend and targets")
-    return RuleSet(tuple(rules), platform["device"], platform["backend"], tuple(platform["targets"]))
+    spellings = []
+    for name in platform["targets"]:
+        table = data.get("target", {}).get(name)
+        if table is None:  # hints (`ascend`) only: `--fix --target <name>` is refused
+            continue
+        if not {"device", "backend", "module", "import"} <= set(table):
+            raise ValueError(f"[target.{name}] needs device, backend, module and import")
+        spellings.append(Target(name, table["device"], table["backend"], table["module"], table["import"]))
+    return RuleSet(tuple(rules), platform["device"], platform["backend"], tuple(platform["targets"]),
+                   _as_tuple(platform.get("others"), "[platform] others"), tuple(spellings),
+                   tuple(p for r in rules if r.kind == "index" for p in r.match))
 
 
 @lru_cache(maxsize=1)

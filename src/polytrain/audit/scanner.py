@@ -6,12 +6,13 @@ name; function parameters and assignments shadow it inside their function. A nam
 called `cuda`, a user's own `apex_utils`) never matches a rule. Values are not followed through calls or containers.
 
 The scanner only records *where* a rule matched and what the fixer needs to rewrite it (`Hit`); positions are
-computed afterwards, and only for modules with hits (libcst's PositionProvider costs a second pass).
+computed afterwards, and only for modules with hits (libcst's PositionProvider costs a second pass). What a string
+literal means where it sits is strings.py's job; whether a condition and what it guards can be rewritten, guards.py's.
+With a `target` ("npu"), the rules' `target_fix` rewrites replace their device-agnostic ones.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,15 +21,15 @@ import libcst as cst
 from libcst.helpers import get_full_name_for_node
 
 from polytrain.audit.rules import Rule, RuleSet
+from polytrain.audit.strings import StringRules, last_name, string_value
+from polytrain.audit.walk import FastVisitor
 
-# Fields that hold only whitespace, comments and punctuation: the walk does not descend into them.
-PUNCTUATION_FIELDS = {"lpar", "rpar", "comma", "dot", "semicolon", "leading_lines", "lines_after_decorators", "header",
-                      "footer", "trailing_whitespace", "equal", "colon"}
 IMPORT_ERRORS = {"ImportError", "ModuleNotFoundError", "Exception", "BaseException", "OSError"}
 DEVICE_VAR_NAMES = ("device", "default_device", "accel_device")
-ATTRIBUTE_FUNCTIONS = {"getattr", "hasattr", "setattr", "delattr"}
 BACKEND_CALLS = {"torch.distributed.init_process_group": 0, "torch.distributed.new_group": 2}
 MODULE_SCOPE = 0
+FIX_MARK = "# Added by `polytrain audit --fix`"  # the comment above the device variable --fix defines
+NOT_THIS_FORM = "not rewritten here: it is not called in the form the fixer knows"
 
 
 @dataclass
@@ -61,23 +62,14 @@ def _dotted(node: cst.BaseExpression) -> list[str] | None:
     return parts
 
 
-def _string_value(node: cst.SimpleString) -> str | None:
-    if "b" in node.prefix.lower():
-        return None
-    try:
-        value = node.evaluated_value
-    except Exception:  # malformed escapes: not a device string
-        return None
-    return value if isinstance(value, str) else None
-
-
-class Scanner(cst.CSTVisitor):
+class Scanner(StringRules, FastVisitor, cst.CSTVisitor):
     """Collects `hits` for the selected rules; also what the fixer needs: module-level import bindings, the names
     already used (to pick an unused device variable name), and how each imported name is used."""
 
-    def __init__(self, rules: RuleSet, module: cst.Module) -> None:
+    def __init__(self, rules: RuleSet, module: cst.Module, target: str | None = None) -> None:
         self.rules = rules
         self.module = module
+        self.target = target
         self.hits: list[Hit] = []
         self.qual: dict[str, Rule] = {}
         self.imports: dict[str, Rule] = {}
@@ -85,6 +77,10 @@ class Scanner(cst.CSTVisitor):
         self.attributes: dict[str, Rule] = {}
         self.call_rules: dict[str, Rule] = {}  # call-kwargs and call-sources
         self.strings: dict[str, list[tuple[re.Pattern[str], Rule]]] = {}
+        self.index_rule = next((r for r in rules.rules if r.kind == "index"), None)
+        self.backend_rule = next((r for r in rules.rules if r.kind == "string" and r.context == "backend" and
+                                  any(re.search(p, rules.backend) for p in r.match)), None)
+        self.index_name = re.compile("|".join(f"(?:{p})" for p in rules.index_names)) if rules.index_names else None
         for rule in rules.rules:
             table = {"qualname": self.qual, "import": self.imports, "method": self.methods,
                      "attribute": self.attributes, "call-kwargs": self.call_rules,
@@ -109,35 +105,42 @@ class Scanner(cst.CSTVisitor):
         self.name_uses: dict[str, int] = {}  # module-level imported name -> references
         self.hit_uses: dict[str, int] = {}  # ... of which replaced by a fix
         self.module_import_nodes: dict[str, cst.ImportAlias] = {}
+        self.backend_names: set[str] = set()  # names that reach a backend argument (backend, args.dist_backend)
+        self.config_backends: list[tuple[Hit, str, str]] = []  # "nccl" values of configuration names
+        self.index_names: set[str] = set()  # variables assigned an integer (int(...), a literal)
+        self.path: list[cst.CSTNode] = []  # the walk's nodes from the module down (walk.py)
+        self.around_hits: set[cst.CSTNode] = set()  # the hits' nodes and every node above them (guards.py prunes)
 
     def scan(self) -> Scanner:
-        """Walk the module calling visit_<Node> / leave_<Node> like libcst's `module.visit(self)`, but without
-        rebuilding every node on the way back (libcst's visitor does, even for read-only visitors): about 5x faster.
-        Children are visited in field order, which is source order except decorators (after the function body)."""
-        self._walk(self.module)
+        """Walk the module (walk.py: like libcst's `module.visit(self)`, about 5x faster), then decide which
+        configured "nccl" values are backends."""
+        self.walk(self.module)
+        self.finish()
         return self
 
-    def _walk(self, node: cst.CSTNode) -> None:
-        cls = type(node)
-        plan = _PLANS.get(cls)
-        if plan is None:
-            fields = tuple(f.name for f in dataclasses.fields(cls)
-                           if not f.name.startswith("whitespace") and f.name not in PUNCTUATION_FIELDS)
-            plan = _PLANS[cls] = (getattr(Scanner, f"visit_{cls.__name__}", None),
-                                  getattr(Scanner, f"leave_{cls.__name__}", None), fields)
-        visit, leave, fields = plan
-        if visit is not None and visit(self, node) is False:
-            return
-        for name in fields:
-            child = getattr(node, name)
-            if isinstance(child, cst.CSTNode):
-                self._walk(child)
-            elif isinstance(child, (tuple, list)):
-                for item in child:
-                    if isinstance(item, cst.CSTNode):
-                        self._walk(item)
-        if leave is not None:
-            leave(self, node)
+    def finish(self) -> None:
+        """What needs the whole module seen (also call it after `module.visit(scanner)`)."""
+        self.resolve_backend_config(self.backend_rule)
+
+    def add(self, rule: Rule, node: cst.CSTNode, fix: dict[str, Any] | None = None, subject: str = "",
+            note: str = "") -> Hit:
+        """Record a hit: auto-fix when it has a fix; an auto-fix rule without one here is manual."""
+        if fix:
+            severity = "auto-fix"
+        else:
+            severity = "manual" if rule.severity == "auto-fix" else rule.severity
+            if rule.severity == "auto-fix" and not note:
+                note = NOT_THIS_FORM
+        return self.keep(Hit(rule, node, severity, note, fix or None, subject))
+
+    def keep(self, hit: Hit) -> Hit:
+        self.hits.append(hit)
+        self.around_hits.update(self.path)
+        self.around_hits.add(hit.node)
+        return hit
+
+    def module_code(self, node: cst.CSTNode) -> str:
+        return self.module.code_for_node(node)
 
     # ------------------------------------------------------------------ names
     def _bind(self, name: str, qualname: str | None) -> None:
@@ -190,18 +193,17 @@ class Scanner(cst.CSTVisitor):
             return
         rule, pattern = found
         fix = None
-        if rule.fix and pattern == qualname:
-            kind = rule.fix["kind"]
+        rule_fix = rule.fix_for(self.target)
+        attr = qualname.rsplit(".", 1)[-1]
+        if rule_fix and pattern == qualname and attr in rule_fix.get("only", (attr,)):
+            kind = rule_fix["kind"]
             call = self.call_of_func.get(node)
             starred = call is not None and any(a.star for a in call.args)
             if kind == "name" or (kind == "amp-decorator" and (call is not None or node in self.decorators)) or \
-                    (kind in ("call", "device-module") and call is not None) or \
+                    (kind in ("call", "device-module", "legacy-tensor") and call is not None) or \
                     (kind == "amp" and call is not None and not starred):
-                fix = {**rule.fix, "attr": qualname.rsplit(".", 1)[-1], "call": call}
-        severity, note = rule.severity, ""
-        if rule.fix and fix is None:
-            severity, note = "manual", "not rewritten here: it is not called in the form the fixer knows"
-        self.hits.append(Hit(rule, node, severity, note, fix, qualname))
+                fix = {**rule_fix, "attr": attr, "call": call}
+        self.add(rule, node, fix, qualname, NOT_THIS_FORM if rule_fix and fix is None else "")
         self._count_use(local, fix is not None)
 
     def visit_Name(self, node: cst.Name) -> bool:
@@ -216,8 +218,9 @@ class Scanner(cst.CSTVisitor):
 
     def visit_Attribute(self, node: cst.Attribute) -> bool:
         attr_rule = self.attributes.get(node.attr.value)
-        if attr_rule is not None:
-            self.hits.append(Hit(attr_rule, node, attr_rule.severity, subject=f".{node.attr.value}"))
+        if attr_rule is not None:  # x.is_cuda: a test, rewritten only where guards.py says so
+            fix = attr_rule.fix_for(self.target)
+            self.add(attr_rule, node, {**fix, "form": "attribute"} if fix else None, f".{node.attr.value}")
         parts = _dotted(node)
         if parts is None:  # `f().x`: look inside the value, not at the attribute name
             self.skip.add(node.attr)
@@ -246,6 +249,7 @@ class Scanner(cst.CSTVisitor):
 
     def visit_Param(self, node: cst.Param) -> None:
         self.skip.add(node.name)
+        StringRules.visit_Param(self, node)
 
     def visit_ClassDef(self, node: cst.ClassDef) -> None:
         self._bind(node.name.value, None)
@@ -255,15 +259,26 @@ class Scanner(cst.CSTVisitor):
     def leave_ClassDef(self, original_node: cst.ClassDef) -> None:
         self.scopes.pop()
 
+    def visit_SimpleStatementLine(self, node: cst.SimpleStatementLine) -> None:
+        """The device variable an earlier --fix defined: reused, so a second run changes nothing."""
+        if len(self.scopes) == 1 and any(line.comment is not None and line.comment.value.startswith(FIX_MARK)
+                                         for line in node.leading_lines):
+            statement = node.body[0]
+            if isinstance(statement, cst.Assign) and isinstance(statement.targets[0].target, cst.Name):
+                self.existing_device_var = statement.targets[0].target.value
+
     def visit_Assign(self, node: cst.Assign) -> None:
         value, _ = self._resolve(node.value)
+        self.mark_assigned([t.target for t in node.targets], node.value)
         for target in node.targets:
             if isinstance(target.target, cst.Name):
                 self._bind(target.target.value, value)
                 self.skip.add(target.target)
+                if self._integer(node.value):
+                    self.index_names.add(target.target.value)
                 if len(self.scopes) == 1 and isinstance(node.value, cst.BooleanOperation) and \
                         "current_accelerator()" in self.module.code_for_node(node.value):
-                    self.existing_device_var = target.target.value
+                    self.existing_device_var = self.existing_device_var or target.target.value
             elif isinstance(target.target, (cst.Tuple, cst.List)):
                 for element in target.target.elements:
                     if isinstance(element.value, cst.Name):
@@ -271,6 +286,7 @@ class Scanner(cst.CSTVisitor):
                         self.skip.add(element.value)
 
     def visit_AnnAssign(self, node: cst.AnnAssign) -> None:
+        self.mark_assigned([node.target], node.value)
         if isinstance(node.target, cst.Name):
             self._bind(node.target.value, None)
             self.skip.add(node.target)
@@ -306,11 +322,11 @@ class Scanner(cst.CSTVisitor):
                     if rule.id not in seen:
                         seen.add(rule.id)
                         if self.guarded:
-                            self.hits.append(Hit(rule, node, "portable", "optional import (under try/except "
-                                                 "ImportError): the fallback runs where the package is missing",
-                                                 subject=module))
+                            self.keep(Hit(rule, node, "portable", "optional import (under try/except "
+                                          "ImportError): the fallback runs where the package is missing",
+                                          subject=module))
                         else:
-                            self.hits.append(Hit(rule, node, rule.severity, subject=module))
+                            self.keep(Hit(rule, node, rule.severity, subject=module))
                     break
 
     def visit_Import(self, node: cst.Import) -> bool:
@@ -359,111 +375,94 @@ class Scanner(cst.CSTVisitor):
         func = node.func
         self.call_of_func[func] = node
         qualname, _ = self._resolve(func)
-        positional = [a for a in node.args if a.keyword is None and not a.star]
-        if qualname == "torch.device" and positional:
-            self.string_context[positional[0].value] = ("torch.device", node)
-        if isinstance(func, cst.Name) and func.value in ATTRIBUTE_FUNCTIONS and len(positional) > 1:
-            self.string_context[positional[1].value] = ("docstring", None)  # hasattr(x, "cuda"): a name, not a device
-        if isinstance(func, cst.Attribute) and func.attr.value == "to" and positional:
-            self.string_context.setdefault(positional[0].value, ("device", node))
-        if qualname in BACKEND_CALLS and len(positional) > BACKEND_CALLS[qualname]:
-            self.string_context[positional[BACKEND_CALLS[qualname]].value] = ("backend", node)
-        for arg in node.args:
-            if arg.keyword is None:
-                continue
-            key = arg.keyword.value
-            if key in ("device", "map_location"):
-                self.string_context.setdefault(arg.value, ("device", node))
-            elif key == "backend":
-                self.string_context[arg.value] = ("backend", node)
+        self.mark_call_strings(node, qualname, BACKEND_CALLS)
+        method_hit = False
         if isinstance(func, cst.Attribute) and func.attr.value in self.methods:
             receiver, _ = self._resolve(func.value)
             if receiver is None:  # `x.cuda()`, not `torch.cuda` or `numba.cuda` used as a module
                 rule = self.methods[func.attr.value]
-                self.hits.append(Hit(rule, node, rule.severity, fix=dict(rule.fix) if rule.fix else None,
-                                     subject=f".{func.attr.value}()"))
+                fix = rule.fix_for(self.target)
+                target = _device_argument(node)
+                if fix and target is not None:
+                    fix = {**fix, "index_like": self.index_like(target.value)}
+                self.add(rule, node, dict(fix) if fix else None, f".{func.attr.value}()")
                 self.skip.add(func.attr)
+                method_hit = True
+        if self.index_rule is not None and not method_hit:
+            self._device_index(node, qualname)
         rule = self.call_rules.get(qualname) if qualname else None
         if rule is not None:
             self._call_rule(rule, node, qualname)
+
+    # ------------------------------------------------------------------ integer devices
+    def _integer(self, node: cst.BaseExpression) -> bool:
+        if isinstance(node, cst.Integer):
+            return True
+        if isinstance(node, cst.Call) and isinstance(node.func, cst.Name) and node.func.value == "int":
+            return True
+        return isinstance(node, cst.BinaryOperation) and isinstance(node.operator, cst.Modulo) and \
+            self.index_like(node.left)
+
+    def names_index(self, node: cst.BaseExpression) -> bool:
+        """A variable whose name says it holds a device index (local_rank, args.gpu, device_id)."""
+        name = last_name(node) if isinstance(node, (cst.Name, cst.Attribute)) else None
+        return name is not None and self.index_name is not None and self.index_name.search(name) is not None
+
+    def index_like(self, node: cst.BaseExpression) -> bool:
+        """An integer device index: a literal, int(...), x % n of one, or a variable named or assigned so."""
+        return self._integer(node) or self.names_index(node) or (
+            isinstance(node, cst.Name) and node.value in self.index_names)
+
+    def _device_index(self, node: cst.Call, qualname: str | None) -> None:
+        """.to(local_rank), device=rank, torch.device(args.gpu): device i of the accelerator."""
+        func = node.func
+        positional = [a for a in node.args if a.keyword is None and not a.star]
+        candidates: list[tuple[cst.BaseExpression, cst.CSTNode]] = []
+        if isinstance(func, cst.Attribute) and func.attr.value == "to" and positional:
+            candidates.append((positional[0].value, positional[0].value))
+        if qualname == "torch.device" and len(node.args) == 1 and positional:
+            candidates.append((positional[0].value, node))
+        candidates += [(a.value, a.value) for a in node.args if a.keyword is not None and a.keyword.value == "device"]
+        rule = self.index_rule
+        assert rule is not None
+        fix = rule.fix_for(self.target)
+        for value, replaced in candidates:
+            if self.names_index(value):
+                self.add(rule, value, {**fix, "index": value, "replace": replaced} if fix else None,
+                         self.module.code_for_node(value))
 
     def _call_rule(self, rule: Rule, node: cst.Call, qualname: str) -> None:
         if rule.kind == "call-kwargs":
             names = [a.keyword.value for a in node.args if a.keyword is not None and a.keyword.value in rule.kwargs]
             if names:
-                self.hits.append(Hit(rule, node, rule.severity, fix={**rule.fix, "names": names},
-                                     subject=", ".join(names)))
+                self.keep(Hit(rule, node, rule.severity, fix={**rule.fix_for(self.target), "names": names},
+                              subject=", ".join(names)))
             return
         sources = [re.compile(p) for p in rule.sources]
         strings = [n for a in node.args for n in _strings_in(a.value)]
         cuda_kwargs = [a for a in node.args if a.keyword is not None and a.keyword.value in rule.kwargs and
                        not (isinstance(a.value, cst.Name) and a.value.value in ("False", "None"))]
         if cuda_kwargs or any(any(p.search(s) for p in sources) for s in strings):
-            self.hits.append(Hit(rule, node, rule.severity, subject=qualname))
-
-    def visit_Comparison(self, node: cst.Comparison) -> None:
-        for operand in (node.left, *(c.comparator for c in node.comparisons)):
-            if isinstance(operand, (cst.SimpleString, cst.FormattedString)):
-                self.string_context[operand] = ("compare", None)
-
-    # ------------------------------------------------------------------ strings
-    def visit_Expr(self, node: cst.Expr) -> None:
-        if isinstance(node.value, (cst.SimpleString, cst.FormattedString)):  # docstrings, string statements
-            self.string_context[node.value] = ("docstring", None)
-
-    def _string_rule(self, value: str, context: str) -> Rule | None:
-        for candidate in (context, "any") if context != "any" else ("any",):
-            for pattern, rule in self.strings.get(candidate, ()):
-                if pattern.search(value):
-                    return rule
-        return None
-
-    def visit_SimpleString(self, node: cst.SimpleString) -> None:
-        if self.any_string is None or len(node.value) > 80:
-            return
-        value = _string_value(node)
-        if value is None or not self.any_string.search(value):
-            return
-        context, call = self.string_context.get(node, ("any", None))
-        if context == "docstring":  # docstrings, string statements, attribute names
-            return
-        rule = self._string_rule(value, context)
-        if rule is None:
-            return
-        fix = {**rule.fix, "value": value, "call": call} if rule.fix else None
-        self.hits.append(Hit(rule, node, rule.severity, fix=fix, subject=repr(value)))
-
-    def visit_FormattedString(self, node: cst.FormattedString) -> None:
-        """f"cuda:{rank}": the device prefix is rewritten in place, f"{device.type}:{rank}"."""
-        parts = node.parts
-        if len(parts) < 2 or not isinstance(parts[0], cst.FormattedStringText) or \
-                parts[0].value != self.device_fstring or not isinstance(parts[1], cst.FormattedStringExpression):
-            return
-        context, _ = self.string_context.get(node, ("any", None))
-        if context == "docstring":
-            return
-        rule = self._string_rule(f"{self.device_fstring}0", context)
-        if rule is None:
-            return
-        fix = {"kind": "fstring"} if rule.fix else None
-        self.hits.append(Hit(rule, node, rule.severity, fix=fix, subject=self.module.code_for_node(node)))
+            self.keep(Hit(rule, node, rule.severity, subject=qualname))
 
     # ------------------------------------------------------------------ results for the fixer
-    def module_bindings(self) -> dict[str, str]:
-        return {name: q for name, q in self.scopes[MODULE_SCOPE].names.items() if q is not None}
-
     def removable_imports(self) -> set[cst.ImportAlias]:
         """Module-level imports of matched names whose every use a fix replaces (they would be left unused)."""
         return {alias for name, alias in self.module_import_nodes.items()
                 if self.name_uses.get(name, 0) > 0 and self.hit_uses.get(name, 0) == self.name_uses[name]}
 
 
-_PLANS: dict[type, tuple[Any, Any, tuple[str, ...]]] = {}
+def _device_argument(call: cst.Call) -> cst.Arg | None:
+    """The device of `x.cuda(device, ...)`: the first positional argument or `device=`."""
+    for arg in call.args:
+        if (arg.keyword is None and not arg.star) or (arg.keyword is not None and arg.keyword.value == "device"):
+            return arg
+    return None
 
 
 def _strings_in(node: cst.BaseExpression) -> list[str]:
     if isinstance(node, cst.SimpleString):
-        value = _string_value(node)
+        value = string_value(node)
         return [value] if value is not None else []
     if isinstance(node, (cst.List, cst.Tuple, cst.Set)):
         return [s for e in node.elements for s in _strings_in(e.value)]
