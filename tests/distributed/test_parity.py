@@ -146,3 +146,34 @@ def test_pipeline_pp2_runs_deepseek_v4_through_the_family_hooks(tmp_path, schedu
     run(job, tmp_path / "single", 1, "data.packing=false")
     run(job, tmp_path / "pp2", 2, "data.packing=false", "parallel.pp=2", f'parallel.pp_schedule="{schedule}"')
     assert_parity(tmp_path / "single", tmp_path / "pp2")
+
+
+
+@pytest.fixture(scope="module")
+def v4_single(tmp_path_factory):
+    """tiny-v4 (CSA with the indexer's top-k, HCA, sliding layers, hash routing, mHC, MTP) and its single-process
+    run, with and without packing (made on first use)."""
+    root = tmp_path_factory.mktemp("v4tp")
+    job = write_job(root, model='preset = "tiny-v4"')
+    singles = {}
+
+    def single(packing: bool):
+        if packing not in singles:
+            singles[packing] = root / f"single-{packing}"
+            run(job, singles[packing], 1, f"data.packing={str(packing).lower()}")
+        return job, singles[packing]
+
+    return single
+
+
+@pytest.mark.parametrize(("world", "packing", "overrides"),
+                         [(2, True, ()), (2, False, ()), (4, True, ("parallel.ep=2",))],
+                         ids=["tp2", "tp2-unpacked", "tp2ep2"])
+def test_tensor_parallel_tp2_runs_deepseek_v4(v4_single, tmp_path, world, packing, overrides):
+    """Heads (with their sinks and output groups) split over 2 ranks; the shared key/value head, the compressed
+    entries, the indexer and the hyper-connections replicated; with 4 processes the experts over dp_shard 2 = ep 2.
+    V4 has no sequence parallelism: it is turned off."""
+    job, single = v4_single(packing)
+    run(job, tmp_path / "tp2", world, f"data.packing={str(packing).lower()}", "parallel.tp=2",
+        "parallel.sequence_parallel=false", *overrides)
+    assert_parity(single, tmp_path / "tp2")

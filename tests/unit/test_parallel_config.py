@@ -31,7 +31,11 @@ def test_dp_shard_fills_the_rest_of_the_world():
         (16, {"ep": 16}, "parallel.ep = 16 must divide model.n_routed_experts = 8"),
         (6, {"tp": 3}, "parallel.tp = 3 must divide model.num_attention_heads = 4"),
         (8, {"pp": 8}, "parallel.pp = 8 exceeds model.num_hidden_layers = 4"),
-        (2, {"tp": 2, "model": "tiny-v4"}, "not supported yet: tensor parallel for deepseek_v4 models"),
+        (2, {"tp": 2, "model": "tiny-v4"},
+         "not supported yet: sequence parallel for deepseek_v4 models (set parallel.sequence_parallel = false)"),
+        (2, {"tp": 2, "sequence_parallel": False, "model": "tiny-v4"}, None),
+        (4, {"tp": 4, "sequence_parallel": False, "model": "tiny-v4"},
+         "parallel.tp = 4 must divide model.o_groups = 2"),
     ],
 )
 def test_bad_layouts_name_the_numbers(world, degrees, message):

@@ -61,14 +61,15 @@ class ParallelDims:
             )
         dims = cls(cfg.dp_replicate, dp_shard, cfg.ep, cfg.tp, cfg.pp, world_size)
         if model is not None:
-            dims.check_model(model, cfg.pp_schedule)
+            dims.check_model(model, cfg.pp_schedule, cfg.sequence_parallel)
         return dims
 
-    def degrees(self, schedule: str = "1f1b") -> Degrees:
-        return Degrees(dp=self.dp, expert_ranks=self.dp_shard, tp=self.tp, pp=self.pp, ep=self.ep, schedule=schedule)
+    def degrees(self, schedule: str = "1f1b", sequence_parallel: bool = True) -> Degrees:
+        return Degrees(dp=self.dp, expert_ranks=self.dp_shard, tp=self.tp, pp=self.pp, ep=self.ep, schedule=schedule,
+                       sequence_parallel=sequence_parallel)
 
-    def check_model(self, model: ModelConfig, schedule: str = "1f1b") -> None:
-        check(model, self.degrees(schedule))
+    def check_model(self, model: ModelConfig, schedule: str = "1f1b", sequence_parallel: bool = True) -> None:
+        check(model, self.degrees(schedule, sequence_parallel))
 
 
 def suggest(world_size: int) -> str:

@@ -43,6 +43,8 @@ class Degrees:
     offload: str = "none"
     experts_over_tp: bool = False
     """Expert parallelism spans the tensor-parallel ranks too (Megatron's expert tensor parallel 1)."""
+    sequence_parallel: bool = True
+    """With tp > 1, the residual stream is split by sequence position too (the planner always models it)."""
 
 
 def problems(model: ModelConfig, d: Degrees) -> list[str]:
@@ -54,6 +56,9 @@ def problems(model: ModelConfig, d: Degrees) -> list[str]:
         out.append(f"parallel.ep = {d.ep} must divide the {d.expert_ranks} ranks the routed experts are spread over")
     if model.num_attention_heads % d.tp:
         out.append(f"parallel.tp = {d.tp} must divide model.num_attention_heads = {model.num_attention_heads}")
+    o_groups = getattr(model, "o_groups", None)  # DeepSeek-V4's grouped output projection is split by group
+    if o_groups is not None and o_groups % d.tp:
+        out.append(f"parallel.tp = {d.tp} must divide model.o_groups = {o_groups}")
     stages = d.pp * (2 if d.pp > 1 and d.schedule in MULTI_STAGE else 1)
     if stages > model.num_hidden_layers:
         what = f"parallel.pp = {d.pp}" + (f" ({stages} stages with {d.schedule})" if stages > d.pp else "")
@@ -74,6 +79,8 @@ def engine_gaps(model: ModelConfig, d: Degrees) -> list[str]:
         gaps.append("context parallel (cp > 1)")
     if d.tp > 1 and spec.tensor_parallel is None:
         gaps.append(f"tensor parallel for {spec.architecture} models")
+    elif d.tp > 1 and d.sequence_parallel and not spec.sequence_parallel:
+        gaps.append(f"sequence parallel for {spec.architecture} models (set parallel.sequence_parallel = false)")
     if d.experts_over_tp or d.dp % d.ep:
         gaps.append("ep drawn from tensor-parallel ranks (polytrain takes ep from the data-parallel shard ranks)")
     if d.zero == 1:

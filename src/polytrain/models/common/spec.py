@@ -96,6 +96,9 @@ class ModelSpec:
     tensor_parallel: Callable[[DecoderLM, bool], list[tuple[nn.Module, dict[str, Any]]]] | None = None
     """(model, sequence_parallel) -> [(module, its `parallelize_module` plan)], outermost first; None: the family
     has no tensor-parallel plan yet."""
+    sequence_parallel: bool = True
+    """Its tensor-parallel plan can also split the residual stream by sequence position (parallel.sequence_parallel);
+    False: tp > 1 runs only with parallel.sequence_parallel = false."""
     supports_packing: bool = True
     """Several documents per row (data.packing) with attention kept inside each."""
 

@@ -13,6 +13,7 @@ the output at the query position so every entry contributes as a function of rel
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -111,6 +112,12 @@ def top_entries(index: torch.Tensor, visible: torch.Tensor, topk: int) -> torch.
     return top.masked_fill(~visible.gather(-1, top), -1)
 
 
+def local_part(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a parameter split by tensor parallelism (a DTensor); the tensor itself otherwise."""
+    to_local = getattr(t, "to_local", None)
+    return t if to_local is None else to_local()
+
+
 INDEX_SCORE_ELEMENTS = 1 << 25
 """Bound on one block of indexer scores [B, queries, heads, T] (fp32): 128 MiB."""
 
@@ -170,9 +177,16 @@ class Indexer(nn.Module):
 
 class HybridAttention(nn.Module):
     """Queries (low-rank, per-head RMS-normalised), one shared key/value head, optional compressed entries, the
-    sink, the grouped output projection. The attention itself runs block by block (`blockwise.py`)."""
+    sink, the grouped output projection. The attention itself runs block by block (`blockwise.py`).
+
+    Under tensor parallelism (models/deepseek_v4/tp.py) a rank holds a contiguous share of the heads and their
+    output groups: the head count is read from q_b_proj's local output width, the sinks and o_a_proj's rows are
+    the local part of split parameters."""
 
     component = "attention"
+    tp_sum_grad: Callable[[torch.Tensor], torch.Tensor] | None = None
+    """Set under tensor parallelism: applied to the shared keys / values and the compressed entries, which every
+    local head reads, so that their gradient sums over the ranks' heads."""
 
     def __init__(self, config: DeepSeekV4Config, layer_idx: int) -> None:
         super().__init__()
@@ -204,19 +218,24 @@ class HybridAttention(nn.Module):
         batch, seq, _ = x.shape
         cos, sin = tables["compress" if self.ratio else "main"]
         q_latent = self.q_a_norm(self.q_a_proj(x))
-        q = self.q_b_proj(q_latent).view(batch * seq, self.num_heads, self.head_dim)
-        q = rotate_tokens(unweighted_rms_norm(q, self.eps), cos, sin).view(batch, seq, self.num_heads, -1)
+        q = self.q_b_proj(q_latent)
+        heads = q.shape[-1] // self.head_dim  # this rank's under tensor parallelism
+        q = q.view(batch * seq, heads, self.head_dim)
+        q = rotate_tokens(unweighted_rms_norm(q, self.eps), cos, sin).view(batch, seq, heads, -1)
         kv = apply_rotary_tail(self.kv_norm(self.kv_proj(x)).unsqueeze(1), cos, sin).squeeze(1)
+        if self.tp_sum_grad is not None:
+            kv = self.tp_sum_grad(kv)
         return q, kv, q_latent
 
     def output(self, out: torch.Tensor, tables: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """Undo the values' rotation at the query position (out [B, S, H, D]), then the grouped output projection:
         [B, S, hidden]."""
-        batch, seq = out.shape[:2]
+        batch, seq, heads = out.shape[:3]
         cos, sin = tables["compress" if self.ratio else "main"]
-        out = rotate_tokens(out.reshape(batch * seq, self.num_heads, -1), cos, -sin)
-        groups = out.view(batch, seq, self.o_groups, -1)
-        weight = self.o_a_proj.weight.view(self.o_groups, -1, groups.shape[-1])
+        out = rotate_tokens(out.reshape(batch * seq, heads, -1), cos, -sin)
+        weight = local_part(self.o_a_proj.weight)  # [local groups x o_lora_rank, group width]
+        groups = out.view(batch, seq, -1, weight.shape[-1])
+        weight = weight.view(groups.shape[2], -1, weight.shape[-1])
         grouped = torch.einsum("bsgi,goi->bsgo", groups, weight)
         return self.o_b_proj(grouped.flatten(2))
 
@@ -239,6 +258,8 @@ class HybridAttention(nn.Module):
         layout = None if packed is None or self.compressor is None else packed.entries[self.ratio]
         if self.compressor is not None:
             entries = self.compressor(x, rope, layout)  # [B, T, D]
+            if self.tp_sum_grad is not None:
+                entries = self.tp_sum_grad(entries)
             if self.indexer is not None:
                 with torch.no_grad():
                     index_keys = self.indexer.compressor(x, rope, layout)
@@ -247,7 +268,7 @@ class HybridAttention(nn.Module):
                 visible_count = (position_ids + 1) // self.ratio
             else:
                 entry_first, visible_count = layout.first, layout.limit
-        out = hybrid_attention(q, kv, self.sliding_window, self.sinks, entries, chosen, visible_count,
+        out = hybrid_attention(q, kv, self.sliding_window, local_part(self.sinks), entries, chosen, visible_count,
                                self.query_block, entry_first, None if packed is None else packed.doc_start)
         if cache is not None:
             layer, lengths = cache.layers[self.layer_idx], cache.prefilling
@@ -276,4 +297,5 @@ class HybridAttention(nn.Module):
         if entries is not None:
             entry_mask, gather = entry_masks(entries, chosen, visible_count, None)
         scale = self.head_dim**-0.5
-        return attend(q, keys, seen.unsqueeze(2), entries, entry_mask, gather, (self.sinks / scale).view(-1, 1), scale)
+        sinks = (local_part(self.sinks) / scale).view(-1, 1)
+        return attend(q, keys, seen.unsqueeze(2), entries, entry_mask, gather, sinks, scale)
