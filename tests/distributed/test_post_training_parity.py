@@ -68,3 +68,13 @@ def test_distillation_data_parallel(tmp_path):
     run(job, tmp_path / "single", 1, teacher, "train.micro_batch_size=16", command="distill")
     run(job, tmp_path / "dp2", 2, teacher, "train.micro_batch_size=1", command="distill")
     assert_parity(tmp_path / "single", tmp_path / "dp2")
+
+
+def test_grpo_deepseek_v4_under_tensor_parallel(tmp_path):
+    """tiny-v4 under tp=2: rollouts decode with the KV cache on each rank's heads (their sinks split with them) and
+    sample the same completions; the update matches one process."""
+    job = write_job(tmp_path, model='preset = "tiny-v4"', extra=GRPO.format(aggregation="token-mean"), samples=32)
+    base = ["train.steps=4", "train.global_batch_size=4", "train.micro_batch_size=16"]
+    run(job, tmp_path / "single", 1, *base, command="grpo")
+    run(job, tmp_path / "tp2", 2, *base, "parallel.tp=2", "parallel.sequence_parallel=false", command="grpo")
+    assert_grpo_parity(tmp_path / "single", tmp_path / "tp2")
