@@ -129,8 +129,11 @@ def test_the_engines_refusal_and_the_command_line(tmp_path):
 
 
 @pytest.mark.timeout(900)  # DeepSeek-V4's attention and hyper-connections are many small operations: minutes
-@pytest.mark.parametrize(("model", "devices"), [("deepseek-v3-671b", 256), ("deepseek-v4-pro", 1024)])
-def test_the_config_the_planner_emits_starts_and_steps(model, devices):
+# the planner's peak for its own pick, checked where it is validated: V3's pick for 256 910C (DualPipeV, PP2) is
+# under-predicted (docs/dryrun.md)
+@pytest.mark.parametrize(("model", "devices", "peak_within"),
+                         [("deepseek-v3-671b", 256, None), ("deepseek-v4-pro", 1024, 0.10)])
+def test_the_config_the_planner_emits_starts_and_steps(model, devices, peak_within):
     """`polytrain plan --emit-config`'s config for 910C clusters (8M tokens a step) runs a step in the dry run (the
     last rank), on the fewest micro-batches its schedule takes (more add time to the dry run, not memory to a
     pipeline's peak)."""
@@ -152,6 +155,9 @@ def test_the_config_the_planner_emits_starts_and_steps(model, devices):
     [report] = dry_run(build_config(spec), devices, [devices - 1])  # the last stage: the output head, MTP
     assert 0 < report.parameter_bytes < report.peak_bytes
     assert report.optimizer_bytes == 2 * report.parameter_bytes
+    if peak_within is not None:
+        predicted = _stage_memory(job, lay, lay.pp - 1).device
+        assert abs(predicted / report.peak_bytes - 1) <= peak_within, (predicted / 2**30, report.peak_bytes / 2**30)
     if lay.schedule not in MULTI_STAGE:
         # this rank's fp32 shards and their two moments are the planner's share of the stage: FSDP pads nothing
         # big (stacked experts that do not divide over the expert-data-parallel ranks split another dimension)
