@@ -19,6 +19,7 @@ from __future__ import annotations
 import ast
 import builtins
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 BUILTINS = set(dir(builtins)) | {"__file__", "__name__", "__doc__", "__spec__", "__loader__", "__package__",
@@ -161,17 +162,7 @@ class _Binder(ast.NodeVisitor):
         self.stack.pop()
 
     def _comprehension(self, node: ast.ListComp | ast.SetComp | ast.GeneratorExp | ast.DictComp) -> None:
-        self.visit(node.generators[0].iter)
-        self._enter(node, "comprehension")
-        for number, generator in enumerate(node.generators):
-            self.visit(generator.target)
-            if number:
-                self.visit(generator.iter)
-            for condition in generator.ifs:
-                self.visit(condition)
-        for part in (node.key, node.value) if isinstance(node, ast.DictComp) else (node.elt,):
-            self.visit(part)
-        self.stack.pop()
+        _walk_comprehension(self, node, lambda: self._enter(node, "comprehension"))
 
     visit_ListComp = visit_SetComp = visit_GeneratorExp = visit_DictComp = _comprehension
 
@@ -267,19 +258,26 @@ class _Reader(ast.NodeVisitor):
         self.stack.pop()
 
     def _comprehension(self, node: ast.ListComp | ast.SetComp | ast.GeneratorExp | ast.DictComp) -> None:
-        self.visit(node.generators[0].iter)
-        self.stack.append(self.binder.scopes[node])
-        for number, generator in enumerate(node.generators):
-            self.visit(generator.target)
-            if number:
-                self.visit(generator.iter)
-            for condition in generator.ifs:
-                self.visit(condition)
-        for part in (node.key, node.value) if isinstance(node, ast.DictComp) else (node.elt,):
-            self.visit(part)
-        self.stack.pop()
+        _walk_comprehension(self, node, lambda: self.stack.append(self.binder.scopes[node]))
 
     visit_ListComp = visit_SetComp = visit_GeneratorExp = visit_DictComp = _comprehension
+
+
+def _walk_comprehension(visitor: _Binder | _Reader, node: ast.ListComp | ast.SetComp | ast.GeneratorExp | ast.DictComp,
+                        enter: Callable[[], object]) -> None:
+    """Visit a comprehension in the order Python evaluates it: the first iterable in the enclosing scope, then
+    (inside its own scope, entered by `enter`) the targets, the other iterables, the conditions, the element."""
+    visitor.visit(node.generators[0].iter)
+    enter()
+    for number, generator in enumerate(node.generators):
+        visitor.visit(generator.target)
+        if number:
+            visitor.visit(generator.iter)
+        for condition in generator.ifs:
+            visitor.visit(condition)
+    for part in (node.key, node.value) if isinstance(node, ast.DictComp) else (node.elt,):
+        visitor.visit(part)
+    visitor.stack.pop()
 
 
 def undefined_names(source: str | bytes) -> Counter[str]:

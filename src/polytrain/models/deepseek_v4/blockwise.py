@@ -9,8 +9,8 @@ For the queries [s, e) a block needs only
 - the per-head sink.
 All of a query's candidates fit in one block, so each block takes an exact softmax over them: no running
 (online) softmax is needed. Under autograd each block is recomputed in the backward pass (non-reentrant
-checkpoint) instead of keeping its logits and probabilities: the step keeps only q, the keys, the entries and the
-output, as a fused attention kernel would. The dense definition in `attention_reference.py` is the test oracle.
+checkpoint) instead of keeping its logits and probabilities: the step keeps only q, the keys and the entries, as a
+fused attention kernel would. The dense definition in `attention_reference.py` is the test oracle.
 
 A device may register a fused kernel "v4_hybrid_attention" (see `polytrain.backends.kernel`) with this module's
 `hybrid_attention` signature; the block loop below is the portable fallback.
@@ -25,7 +25,7 @@ from polytrain.backends import kernel
 
 QUERY_BLOCK = 256
 """Queries per block. Larger blocks mean fewer, larger matmuls and more transient memory: a block's logits are
-[B, H, block, block + window - 1 + k]."""
+[B, block, H, block + window - 1 + k]."""
 
 GATHER_ABOVE = 2
 """CSA gathers each query's top-k entries only when there are more than GATHER_ABOVE x k of them; with fewer, one
