@@ -129,8 +129,8 @@ def test_the_engines_refusal_and_the_command_line(tmp_path):
 
 
 @pytest.mark.timeout(900)  # DeepSeek-V4's attention and hyper-connections are many small operations: minutes
-# the planner's peak for its own pick, checked where it is validated: V3's pick for 256 910C (DualPipeV, PP2) is
-# under-predicted (docs/dryrun.md)
+# the planner's peak for its own pick, where the two compare: V3's pick for 256 910C offloads everything to the
+# host, which the dry run counts with the device (docs/dryrun.md)
 @pytest.mark.parametrize(("model", "devices", "peak_within"),
                          [("deepseek-v3-671b", 256, None), ("deepseek-v4-pro", 1024, 0.10)])
 def test_the_config_the_planner_emits_starts_and_steps(model, devices, peak_within):
