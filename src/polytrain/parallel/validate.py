@@ -54,11 +54,9 @@ def problems(model: ModelConfig, d: Degrees) -> list[str]:
         out.append(f"parallel.ep = {d.ep} must divide model.n_routed_experts = {model.n_routed_experts}")
     if d.expert_ranks % d.ep:
         out.append(f"parallel.ep = {d.ep} must divide the {d.expert_ranks} ranks the routed experts are spread over")
-    if model.num_attention_heads % d.tp:
-        out.append(f"parallel.tp = {d.tp} must divide model.num_attention_heads = {model.num_attention_heads}")
-    o_groups = getattr(model, "o_groups", None)  # DeepSeek-V4's grouped output projection is split by group
-    if o_groups is not None and o_groups % d.tp:
-        out.append(f"parallel.tp = {d.tp} must divide model.o_groups = {o_groups}")
+    for field, size in model.tensor_parallel_splits().items():
+        if size % d.tp:
+            out.append(f"parallel.tp = {d.tp} must divide model.{field} = {size}")
     stages = d.pp * (2 if d.pp > 1 and d.schedule in MULTI_STAGE else 1)
     if stages > model.num_hidden_layers:
         what = f"parallel.pp = {d.pp}" + (f" ({stages} stages with {d.schedule})" if stages > d.pp else "")

@@ -73,6 +73,10 @@ class ModelConfig:
     def is_moe_layer(self, layer: int) -> bool:
         return layer >= self.first_k_dense_replace
 
+    def tensor_parallel_splits(self) -> dict[str, int]:
+        """The sizes tensor parallelism splits over its ranks, by field: each must be a multiple of parallel.tp."""
+        return {"num_attention_heads": self.num_attention_heads}
+
     def validate(self) -> None:
         """Checks every family shares; a family's class extends it with its own."""
         if self.n_routed_experts % self.n_group:

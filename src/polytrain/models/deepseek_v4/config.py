@@ -41,6 +41,10 @@ class DeepSeekV4Config(ModelConfig):
     def is_moe_layer(self, layer: int) -> bool:
         return True
 
+    def tensor_parallel_splits(self) -> dict[str, int]:
+        # the grouped output projection is split by head group (models/deepseek_v4/tp.py)
+        return {**super().tensor_parallel_splits(), "o_groups": self.o_groups}
+
     def compress_ratio(self, layer: int) -> int:
         """Compression ratio of layer `layer` (MTP module k is layer num_hidden_layers + k)."""
         return self.compress_ratios[layer] if layer < len(self.compress_ratios) else 0
