@@ -51,11 +51,10 @@ class CompressorCache:
 
     def prefill(self, compressor: Compressor, x: torch.Tensor, entries: torch.Tensor, lengths: torch.Tensor) -> None:
         """After a forward over right-aligned rows x [B, S, dim] that made `entries` [B, S // ratio, D]."""
-        kv, gate = compressor.project(x)
-        gate = gate + compressor.position_bias[torch.arange(x.shape[1], device=x.device) % compressor.ratio]
-        held = ring_positions(lengths, self.kv.shape[1])
-        self.kv.copy_(_take(kv, held))
-        self.gate.copy_(_take(gate, held))
+        held = ring_positions(lengths, self.kv.shape[1])  # only these tokens' projections are kept
+        kv, gate = compressor.project(_take(x, held))
+        self.kv.copy_(kv)
+        self.gate.copy_(gate + compressor.position_bias[held.clamp(min=0) % compressor.ratio])
         self.entries[:, : entries.shape[1]] = entries[:, : self.entries.shape[1]]
 
     def step(self, compressor: Compressor, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding) -> None:
