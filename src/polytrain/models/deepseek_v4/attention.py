@@ -22,7 +22,7 @@ from torch import nn
 
 from polytrain.models.common.layers import RMSNorm
 from polytrain.models.common.rope import RotaryEmbedding, apply_rotary_tail
-from polytrain.models.deepseek_v4.blockwise import QUERY_BLOCK, attend, entry_masks, hybrid_attention
+from polytrain.models.deepseek_v4.blockwise import QUERY_BLOCK, attend, entry_masks, hybrid_attention, visible_slots
 from polytrain.models.deepseek_v4.config import DeepSeekV4Config
 
 if TYPE_CHECKING:
@@ -99,8 +99,7 @@ class Compressor(nn.Module):
 
 def visible_entries(position_ids: torch.Tensor, ratio: int, entries: int) -> torch.Tensor:
     """[B, S, T] True where compressed entry w lies wholly before or at the query: w < (t + 1) // ratio."""
-    threshold = (position_ids + 1) // ratio
-    return torch.arange(entries, device=position_ids.device).view(1, 1, -1) < threshold.unsqueeze(-1)
+    return visible_slots(entries, (position_ids + 1) // ratio)
 
 
 def top_entries(index: torch.Tensor, visible: torch.Tensor, topk: int) -> torch.Tensor:
@@ -169,8 +168,7 @@ class Indexer(nn.Module):
             if packed is None:
                 visible = visible_entries(position_ids[:, start:end], self.ratio, entries)
             else:
-                slot = torch.arange(entries, device=x.device)
-                visible = ((slot >= packed.first[:, start:end, None]) & (slot < packed.limit[:, start:end, None]))
+                visible = visible_slots(entries, packed.limit[:, start:end], packed.first[:, start:end])
             chosen.append(top_entries(index, visible, self.topk))
         return torch.cat(chosen, dim=1)
 

@@ -74,6 +74,13 @@ def attend(
     return out.view(batch, queries, heads, dim)
 
 
+def visible_slots(slots: int, limit: torch.Tensor, first: torch.Tensor | None = None) -> torch.Tensor:
+    """[..., slots] True for the compressed entries first <= w < limit of each query (limit / first [...])."""
+    slot = torch.arange(slots, device=limit.device)
+    visible = slot < limit.unsqueeze(-1)
+    return visible if first is None else visible & (slot >= first.unsqueeze(-1))
+
+
 def entry_masks(
     entries: torch.Tensor, chosen: torch.Tensor | None, visible_count: torch.Tensor | None,
     entry_first: torch.Tensor | None,
@@ -85,11 +92,7 @@ def entry_masks(
     if chosen is not None:  # few entries: score them all, keeping the chosen ones
         picked = torch.zeros(*chosen.shape[:-1], slots + 1, dtype=torch.bool, device=chosen.device)
         return ~picked.scatter_(-1, chosen.masked_fill(chosen < 0, slots), True)[..., :-1].unsqueeze(2), None
-    slot = torch.arange(slots, device=entries.device)
-    hidden = slot >= visible_count.unsqueeze(-1)
-    if entry_first is not None:
-        hidden = hidden | (slot < entry_first.unsqueeze(-1))
-    return hidden.unsqueeze(2), None
+    return ~visible_slots(slots, visible_count, entry_first).unsqueeze(2), None
 
 
 def hybrid_attention(
