@@ -24,7 +24,8 @@ def free_port() -> int:
 
 
 def write_job(root: Path, model: str = 'preset = "tiny"', extra: str = "", samples: int = 64,
-              data: str = "train.jsonl") -> Path:
+              data: str = "train.jsonl", max_seq_len: int = 64, global_batch_size: int = 8,
+              micro_batch_size: int = 2) -> Path:
     lines = (EXAMPLES / "data" / data).read_text().splitlines()[:samples]
     (root / "train.jsonl").write_text("\n".join(lines) + "\n")
     job = root / "job.toml"
@@ -37,11 +38,11 @@ precision = "fp32"
 [data]
 train_path = "{root / 'train.jsonl'}"
 tokenizer = "{TOKENIZER}"
-max_seq_len = 64
+max_seq_len = {max_seq_len}
 [train]
 steps = 5
-global_batch_size = 8
-micro_batch_size = 2
+global_batch_size = {global_batch_size}
+micro_batch_size = {micro_batch_size}
 lr = 1e-4
 warmup_steps = 1
 grad_clip = 0.5

@@ -24,8 +24,12 @@ def test_dp_shard_fills_the_rest_of_the_world():
 @pytest.mark.parametrize(
     ("world", "degrees", "message"),
     [
-        (6, {"tp": 4}, "world size 6 is not divisible by dp_replicate x tp x pp = 1 x 4 x 1 = 4"),
-        (4, {"dp_shard": 3}, "1 x 3 x 1 x 1 = 3, but 4 processes are running; valid layouts include: dp_shard=4"),
+        (6, {"tp": 4}, "world size 6 is not divisible by dp_replicate x cp x tp x pp = 1 x 1 x 4 x 1 = 4"),
+        (4, {"dp_shard": 3}, "1 x 3 x 1 x 1 x 1 = 3, but 4 processes are running; valid layouts include: dp_shard=4"),
+        (6, {"cp": 4}, "world size 6 is not divisible by dp_replicate x cp x tp x pp = 1 x 4 x 1 x 1 = 4"),
+        (8, {"cp": 2, "ep": 8}, None),  # the experts spread over dp_shard x cp = 8 ranks
+        (4, {"cp": 2, "pp": 2}, None),
+        (2, {"cp": 2, "model": "tiny-v4"}, "not supported yet: context parallel for deepseek_v4 models"),
         (4, {"ep": 3}, "parallel.ep = 3 must divide the 4 ranks the routed experts are spread over"),
         (4, {"ep": 4, "model": "tiny-v3"}, None),
         (16, {"ep": 16}, "parallel.ep = 16 must divide model.n_routed_experts = 8"),
@@ -48,11 +52,20 @@ def test_bad_layouts_name_the_numbers(world, degrees, message):
     assert message in str(err.value)
 
 
-def test_context_parallel_is_refused_clearly():
-    from polytrain.config import build_config
+def test_context_parallel_ranks_hold_tokens_and_shard_parameters_like_data_parallel_ones():
+    dims = resolve(8, cp=2, ep=4)
+    assert (dims.dp_shard, dims.dp, dims.token_ranks, dims.efsdp) == (4, 4, 8, 2)
 
-    with pytest.raises(ConfigError, match="`parallel.cp` must be <= 1"):
-        build_config({"data": {"train_path": "x", "tokenizer": "y"}, "parallel": {"cp": 2}})
+
+def test_context_parallel_is_refused_for_objectives_whose_sums_are_not_over_tokens(tmp_path):
+    from polytrain.config import build_config
+    from polytrain.objectives import registry
+    from polytrain.train.trainer import check_job
+
+    config = build_config({"data": {"train_path": "x", "tokenizer": "y"}, "parallel": {"cp": 2},
+                           "run": {"algorithm": "dpo"}})
+    with pytest.raises(ConfigError, match="parallel.cp > 1 is not supported for dpo yet"):
+        check_job(registry.objective_class("dpo"), config, resolve(2, cp=2))
 
 
 def test_layer_split_even_or_with_a_chosen_first_stage():

@@ -8,7 +8,7 @@ import torch
 
 from polytrain.algorithms.sft import StepTokens, mtp_labels, sft_loss
 from polytrain.data.dataset import IGNORE, Sample
-from polytrain.data.packing import collate
+from polytrain.data.packing import Batch, collate
 from polytrain.models import build_model, preset
 from polytrain.models.common.moe import sequence_balance_loss
 from polytrain.models.common.rope import rope_parameters, yarn_mscale
@@ -17,7 +17,7 @@ from polytrain.models.common.rope import rope_parameters, yarn_mscale
 def test_mtp_labels_shift_within_documents_only():
     labels = torch.tensor([[10, 11, 12, 20, 21, IGNORE]])
     doc_ids = torch.tensor([[0, 0, 0, 1, 1, -1]])
-    batch = type("B", (), {"labels": labels, "doc_ids": doc_ids})
+    batch = Batch(labels, labels, torch.zeros_like(labels), doc_ids, 2)
     assert mtp_labels(batch, 1).tolist() == [[11, 12, IGNORE, 21, IGNORE, IGNORE]]
     assert mtp_labels(batch, 2).tolist() == [[12, IGNORE, IGNORE, IGNORE, IGNORE, IGNORE]]
 

@@ -15,9 +15,10 @@ from polytrain.models.common.output_head import OutputHead
 
 def mtp_labels(batch: Batch, depth: int) -> torch.Tensor:
     """Targets of MTP depth k: position i predicts the label of position i+k, within the same document only."""
-    labels = shift_left(batch.labels, depth, IGNORE)
-    same_doc = shift_left(batch.doc_ids, depth, -2) == batch.doc_ids
-    return labels.masked_fill(~same_doc, IGNORE)
+    whole_labels, whole_docs = batch.whole_rows(batch.labels), batch.whole_rows(batch.doc_ids)
+    labels = shift_left(whole_labels, depth, IGNORE)
+    same_doc = shift_left(whole_docs, depth, -2) == whole_docs
+    return batch.local_part(labels.masked_fill(~same_doc, IGNORE))
 
 
 @dataclass
@@ -64,7 +65,7 @@ def sft_loss_from_output(
             mtp_sum = mtp_sum + depth_sum.detach()
         parts["mtp_loss_sum"] = mtp_sum
     if out.aux_loss is not None:
-        share = batch.num_loss_tokens / max(step_tokens.main, 1)
+        share = batch.row_loss_tokens / max(step_tokens.main, 1)
         loss = loss + out.aux_loss * share
         parts["aux_loss_weighted"] = out.aux_loss.detach() * share
     return loss, parts

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 
 from polytrain.data.dataset import IGNORE, Sample
+
+if TYPE_CHECKING:
+    from polytrain.models.common.context_split import ContextSplit
 
 
 @dataclass
@@ -18,10 +22,34 @@ class Batch:
     num_samples: int
     documents: tuple[int, ...] | None = None
     """Documents in each row, as collated (None: read from doc_ids)."""
+    split: ContextSplit | None = None
+    """With context parallelism: the tensors hold this rank's chunks of each row (`split.local`)."""
+    whole_row_loss_tokens: tuple[int, ...] | None = None
+    """With context parallelism: the trained tokens of each whole row, over all context-parallel ranks."""
 
     @property
     def num_loss_tokens(self) -> int:
+        """Trained tokens in this batch's tensors (with context parallelism: this rank's chunks)."""
         return int((self.labels != IGNORE).sum())
+
+    @property
+    def row_loss_tokens(self) -> int:
+        """Trained tokens of the batch's whole rows (= num_loss_tokens without context parallelism)."""
+        return self.num_loss_tokens if self.whole_row_loss_tokens is None else sum(self.whole_row_loss_tokens)
+
+    def context_local(self, split: ContextSplit) -> Batch:
+        """This context-parallel rank's chunks of every row."""
+        per_row = tuple((self.labels != IGNORE).sum(dim=1).tolist())
+        return Batch(split.local(self.input_ids), split.local(self.labels), split.local(self.position_ids),
+                     split.local(self.doc_ids), self.num_samples, self.documents, split, per_row)
+
+    def whole_rows(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A [B, T] tensor of this batch's tokens over the whole rows (gathered under context parallelism)."""
+        return tensor if self.split is None else self.split.gather(tensor)
+
+    def local_part(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The inverse of `whole_rows`: this rank's tokens of a whole-row tensor."""
+        return tensor if self.split is None else self.split.local(tensor)
 
     @property
     def multi_document(self) -> bool:
@@ -39,18 +67,13 @@ class Batch:
     def rows(self, start: int, stop: int) -> Batch:
         """Rows start..stop-1 (e.g. one micro-batch of a stacked pipeline batch)."""
         documents = self.documents[start:stop] if self.documents is not None else None
+        per_row = self.whole_row_loss_tokens[start:stop] if self.whole_row_loss_tokens is not None else None
         return Batch(self.input_ids[start:stop], self.labels[start:stop], self.position_ids[start:stop],
-                     self.doc_ids[start:stop], stop - start, documents)
+                     self.doc_ids[start:stop], stop - start, documents, self.split, per_row)
 
     def to(self, device: torch.device) -> Batch:
-        return Batch(
-            self.input_ids.to(device),
-            self.labels.to(device),
-            self.position_ids.to(device),
-            self.doc_ids.to(device),
-            self.num_samples,
-            self.documents,
-        )
+        return replace(self, input_ids=self.input_ids.to(device), labels=self.labels.to(device),
+                       position_ids=self.position_ids.to(device), doc_ids=self.doc_ids.to(device))
 
 
 def pack_rows(samples: list[Sample], max_len: int, packing: bool) -> list[list[Sample]]:

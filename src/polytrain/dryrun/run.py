@@ -16,7 +16,6 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from polytrain.backends import get_backend
 from polytrain.config import JobConfig
-from polytrain.data.batches import BatchMaker
 from polytrain.dryrun.fake import balance_expert_routing, fake_world
 from polytrain.dryrun.tracking import StepObserver, group_names, local_bytes, watching_unsharded_gradients
 from polytrain.errors import ConfigError, PolytrainError
@@ -104,19 +103,18 @@ def run_rank(config: JobConfig, world: int, rank: int, role: str, fake_tensors: 
         runtime.all_agree = lambda ok: ok  # every rank of the fake world is this one (see fake.py)
         device = backend.device()
         amp = torch.float32 if config.run.precision == "fp32" else torch.bfloat16  # "auto": an accelerator's
-        train, data = config.train, config.data
-        multiple = runtime.dims.tp if config.parallel.sequence_parallel else 1
+        from polytrain.train.trainer import batch_maker, check_job, lay_out
+
+        train = config.train
         ctx = ObjectiveContext(
             config=config, device=device, tokenizer=None, template=None,
-            batches=BatchMaker(data.max_seq_len, data.packing, train.micro_batch_size, multiple, device),
+            batches=batch_maker(config, runtime, device),
             collectives=runtime, autocast=lambda: backend.autocast(amp), warn=lambda message: None,
             info=lambda message: None,
             reference_model=lambda: reference_model(config, runtime, device),
             frozen_run_model=lambda run_dir: frozen_run_model(run_dir, config, runtime, device),
         )
         objective = registry.objective_class(config.run.algorithm)(ctx)
-        from polytrain.train.trainer import check_job, lay_out
-
         check_job(objective, config, runtime.dims)
         model, full_model = lay_out(objective, runtime)
         ctx.pipeline = runtime.pipeline

@@ -264,6 +264,8 @@ def group_names(meshes: Any) -> dict[str, str]:
         for dim in mesh.mesh_dim_names or ():
             if mesh[dim].size() > 1:
                 names.setdefault(mesh[dim].get_group().group_name, dim)
-    names.setdefault(meshes.dp_group().group_name, "dp")
+    if meshes.dims.cp > 1:
+        names.setdefault(meshes.shard_cp.get_group().group_name, "dp_shard x cp")
+    names.setdefault(meshes.token_group().group_name, "dp x cp" if meshes.dims.cp > 1 else "dp")
     names.setdefault(dist.group.WORLD.group_name, "world")
     return names

@@ -53,6 +53,9 @@ class Objective:
     name = "objective"
     sum_keys: tuple[str, ...] = ("loss_sum",)
     supports_pipeline = False
+    supports_context_parallel = False
+    """Whether every sum the objective makes is a sum over tokens, so rows split over context-parallel ranks (each
+    holding some of every row's tokens) give the same step."""
     train_outputs = False
     """Whether the loss reads the MTP hidden states and the balance loss (`DecoderLM.forward_train`), not just the
     final hidden states: pipeline stages then carry them to the last stage."""

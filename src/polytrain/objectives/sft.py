@@ -20,6 +20,7 @@ class SFTObjective(Objective):
     headline = (Metric("loss", "loss"), Metric("mtp_loss", "MTP loss"))
     loss_label = "cross-entropy per trained token"
     supports_pipeline = True
+    supports_context_parallel = True
     train_outputs = True
 
     def load_data(self) -> None:

@@ -22,8 +22,9 @@ import torch
 import torch.distributed as dist
 
 CHECK_ENV = "POLYTRAIN_CHECK_COLLECTIVES"
-CHECKED = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "all_to_all_single",
-           "broadcast", "reduce", "gather", "scatter", "send", "recv", "batch_isend_irecv")
+CHECKED = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "all_gather_single",
+           "reduce_scatter_single", "all_to_all_single", "broadcast", "reduce", "gather", "scatter", "send", "recv",
+           "batch_isend_irecv")
 # isend / irecv are not wrapped: torch.distributed.P2POp checks its op by identity against them. Pipeline
 # transfers go through batch_isend_irecv, whose P2POps are checked.
 
@@ -87,7 +88,7 @@ def install_check(device_type: str) -> str | None:
 
     dtypes = collective_dtypes(table_name)
     for op in CHECKED:
-        fn = getattr(dist, op)
-        if not getattr(fn, "_polytrain_checked", False):
+        fn = getattr(dist, op, None)  # all_gather_single / reduce_scatter_single: torch >= 2.13
+        if fn is not None and not getattr(fn, "_polytrain_checked", False):
             setattr(dist, op, _checked(op, fn, device_type, dtypes))
     return table_name

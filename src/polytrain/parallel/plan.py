@@ -5,7 +5,8 @@ Pipeline parallelism splits the result into stages (each FSDP-wrapped on its own
 2. expert parallelism (routed experts sharded by expert over the ep mesh)
 3. activation checkpointing (wraps blocks / modules; before FSDP so FSDP sees the wrappers)
    then, with parallel.compile, torch.compile on each block (regional compilation)
-4. FSDP2 over the data-parallel dims (experts over expert-data-parallel dims)
+4. context parallelism (the attention modules learn their context-parallel group)
+5. FSDP2 over the data- and context-parallel dims (experts over expert-data-parallel dims)
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from polytrain.parallel.checkpointing import apply_activation_checkpointing
 from polytrain.parallel.compile import apply_compile
 from polytrain.parallel.config import ParallelConfig
+from polytrain.parallel.context import apply_context_parallel
 from polytrain.parallel.ep import apply_expert_parallel
 from polytrain.parallel.fsdp import apply_fsdp, apply_fsdp_to_stage
 from polytrain.parallel.mesh import Meshes
@@ -48,16 +50,19 @@ def apply_parallelism(
     apply_activation_checkpointing(model, cfg)
     if cfg.compile:
         apply_compile(model)
-    dense_mesh = _dp_mesh(meshes.dense, dims.dp_replicate, "dp_shard")
+    dense_mesh = meshes.shard_mesh()
+    split = meshes.context_split()
+    if split is not None:
+        apply_context_parallel(model, split)
     if dims.pp > 1:
         def wrap(stage: nn.Module) -> None:
-            if dims.dp > 1:
+            if dims.token_ranks > 1:
                 apply_fsdp_to_stage(stage, dense_mesh, experts_mesh, cfg)
 
         pp_mesh = meshes.dense["pp"]
         pipeline = Pipeline(model, pp_mesh.get_group(), pp_mesh.get_local_rank(), dims.pp, cfg, n_microbatches,
                             io, device or torch.device("cpu"), wrap)
         return pipeline.group, pipeline
-    if dims.dp > 1:
+    if dims.token_ranks > 1:
         apply_fsdp(model, dense_mesh, experts_mesh, cfg)
     return model, None

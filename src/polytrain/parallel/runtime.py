@@ -20,6 +20,7 @@ from polytrain.models.common.config import ModelConfig
 from polytrain.models.common.decoder import DecoderLM
 from polytrain.parallel.collectives import install_check, sum_
 from polytrain.parallel.config import ParallelConfig
+from polytrain.parallel.context import ContextSplit
 from polytrain.parallel.grad_norm import clip_grad_norm
 from polytrain.parallel.mesh import Meshes, ParallelDims, build_meshes
 
@@ -56,7 +57,7 @@ class ParallelRuntime:
                 init_process_group(backend.process_group_backend, timedelta(seconds=cfg.collective_timeout_s))
             self.rank = dist.get_rank()
             self.meshes = build_meshes(self.dims, backend.device_type)
-            self._dp_group = self.meshes.dp_group()
+            self._token_group = self.meshes.token_group()
 
     # ------------------------------------------------------------------------------------------- identity
     @property
@@ -79,8 +80,14 @@ class ParallelRuntime:
         d = self.dims
         if not d.enabled:
             return "1 process"
-        return (f"{d.world_size} processes: dp_replicate {d.dp_replicate} x dp_shard {d.dp_shard} (ep {d.ep}) x "
-                f"tp {d.tp} x pp {d.pp}")
+        cp = f" x cp {d.cp}" if d.cp > 1 else ""
+        return (f"{d.world_size} processes: dp_replicate {d.dp_replicate} x dp_shard {d.dp_shard}{cp} (ep {d.ep}) "
+                f"x tp {d.tp} x pp {d.pp}")
+
+    @property
+    def context_split(self) -> ContextSplit | None:
+        """This rank's context-parallel group (None without context parallelism)."""
+        return self.meshes.context_split() if self.meshes is not None else None
 
     # ---------------------------------------------------------------------------------------- collectives
     def barrier(self) -> None:
@@ -88,10 +95,10 @@ class ParallelRuntime:
             dist.barrier()
 
     def dp_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum over the data-parallel ranks (in place, any device and element type: parallel/collectives.py);
-        identity for one process."""
-        if self.dims.enabled and self.dims.dp > 1:
-            sum_(tensor, self._dp_group, self.backend.device())
+        """Sum over the ranks that hold different tokens: data-parallel x context-parallel (in place, any device
+        and element type: parallel/collectives.py); identity for one process."""
+        if self.dims.enabled and self.dims.token_ranks > 1:
+            sum_(tensor, self._token_group, self.backend.device())
         return tensor
 
     def all_agree(self, ok: bool) -> bool:
@@ -116,7 +123,7 @@ class ParallelRuntime:
         from polytrain.parallel.pp import StageIO
 
         config = model.config
-        activation = DTYPES[self.cfg.param_dtype] if self.dims.dp > 1 else torch.float32
+        activation = DTYPES[self.cfg.param_dtype] if self.dims.token_ranks > 1 else torch.float32
         io = StageIO(rows, width, model.state_shape(rows, width), config.hidden_size, activation,
                      config.num_nextn_predict_layers if train_outputs else 0,
                      train_outputs and config.aux_loss_alpha > 0)

@@ -73,14 +73,15 @@ def engine_gaps(model: ModelConfig, d: Degrees) -> list[str]:
     """What polytrain's engine does not run yet in `d` (empty: it runs the layout)."""
     spec = spec_for(model)
     gaps = []
-    if d.cp > 1:
-        gaps.append("context parallel (cp > 1)")
+    if d.cp > 1 and not spec.context_parallel:
+        gaps.append(f"context parallel for {spec.architecture} models")
     if d.tp > 1 and spec.tensor_parallel is None:
         gaps.append(f"tensor parallel for {spec.architecture} models")
     elif d.tp > 1 and d.sequence_parallel and not spec.sequence_parallel:
         gaps.append(f"sequence parallel for {spec.architecture} models (set parallel.sequence_parallel = false)")
-    if d.experts_over_tp or d.dp % d.ep:
-        gaps.append("ep drawn from tensor-parallel ranks (polytrain takes ep from the data-parallel shard ranks)")
+    if d.experts_over_tp or (d.dp * d.cp) % d.ep:
+        gaps.append("ep drawn from tensor-parallel ranks (polytrain takes ep from the data- and context-parallel "
+                    "shard ranks)")
     if d.zero == 1:
         gaps.append("ZeRO-1 (polytrain shards with FSDP: zero 2 or 3)")
     if d.offload == "optimizer":

@@ -182,6 +182,8 @@ class Layout:
         gaps = [*engine_gaps(job.model, self.degrees()), *precision_gaps(job.precision)]
         if self.pp > 1 and not objective.supports_pipeline:
             gaps.append(f"pipeline parallelism for {job.algorithm}")
+        if self.cp > 1 and not objective.supports_context_parallel:
+            gaps.append(f"context parallelism for {job.algorithm}")
         if objective.items_split_into_micro_batches:
             gaps += step_problems(self.degrees(), self.step_sequences(job), self.micro_batch)
         return gaps

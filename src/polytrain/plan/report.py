@@ -126,6 +126,8 @@ def job_config(job: Job, lay: Layout, chip: Chip | None = None) -> dict[str, Any
         "reshard_after_forward": lay.zero == 3, "param_dtype": precision, "cpu_offload": lay.offload == "all",
         "activation_checkpointing": lay.recompute,
     }
+    if lay.cp > 1:
+        parallel["cp"] = lay.cp
     if lay.pp > 1:
         parallel["pp_schedule"] = lay.schedule
     if lay.recompute == "selective":

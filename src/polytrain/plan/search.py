@@ -81,7 +81,7 @@ def candidates(job: Job, devices: int, chip: Chip, *, engine_only: bool = True) 
     if engine_only and (spec_for(c).tensor_parallel is None or not spec_for(c).sequence_parallel):
         tps = [1]  # the planner models tensor parallelism with sequence parallelism
     pps = [p for p in _powers_of_two(min(64, c.num_hidden_layers)) if devices % p == 0]
-    cps = [1] if engine_only or job.seq_len < 16384 else [1, 2, 4, 8]
+    cps = [1] if job.seq_len < 16384 or (engine_only and not spec_for(c).context_parallel) else [1, 2, 4, 8]
     eps = [e for e in range(1, c.n_routed_experts + 1) if c.n_routed_experts % e == 0 and e <= 512]
     out = []
     for tp, pp, cp in itertools.product(tps, pps, cps):

@@ -74,6 +74,8 @@ def check_job(objective: type[Objective] | Objective, config: JobConfig, dims: P
     the two to it (tests/unit/test_plan_engine_agree.py)."""
     objective.check_config(config, dims.dp)
     parallel, train = config.parallel, config.train
+    if dims.cp > 1 and not objective.supports_context_parallel:
+        raise ConfigError(f"parallel.cp > 1 is not supported for {objective.name} yet")
     if dims.pp > 1:
         if not objective.supports_pipeline:
             raise ConfigError(f"parallel.pp > 1 is not supported for {objective.name} yet")
@@ -84,6 +86,10 @@ def check_job(objective: type[Objective] | Objective, config: JobConfig, dims: P
                 raise ConfigError("; ".join(found))
         stages = dims.pp * (2 if parallel.pp_schedule in MULTI_STAGE else 1)
         split_layers(config.model.num_hidden_layers, stages, parallel.pp_first_stage_layers)
+    if dims.cp > 1 and dims.pp > 1 and config.data.max_seq_len % (2 * dims.cp):
+        raise ConfigError(f"data.max_seq_len = {config.data.max_seq_len} must be a multiple of 2 x parallel.cp = "
+                          f"{2 * dims.cp} for context parallelism inside pipeline stages (every micro-batch is "
+                          "one max_seq_len-wide shape, split into 2 x cp chunks)")
     if dims.tp > 1 and dims.pp > 1 and parallel.sequence_parallel and config.data.max_seq_len % dims.tp:
         raise ConfigError(f"data.max_seq_len = {config.data.max_seq_len} must be a multiple of parallel.tp = "
                           f"{dims.tp} for sequence parallelism inside pipeline stages")
@@ -96,9 +102,19 @@ def lay_out(objective: Objective, runtime: ParallelRuntime) -> tuple[torch.nn.Mo
     train = config.train
     per_rank = train.global_batch_size // runtime.dp_size
     full_model = objective.build_model("meta")
-    model = runtime.parallelize(full_model, per_rank // train.micro_batch_size, train.micro_batch_size,
-                                config.data.max_seq_len, objective.train_outputs)
+    width = config.data.max_seq_len // runtime.dims.cp  # a pipeline stage's rows hold this rank's chunks
+    model = runtime.parallelize(full_model, per_rank // train.micro_batch_size, train.micro_batch_size, width,
+                                objective.train_outputs)
     return model, full_model
+
+
+def batch_maker(config: JobConfig, runtime: ParallelRuntime, device: torch.device) -> BatchMaker:
+    """Device batches as the layout takes them: widths a multiple of tp (sequence parallelism), this rank's chunks
+    of each row (context parallelism)."""
+    data = config.data
+    multiple = runtime.dims.tp if config.parallel.sequence_parallel else 1
+    return BatchMaker(data.max_seq_len, data.packing, config.train.micro_batch_size, multiple, device,
+                      runtime.context_split)
 
 
 def restarted_by_launcher() -> bool:
@@ -129,11 +145,10 @@ class Trainer:
 
         data = config.data
         tokenizer = Tokenizer.load(data.tokenizer)
-        multiple = self.runtime.dims.tp if config.parallel.sequence_parallel else 1
         self.ctx = ObjectiveContext(
             config=config, device=self.device, tokenizer=tokenizer,
             template=get_template(data.chat_template, tokenizer),
-            batches=BatchMaker(data.max_seq_len, data.packing, config.train.micro_batch_size, multiple, self.device),
+            batches=batch_maker(config, self.runtime, self.device),
             collectives=self.runtime, autocast=self.autocast, warn=self.warn, info=self.console.print,
             reference_model=lambda: reference_model(config, self.runtime, self.device),
             frozen_run_model=lambda run_dir: frozen_run_model(run_dir, config, self.runtime, self.device),

@@ -67,6 +67,9 @@ class DecoderLM(nn.Module):
     supports_kv_cache = False
     supports_routing_replay = False
     """Whether the routing its KV-cached sampler records lines up with the left-padded prompts (rollout/routing.py)."""
+    context_split: Any = None
+    """With context parallelism (`parallel/context.py`), the model's rows hold this rank's chunks of each sequence:
+    masks and MTP shifts then work in whole-row positions."""
     entry_points: tuple[str, ...] = ("forward_train", "hidden_states")
     """Methods besides `forward` that callers run the model through (sharding wrappers gather parameters around
     each of them)."""
@@ -133,7 +136,11 @@ class DecoderLM(nn.Module):
 
     def mtp_embeddings(self, input_ids: torch.Tensor) -> list[torch.Tensor]:
         """Per MTP depth k: the embedding of token i+k at position i (what MTP module k combines with the state)."""
-        return [self.embed_tokens(shift_left(input_ids, k, 0)) for k in range(1, len(self.mtp) + 1)]
+        split = self.context_split
+        if split is None:
+            return [self.embed_tokens(shift_left(input_ids, k, 0)) for k in range(1, len(self.mtp) + 1)]
+        whole = split.gather(input_ids)
+        return [self.embed_tokens(split.local(shift_left(whole, k, 0))) for k in range(1, len(self.mtp) + 1)]
 
     def mtp_hidden(self, state: torch.Tensor, embeddings: list[torch.Tensor], inputs: Any) -> list[torch.Tensor]:
         """The hidden states of every MTP depth, each depth starting from the previous one's state."""

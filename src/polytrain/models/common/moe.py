@@ -9,6 +9,7 @@ import contextlib
 from collections.abc import Callable, Iterator
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -70,24 +71,33 @@ def affinity(logits: torch.Tensor, scoring_func: str) -> torch.Tensor:
 
 
 def sequence_balance_loss(
-    scores: torch.Tensor, indices: torch.Tensor, rows: int, alpha: float, token_mask: torch.Tensor | None = None
+    scores: torch.Tensor, indices: torch.Tensor, rows: int, alpha: float, token_mask: torch.Tensor | None = None,
+    context_group: dist.ProcessGroup | None = None,
 ) -> torch.Tensor:
     """DeepSeek-V3 sequence-wise balance loss: alpha * mean over sequences of sum_i f_i * P_i, where f_i is expert
     i's share of the sequence's routed slots times E/K and P_i its mean normalised score over the sequence.
     A row of a packed batch counts as one sequence; padding (token_mask False) is left out, and so are rows of
-    padding only (a fixed-shape pipeline micro-batch may hold some), so the mean is over the real sequences."""
+    padding only (a fixed-shape pipeline micro-batch may hold some), so the mean is over the real sequences.
+
+    `context_group`: the rows are split over these context-parallel ranks. The slot counts and token counts
+    (no gradient) are summed over them; P_i's numerator stays local, so this rank returns its share of the loss,
+    linear in its own scores, and the shares of the ranks add up to the loss of the whole rows, gradient included."""
     num_experts, top_k = scores.shape[1], indices.shape[1]
     scores = scores.view(rows, -1, num_experts)
     weight = (torch.ones(scores.shape[:2], device=scores.device) if token_mask is None
               else token_mask.view(rows, -1).to(scores.dtype))
-    tokens = weight.sum(dim=1).clamp(min=1)  # [rows]
     normalised = scores / (scores.sum(dim=-1, keepdim=True) + 1e-20)
-    counts = torch.zeros(rows, num_experts, device=scores.device, dtype=scores.dtype)
+    counts = torch.zeros(rows, num_experts + 1, device=scores.device, dtype=scores.dtype)
     slot_weight = weight.unsqueeze(-1).expand(-1, -1, top_k).reshape(rows, -1)
-    counts.scatter_add_(1, indices.view(rows, -1), slot_weight)
-    f = counts * num_experts / (top_k * tokens.unsqueeze(-1))
-    p = (normalised * weight.unsqueeze(-1)).sum(dim=1) / tokens.unsqueeze(-1)
-    real = (weight.sum(dim=1) > 0).to(scores.dtype)
+    counts[:, :num_experts].scatter_add_(1, indices.view(rows, -1), slot_weight)
+    counts[:, num_experts] = weight.sum(dim=1)
+    if context_group is not None:
+        dist.all_reduce(counts, group=context_group)
+    counts, present = counts[:, :num_experts], counts[:, num_experts]
+    tokens = present.clamp(min=1).unsqueeze(-1)  # [rows, 1]
+    f = counts * num_experts / (top_k * tokens)
+    p = (normalised * weight.unsqueeze(-1)).sum(dim=1) / tokens
+    real = (present > 0).to(scores.dtype)
     return alpha * ((f * p).sum(dim=1) * real).sum() / real.sum().clamp(min=1)
 
 
@@ -108,6 +118,8 @@ class Router(nn.Module):
         self.register_buffer("e_score_correction_bias", torch.zeros(config.n_routed_experts, dtype=torch.float32))
         self.register_buffer("expert_load", torch.zeros(config.n_routed_experts, dtype=torch.float32), persistent=False)
         self.aux_loss: torch.Tensor | None = None
+        self.context_split = None
+        """With context parallelism (parallel/context.py): the balance loss counts over the whole rows."""
         self.routing_record: list[torch.Tensor] | None = None
         """When a list: every forward appends its chosen experts [N, k] (routing replay, while sampling)."""
         self.routing_override: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -148,7 +160,8 @@ class Router(nn.Module):
                 self.expert_load.index_add_(0, indices.flatten(), counts.flatten())
         self.aux_loss = None
         if self.training and cfg.aux_loss_alpha > 0:
-            aux_loss = sequence_balance_loss(scores, indices, rows, cfg.aux_loss_alpha, token_mask)
+            group = self.context_split.group if self.context_split is not None else None
+            aux_loss = sequence_balance_loss(scores, indices, rows, cfg.aux_loss_alpha, token_mask, group)
             # Activation recomputation runs the same ops (it checks that the same tensors are saved), but the loss
             # was taken from the first forward: a recomputed one kept here, never differentiated, would keep every
             # recomputed block's tensors alive until the next step.

@@ -99,6 +99,8 @@ class ModelSpec:
     sequence_parallel: bool = True
     """Its tensor-parallel plan can also split the residual stream by sequence position (parallel.sequence_parallel);
     False: tp > 1 runs only with parallel.sequence_parallel = false."""
+    context_parallel: bool = False
+    """Its attention runs with each row split over context-parallel ranks (parallel/context.py)."""
     supports_packing: bool = True
     """Several documents per row (data.packing) with attention kept inside each."""
 

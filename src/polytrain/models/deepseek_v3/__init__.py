@@ -28,6 +28,7 @@ SPEC = ModelSpec(
     hf=V3Format(),
     planner=V3Planner(),
     tensor_parallel=tensor_parallel_plan,
+    context_parallel=True,
 )
 
 __all__ = ["SPEC", "DeepSeekV3Config", "DeepSeekV3LM"]

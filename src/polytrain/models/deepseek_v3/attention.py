@@ -14,7 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
+from torch.utils.checkpoint import checkpoint
 
+from polytrain.models.common.context_split import ContextSplit
 from polytrain.models.common.layers import RMSNorm
 from polytrain.models.common.rope import apply_rotary, rope_parameters
 from polytrain.models.deepseek_v3.config import DeepSeekV3Config
@@ -27,6 +29,10 @@ class MLA(nn.Module):
     tp_sum_grad: Callable[[torch.Tensor], torch.Tensor] | None = None
     """Applied to the rotary key that every head shares. Identity unless heads are split across ranks (tensor
     parallelism), where its gradient, summed over local heads only, must be summed over the ranks too."""
+
+    context_split: ContextSplit | None = None
+    """With context parallelism: the rank's queries attend over the whole row, whose latents and rotary keys are
+    all-gathered from the context-parallel ranks (parallel/context.py says why these and not K / V)."""
 
     absorb_for_decode: bool = True
     """Decode steps (one new token, with a cache) attend in the latent space (see `_absorbed`)."""
@@ -84,12 +90,25 @@ class MLA(nn.Module):
         k_rot = apply_rotary(k_rot.unsqueeze(1), cos, sin, self.rope_interleave).squeeze(1)
         if self.tp_sum_grad is not None:
             k_rot = self.tp_sum_grad(k_rot)
-        if cache is not None:
-            latent, k_rot = cache.update(self.layer_idx, latent, k_rot)
-            if seq == 1 and self.absorb_for_decode and not isinstance(self.kv_b_proj.weight, DTensor):
-                return self._absorbed(q_nope, q, latent, k_rot, mask)
-        keys_len = latent.shape[1]
+        if self.context_split is not None and cache is None:
+            latent, k_rot = self.context_split.gather(latent), self.context_split.gather(k_rot)
+            # The whole row's per-head keys and values (cp x this rank's share) would stay saved for backward; the
+            # gathered latents (576 values per token for V3, not 40,960) are kept instead and the expansion and
+            # attention recomputed in backward.
+            out = checkpoint(self._attend, q, latent, k_rot, mask, use_reentrant=False)
+        else:
+            if cache is not None:
+                latent, k_rot = cache.update(self.layer_idx, latent, k_rot)
+                if seq == 1 and self.absorb_for_decode and not isinstance(self.kv_b_proj.weight, DTensor):
+                    return self._absorbed(q_nope, q, latent, k_rot, mask)
+            out = self._attend(q, latent, k_rot, mask)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
+    def _attend(self, q: torch.Tensor, latent: torch.Tensor, k_rot: torch.Tensor,
+                mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention of q [B, H, T, qk_head_dim] over keys and values expanded from latent [B, S, kv_lora_rank] and
+        the shared rotary key [B, S, rope_dim] -> [B, H, T, v_head_dim]."""
+        batch, keys_len = latent.shape[:2]
         kv = self.kv_b_proj(latent).view(batch, keys_len, -1, self.qk_nope_head_dim + self.v_head_dim).transpose(1, 2)
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
         k = torch.cat([k_nope, k_rot.unsqueeze(1).expand(-1, q.shape[1], -1, -1)], dim=-1)
@@ -100,10 +119,10 @@ class MLA(nn.Module):
         v_dim = v.shape[-1]
         if self.pad_values and v_dim < q.shape[-1]:
             v = F.pad(v, (0, q.shape[-1] - v_dim))
-        out = F.scaled_dot_product_attention(
+        seq = q.shape[2]
+        return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None and seq > 1, scale=self.softmax_scale
         )[..., :v_dim]
-        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
     def _absorbed(
         self, q_nope: torch.Tensor, q: torch.Tensor, latent: torch.Tensor, k_rot: torch.Tensor,

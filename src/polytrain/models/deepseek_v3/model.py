@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from polytrain.models.common.context_split import context_mask
 from polytrain.models.common.decoder import DecoderLM
 from polytrain.models.common.layers import RMSNorm, SwiGLU
 from polytrain.models.common.moe import MoE
@@ -138,6 +139,12 @@ class DeepSeekV3LM(DecoderLM):
                      valid: torch.Tensor | None = None) -> LayerInputs:
         batch, seq = input_ids.shape
         past = cache.length if cache is not None else 0
+        split = self.context_split
+        if split is not None and cache is None:  # this rank's chunks of each row: masks in whole-row positions
+            if position_ids is None:
+                position_ids = split.positions(seq * split.size, input_ids.device).expand(batch, seq)
+            mask = context_mask(split, seq, doc_ids, input_ids.device)
+            return LayerInputs(self.rotary(position_ids), mask, None, valid, token_mask)
         if position_ids is None:
             position_ids = torch.arange(past, past + seq, device=input_ids.device).expand(batch, seq)
         key_valid = None
