@@ -136,6 +136,15 @@ def test_pipeline_pp2_with_mtp_and_fsdp_dp_shard_2(v3_features, tmp_path):
     assert_parity(tmp_path / "single", tmp_path / "pp2dp2")
 
 
+def test_pipeline_pp2_with_tensor_parallel_tp2_and_sequence_parallelism(v3_features, tmp_path):
+    """pp 2 x tp 2 (sequence parallel), no data parallelism: the state, MTP embeddings and hidden states travel as
+    each tensor-parallel rank's slice of the sequence, and without FSDP the norms' partial gradients are reduced
+    over the tensor-parallel ranks before clipping."""
+    job, single = v3_features
+    run(job, tmp_path / "pp2tp2", 4, "parallel.pp=2", "parallel.tp=2")
+    assert_parity(single, tmp_path / "pp2tp2")
+
+
 @pytest.mark.parametrize("schedule", ["1f1b", "zbv"])
 def test_pipeline_pp2_runs_deepseek_v4_through_the_family_hooks(tmp_path, schedule):
     """Hyper-connection streams between stages, token ids carried for hash routing, MTP on the last stage.

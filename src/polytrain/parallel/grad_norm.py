@@ -14,7 +14,7 @@ from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor.placement_types import Partial
 
 from polytrain.parallel.collectives import sum_
@@ -26,6 +26,21 @@ def _squares(tensors: list[torch.Tensor]) -> torch.Tensor:
         return torch.zeros((), dtype=torch.float64)
     norms = torch.stack([torch.linalg.vector_norm(t.detach(), dtype=torch.float32) for t in tensors])
     return norms.double().cpu().pow(2).sum()
+
+
+def reduce_partial_grads(params: Iterable[torch.nn.Parameter]) -> None:
+    """Sum the gradients left as partial sums over their mesh dimensions (all-reduce), in place of `params`' grads.
+
+    Under sequence parallelism a replicated weight applied to each tensor-parallel rank's slice of the sequence (the
+    norms on the residual stream) gets from each rank only its slice's share of the gradient: a DTensor gradient
+    with a Partial placement, accumulated as such over the micro-batches. FSDP reduces these itself (the parameters
+    it gathers are DTensors made from local tensors, whose backward redistributes the gradient to the parameter's
+    layout); without data parallelism (tp alone, or tp x pp) nothing else does, so this runs once per step."""
+    for param in params:
+        grad = param.grad
+        if isinstance(grad, DTensor) and any(isinstance(p, Partial) for p in grad.placements):
+            param.grad = grad.redistribute(placements=[Replicate() if isinstance(p, Partial) else p
+                                                       for p in grad.placements])
 
 
 def global_grad_norm(params: Iterable[torch.nn.Parameter], pp_group: dist.ProcessGroup | None = None,

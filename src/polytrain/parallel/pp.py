@@ -96,8 +96,13 @@ class StageIO:
 
     rows: int
     width: int
+    """Tokens per row: the token ids, position ids and document ids travel whole, [rows, width]."""
+    local_width: int
+    """Positions per row of the activations that travel (the residual state, the MTP embeddings, the last stage's
+    hidden states): `width` / tp under sequence parallelism, whose tensor-parallel plan leaves each rank its slice of
+    the sequence outside attention and MLP (from the embedding to the final norm), else `width`."""
     state: tuple[int, ...]
-    """Shape of the residual state (`DecoderLM.state_shape`)."""
+    """Shape of the residual state (`DecoderLM.state_shape` of [rows, local_width])."""
     hidden: int
     activation_dtype: torch.dtype
     mtp_depth: int
@@ -183,11 +188,12 @@ def stage_io(first: bool, last: bool, io: StageIO) -> tuple[tuple, tuple]:
     """Example (inputs, outputs) of a stage: given up front, so no forward pass runs just to infer shapes (one
     would also count its tokens in the experts' load)."""
     ids = _example((io.rows, io.width), torch.long)
-    embeddings = tuple(_example((io.rows, io.width, io.hidden), io.activation_dtype) for _ in range(io.mtp_depth))
+    activation = (io.rows, io.local_width, io.hidden)
+    embeddings = tuple(_example(activation, io.activation_dtype) for _ in range(io.mtp_depth))
     aux = (_example((1,), torch.float32),) if io.aux else ()
     carried = (_example(io.state, io.activation_dtype), ids, ids, ids, *aux, *embeddings)
     inputs = (ids, ids, ids) if first else carried
-    hidden = _example((io.rows, io.width, io.hidden), io.activation_dtype)
+    hidden = _example(activation, io.activation_dtype)
     outputs = (hidden, *aux, *(hidden for _ in range(io.mtp_depth))) if last else carried
     return inputs, outputs
 

@@ -21,7 +21,7 @@ from polytrain.models.common.decoder import DecoderLM
 from polytrain.parallel.collectives import install_check, sum_
 from polytrain.parallel.config import ParallelConfig
 from polytrain.parallel.context import ContextSplit
-from polytrain.parallel.grad_norm import clip_grad_norm
+from polytrain.parallel.grad_norm import clip_grad_norm, reduce_partial_grads
 from polytrain.parallel.mesh import Meshes, ParallelDims, build_meshes
 
 
@@ -124,7 +124,10 @@ class ParallelRuntime:
 
         config = model.config
         activation = DTYPES[self.cfg.param_dtype] if self.dims.token_ranks > 1 else torch.float32
-        io = StageIO(rows, width, model.state_shape(rows, width), config.hidden_size, activation,
+        # sequence parallelism hands each tensor-parallel rank 1 / tp of every row's positions (the width is a
+        # multiple of tp: trainer.check_job)
+        local_width = width // self.dims.tp if self.cfg.sequence_parallel else width
+        io = StageIO(rows, width, local_width, model.state_shape(rows, local_width), config.hidden_size, activation,
                      config.num_nextn_predict_layers if train_outputs else 0,
                      train_outputs and config.aux_loss_alpha > 0)
         model, self.pipeline = apply_parallelism(model, self.meshes, self.cfg, n_microbatches,
@@ -150,8 +153,11 @@ class ParallelRuntime:
             model.set_requires_gradient_sync(last or self.cfg.sync_every_microbatch or self.cfg.cpu_offload)
 
     def clip_grad_norm(self, model: nn.Module, max_norm: float) -> float:
-        return clip_grad_norm([p for p in model.parameters() if p.requires_grad], max_norm, self._pp_group,
-                              self.backend.device())
+        """Once per step, after the last backward: reduce the gradients tensor parallelism left as partial sums,
+        then clip them all to `max_norm`; returns their global norm before clipping."""
+        params = [p for p in model.parameters() if p.requires_grad]
+        reduce_partial_grads(params)
+        return clip_grad_norm(params, max_norm, self._pp_group, self.backend.device())
 
     def close(self) -> None:
         if self.dims.enabled and dist.is_initialized():

@@ -90,9 +90,10 @@ def check_job(objective: type[Objective] | Objective, config: JobConfig, dims: P
         raise ConfigError(f"data.max_seq_len = {config.data.max_seq_len} must be a multiple of 2 x parallel.cp = "
                           f"{2 * dims.cp} for context parallelism inside pipeline stages (every micro-batch is "
                           "one max_seq_len-wide shape, split into 2 x cp chunks)")
-    if dims.tp > 1 and dims.pp > 1 and parallel.sequence_parallel and config.data.max_seq_len % dims.tp:
-        raise ConfigError(f"data.max_seq_len = {config.data.max_seq_len} must be a multiple of parallel.tp = "
-                          f"{dims.tp} for sequence parallelism inside pipeline stages")
+    if dims.tp > 1 and dims.pp > 1 and parallel.sequence_parallel and config.data.max_seq_len % (dims.tp * dims.cp):
+        what = f"parallel.tp = {dims.tp}" + (f" x parallel.cp = {dims.cp}" if dims.cp > 1 else "")
+        raise ConfigError(f"data.max_seq_len = {config.data.max_seq_len} must be a multiple of {what} for "
+                          "sequence parallelism inside pipeline stages")
 
 
 def lay_out(objective: Objective, runtime: ParallelRuntime) -> tuple[torch.nn.Module, torch.nn.Module]:
