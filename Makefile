@@ -31,7 +31,7 @@ demo: $(VENV)/.test
 	@echo "loss curves: runs/tiny/loss.png   metrics: runs/tiny/metrics.jsonl   summary: runs/tiny/summary.json"
 
 test: $(VENV)/.test
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m pytest -q
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m pytest -q --durations=25
 
 # Each benchmark rewrites its one results file, benchmarks/results/<name>.json, stamped with commit, date and machine.
 bench: $(VENV)/.test

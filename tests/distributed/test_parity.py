@@ -74,7 +74,8 @@ def test_tensor_parallel_tp2_with_fsdp_dp_shard_2(reference, tmp_path):
     assert_parity(single, tmp_path / "tp2")
 
 
-@pytest.mark.parametrize("schedule", ["1f1b", "interleaved_1f1b", "zbv", "dualpipev", "gpipe"])
+# 1f1b, zbv and dualpipev run with MTP and the balance loss below (test_pipeline_pp2_carries_mtp_...)
+@pytest.mark.parametrize("schedule", ["interleaved_1f1b", "gpipe"])
 def test_pipeline_pp2_matches_single_process(reference, tmp_path, schedule):
     job, single = reference
     run(job, tmp_path / schedule, 2, "parallel.pp=2", f'parallel.pp_schedule="{schedule}"')
@@ -176,8 +177,8 @@ def v4_single(tmp_path_factory):
 
 
 @pytest.mark.parametrize(("world", "packing", "overrides"),
-                         [(2, True, ()), (2, False, ()), (4, True, ("parallel.ep=2",))],
-                         ids=["tp2", "tp2-unpacked", "tp2ep2"])
+                         [(2, False, ()), (4, True, ("parallel.ep=2",))],
+                         ids=["tp2-unpacked", "tp2ep2"])
 def test_tensor_parallel_tp2_runs_deepseek_v4(v4_single, tmp_path, world, packing, overrides):
     """Heads (with their sinks and output groups) split over 2 ranks; the shared key/value head, the compressed
     entries, the indexer and the hyper-connections replicated; with 4 processes the experts over dp_shard 2 = ep 2.
