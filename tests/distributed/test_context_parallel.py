@@ -49,3 +49,12 @@ def test_resume_with_a_different_context_parallel_degree(long_rows, tmp_path):
     run(job, tmp_path / "moved", 4, "parallel.cp=4", flags=("--stop-at-step", "3"))
     run(job, tmp_path / "moved", 2, "parallel.cp=2", flags=("--resume",))
     assert_parity(single, tmp_path / "moved")
+
+
+def test_dpo_with_chosen_and_rejected_rows_split(tmp_path):
+    """DPO (sigmoid, frozen reference laid out like the policy): each pair's sequence log-probabilities are summed
+    over the cp ranks before the loss; every rank backpropagates the same loss through its own tokens."""
+    job = write_job(tmp_path, extra='[dpo]\nloss = "sigmoid"\nreference = "model"\n', data="pref_train.jsonl")
+    run(job, tmp_path / "single", 1, "train.micro_batch_size=4", command="dpo")
+    run(job, tmp_path / "cp2", 4, "parallel.cp=2", "train.micro_batch_size=2", command="dpo")
+    assert_parity(tmp_path / "single", tmp_path / "cp2")

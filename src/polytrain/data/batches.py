@@ -28,9 +28,11 @@ class BatchMaker:
             width_multiple = math.lcm(width_multiple, 2 * split.size)
         self.width_multiple, self.device = width_multiple, device
 
-    def micro(self, samples: list[Sample]) -> Batch:
-        """One micro-batch, its width rounded for sequence and context parallelism."""
-        batch = collate(samples, self.max_len, self.packing, width_multiple=self.width_multiple)
+    def micro(self, samples: list[Sample], packing: bool | None = None) -> Batch:
+        """One micro-batch, its width rounded for sequence and context parallelism (`packing`: instead of the
+        job's data.packing, e.g. one sequence per row for per-sequence losses)."""
+        packing = self.packing if packing is None else packing
+        batch = collate(samples, self.max_len, packing, width_multiple=self.width_multiple)
         if self.split is not None:
             batch = batch.context_local(self.split)
         return batch.to(self.device)

@@ -47,6 +47,16 @@ class Batch:
         """A [B, T] tensor of this batch's tokens over the whole rows (gathered under context parallelism)."""
         return tensor if self.split is None else self.split.gather(tensor)
 
+    def whole_row_sum(self, per_row: torch.Tensor) -> torch.Tensor:
+        """Per-row sums [B] over the whole rows from this batch's partial ones (summed over context-parallel ranks)."""
+        return per_row if self.split is None else self.split.sum_over_ranks(per_row)
+
+    @property
+    def reports(self) -> bool:
+        """Whether this rank reports per-row numbers (every context-parallel rank computes the same ones: only the
+        first counts them in the logged sums)."""
+        return self.split is None or self.split.rank == 0
+
     def local_part(self, tensor: torch.Tensor) -> torch.Tensor:
         """The inverse of `whole_rows`: this rank's tokens of a whole-row tensor."""
         return tensor if self.split is None else self.split.local(tensor)

@@ -10,7 +10,7 @@ from torch import nn
 from polytrain.algorithms.logprobs import batch_logprobs, sequence_logprobs
 from polytrain.algorithms.preference import REFERENCE_FREE, bradley_terry_losses, dpo_losses
 from polytrain.data.dataset import full_sample
-from polytrain.data.packing import Batch, collate
+from polytrain.data.packing import Batch
 from polytrain.data.preference import PreferencePair, load_preference_pairs
 from polytrain.errors import ConfigError
 from polytrain.models.reward import build_reward_model
@@ -40,7 +40,7 @@ class PairObjective(Objective):
 
     def pair_batch(self, pairs: list[PreferencePair]) -> Batch:
         samples = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-        return collate(samples, self.config.data.max_seq_len, packing=False).to(self.ctx.device)
+        return self.ctx.batches.micro(samples, packing=False)
 
     def dry_run_items(self, count: int, generator: torch.Generator) -> list[PreferencePair]:
         length, vocab = self.config.data.max_seq_len, self.config.model.vocab_size
@@ -59,6 +59,8 @@ class PairObjective(Objective):
         model.eval()
         sums = torch.zeros(len(self.sum_keys) + 1, dtype=torch.float64)
         ctx = {"pairs": 1, "chosen_tokens": 1}
+        split = self.ctx.batches.split  # context-parallel ranks compute the same pairs: the first counts them
+        reports = split is None or split.rank == 0
         for b in range(count):  # every rank runs `count` passes; a rank out of pairs repeats one, weighted 0
             micro = mine[b * mbs : (b + 1) * mbs]
             with self.ctx.autocast():
@@ -66,7 +68,7 @@ class PairObjective(Objective):
             weight = 1.0 if micro else 0.0
             for i, key in enumerate(self.sum_keys):
                 sums[i] += weight * float(parts.get(key, 0.0))
-            sums[-1] += weight * len(micro)
+            sums[-1] += weight * len(micro) * reports
         self.ctx.collectives.dp_sum(sums)
         model.train()
         values = dict(zip(self.sum_keys, sums.tolist()))
@@ -80,6 +82,7 @@ class PairObjective(Objective):
 
 class DPOObjective(PairObjective):
     name = "dpo"
+    supports_context_parallel = True  # chosen and rejected rows both split; sequence sums over the cp ranks
     headline = (Metric("loss", "loss"), Metric("reward_margin", "margin"), Metric("accuracy", "accuracy", ".3f"))
     loss_label = "DPO loss per pair"
     sum_keys = ("loss_sum", "correct", "margin_sum", "chosen_logp_sum", "rejected_logp_sum", "sft_sum",
@@ -125,12 +128,14 @@ class DPOObjective(PairObjective):
             return zeros, zeros
         with torch.no_grad():
             ref, _ = sequence_logprobs(batch_logprobs(self.reference, batch), batch.labels)
+            ref = batch.whole_row_sum(ref)
         return ref[:n], ref[n:]
 
     def loss(self, model: nn.Module, micro: list[PreferencePair], ctx: dict) -> tuple[torch.Tensor, dict, int]:
         n = len(micro)
         batch = self.pair_batch(micro)
         logp, lengths = sequence_logprobs(batch_logprobs(model, batch), batch.labels)
+        logp, lengths = batch.whole_row_sum(logp), batch.whole_row_sum(lengths)
         ref_w, ref_l = self.reference_logprobs(micro, batch)
         losses, margin = dpo_losses(self.cfg, logp[:n], logp[n:], ref_w, ref_l, lengths[:n], lengths[n:])
         loss = losses.sum() / ctx["pairs"]
@@ -143,6 +148,8 @@ class DPOObjective(PairObjective):
                  "rejected_logp_sum": logp[n:].detach().sum(), "sft_sum": sft.detach(),
                  # does the policy itself rank the pair right (per-token average log-probability)?
                  "policy_correct": (logp[:n] / lengths[:n].clamp(min=1) > logp[n:] / lengths[n:].clamp(min=1)).sum()}
+        if not batch.reports:
+            parts = {key: torch.zeros_like(value) for key, value in parts.items()}
         return loss, parts, batch.num_tokens
 
     def stats(self, sums: dict[str, float], ctx: dict) -> dict[str, Any]:

@@ -81,8 +81,11 @@ SPLIT_SCHEDULES = ("zbv", "dualpipev")
 
 def split_backward(cfg: ParallelConfig) -> bool:
     """Whether the schedule's backwards are split in two: a zero-bubble schedule without activation recomputation
-    (with it, each backward runs whole: see `Pipeline`)."""
-    return cfg.pp_schedule in SPLIT_SCHEDULES and cfg.activation_checkpointing == "none"
+    (with it, each backward runs whole: see `Pipeline`). Context parallelism recomputes each layer's attention over
+    the whole row in backward (models/deepseek_v3/attention.py), so it counts as recomputation: split, every
+    layer's recomputed keys and values would stay alive until the weight pass."""
+    recomputes = cfg.activation_checkpointing != "none" or cfg.cp > 1
+    return cfg.pp_schedule in SPLIT_SCHEDULES and not recomputes
 
 
 def _no_weight_pass() -> Callable[[], None]:

@@ -38,12 +38,33 @@ class ContextSplit:
         chunk = self.chunk_width(x.shape[dim])
         return torch.cat([x.narrow(dim, c * chunk, chunk) for c in self.chunks()], dim=dim)
 
+    def sum_over_ranks(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-row sums of the whole rows from each rank's partial sums (e.g. a sequence's log-probability);
+        differentiable, see `_SumOverRanks`."""
+        return x if self.size == 1 else _SumOverRanks.apply(x, self.group)
+
     def gather(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
         """The full row from every rank's local tokens, in sequence order (differentiable: the gradient of each
         rank's part is the sum over ranks)."""
         if self.size == 1:
             return x
         return _GatherSequence.apply(x, dim, self)
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """Forward: the sum over the context-parallel ranks. Backward: the gradient passes through unchanged, because
+    every rank computes the same function of the sum and each rank's part reaches the loss only through its own
+    copy (the data-parallel gradient reduction then adds the ranks' contributions once each)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+        total = x.clone()
+        dist.all_reduce(total, group=group)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
 
 
 def _all_gather(output: torch.Tensor, tensor: torch.Tensor, group: dist.ProcessGroup | None) -> None:
