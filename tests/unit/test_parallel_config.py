@@ -63,9 +63,9 @@ def test_context_parallel_is_refused_for_objectives_whose_sums_are_not_over_toke
     from polytrain.train.trainer import check_job
 
     config = build_config({"data": {"train_path": "x", "tokenizer": "y"}, "parallel": {"cp": 2},
-                           "run": {"algorithm": "dpo"}})
-    with pytest.raises(ConfigError, match="parallel.cp > 1 is not supported for dpo yet"):
-        check_job(registry.objective_class("dpo"), config, resolve(2, cp=2))
+                           "run": {"algorithm": "rm"}})
+    with pytest.raises(ConfigError, match="parallel.cp > 1 is not supported for rm yet"):
+        check_job(registry.objective_class("rm"), config, resolve(2, cp=2))
 
 
 def test_layer_split_even_or_with_a_chosen_first_stage():

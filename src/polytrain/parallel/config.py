@@ -30,7 +30,7 @@ class ParallelConfig:
     cp: int = option(
         1, "Context-parallel degree: each row's tokens split over cp ranks in 2 x cp load-balanced chunks (rank r "
         "holds chunks r and 2cp-1-r); attention all-gathers the keys' compact form (MLA: latent + rotary key). "
-        "Activation memory per rank / cp. SFT on DeepSeek-V3-family models.", ge=1)
+        "Activation memory per rank / cp. SFT and DPO on DeepSeek-V3-family models.", ge=1)
     pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "zbv", "dualpipev"] = option(
         "1f1b", "Pipeline schedule (torch.distributed.pipelining); interleaved_1f1b / zbv / dualpipev use 2 stages "
         "per rank. The micro-batches are the train.micro_batch_size-sized pieces of each rank's share of the step."
