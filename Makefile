@@ -43,6 +43,7 @@ bench: $(VENV)/.test
 	$(PY) benchmarks/provenance.py benchmarks/results/bench_cpu_tiny.json
 	$(PY) benchmarks/decode_speed.py
 	$(PY) benchmarks/v4_attention.py
+	$(PY) benchmarks/context_parallel.py
 	$(PY) benchmarks/plan_validation.py
 	$(PY) benchmarks/plan_vs_dryrun.py
 	$(PY) benchmarks/vs_transformers.py --profile

@@ -56,6 +56,15 @@ def _v4_attention(d: dict[str, Any]) -> str:
     return "DeepSeek-V4 attention layer forward + backward, block-wise: " + "; ".join(cells)
 
 
+def _context_parallel(d: dict[str, Any]) -> str:
+    longest = max(row["tokens"] for row in d["rows"])
+    rows = {row["cp"]: row for row in d["rows"] if row["tokens"] == longest and row["case"] != "cp=1 plain"}
+    cells = [f"cp={cp}: {row['activation_mib']:,.0f} MiB (x{row['activation_vs_cp1_cp_path']:.2f}), peak "
+             f"{row['peak_mib']:,.0f} MiB" for cp, row in sorted(rows.items())]
+    return f"context parallelism, activations per rank at {longest:,} tokens (V3-architecture model): " + "; ".join(
+        cells)
+
+
 def _convert(d: dict[str, Any]) -> str:
     rows = d["rows"]
     return ("FP8 -> bf16 conversion peak over baseline: " + " / ".join(
@@ -114,6 +123,7 @@ BENCHMARKS: list[tuple[str, str, Callable[[dict[str, Any]], str]]] = [
     ("decode_speed", "python benchmarks/decode_speed.py", _decode),
     ("decode_speed", "python benchmarks/decode_speed.py", _decode_v4),
     ("v4_attention", "python benchmarks/v4_attention.py", _v4_attention),
+    ("context_parallel", "python benchmarks/context_parallel.py", _context_parallel),
     ("parallel_memory", "python benchmarks/parallel_memory.py", _parallel),
     ("startup_memory", "python benchmarks/startup_memory.py", _startup),
     ("convert_memory", "python benchmarks/convert_memory.py", _convert),
