@@ -1,6 +1,7 @@
 """`polytrain dryrun`: one training step of a real-size job for chosen ranks of a fake world, in one process.
 
-- Against a real 4-process gloo run of the same job: the same parameter and optimizer bytes on every rank.
+- Against a real 4-process gloo run of the same job (dp_shard 2 x cp 2, ep 2): the same parameter and optimizer
+  bytes on every rank.
 - Fake tensors against real ones (one rank; SFT, and GRPO's update step with its reference model): the same peak,
   category by category.
 - DeepSeek-V3-671B on 1,024 ranks: each role's parameter bytes are exactly the planner's count of its pipeline
@@ -60,7 +61,8 @@ def test_dry_run_reports_the_bytes_of_a_real_4_rank_run(tmp_path):
     from polytrain.config import build_config
     from polytrain.dryrun.run import dry_run
 
-    spec = job("tiny-v3", {"dp_shard": 4, "ep": 2}, gbs=8)
+    # dp_shard 2 x cp 2: FSDP over the 4 ranks, experts over ep 2 of them, the rows' latents gathered over cp
+    spec = job("tiny-v3", {"dp_shard": 2, "cp": 2, "ep": 2}, gbs=8)
     spec["run"]["output_dir"] = str(tmp_path / "run")
     startup_memory.launch(4, ["-c", REAL_STEP, json.dumps(spec), str(tmp_path)])
     real = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(4)]
@@ -68,7 +70,7 @@ def test_dry_run_reports_the_bytes_of_a_real_4_rank_run(tmp_path):
     assert [(r.parameter_bytes, r.optimizer_bytes) for r in dry] == [(r["parameters"], r["optimizer"]) for r in real]
     assert all(r.peak_bytes > r.parameter_bytes + r.optimizer_bytes for r in dry)
     groups = {call["group"] for call in dry[0].collectives}
-    assert {"dp_shard", "ep"} <= groups, groups
+    assert {"dp_shard x cp", "cp", "ep"} <= groups, groups
 
 
 @pytest.mark.parametrize(("preset", "algorithm"), [("tiny-v3", "sft"), ("tiny-v4", "sft"), ("tiny-v3", "grpo")])
