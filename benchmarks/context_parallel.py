@@ -51,17 +51,15 @@ import datetime
 import gc
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from provenance import write_results  # benchmarks/provenance.py
+from ranks import run_ranks  # benchmarks/ranks.py
 
 MODEL = dict(preset="tiny-v3", hidden_size=512, num_attention_heads=4, num_hidden_layers=2, q_lora_rank=256,
              kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, intermediate_size=1024,
@@ -254,34 +252,13 @@ def worker(out: str, seqs: list[int], repeats: int, doc_len: tuple[int, int]) ->
         dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(world: int, args: argparse.Namespace) -> list[list[dict]]:
     """Run the worker in `world` processes; each rank's results."""
-    with tempfile.TemporaryDirectory() as tmp:
-        port = free_port()
-        procs = []
-        for rank in range(world):
-            env = {**os.environ, "OMP_NUM_THREADS": "1"}
-            if world > 1:
-                env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                           MASTER_PORT=str(port))
-            command = [sys.executable, __file__, "--worker", tmp, "--seq", *map(str, args.seq), "--repeats",
-                       str(args.repeats), "--doc-len", *map(str, args.doc_len)]
-            procs.append(subprocess.Popen(command, env=env))
-        try:
-            for proc in procs:
-                if proc.wait(timeout=args.timeout):
-                    raise RuntimeError(f"cp={world}: a rank failed")
-        finally:
-            for proc in procs:
-                if proc.poll() is None:
-                    proc.kill()
-        return [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(world)]
+    def command(folder: str) -> list[str]:
+        return [sys.executable, __file__, "--worker", folder, "--seq", *map(str, args.seq), "--repeats",
+                str(args.repeats), "--doc-len", *map(str, args.doc_len)]
+
+    return run_ranks(world, command, args.timeout, f"cp={world}")
 
 
 def merge(ranks: list[list[dict]], cp: int) -> list[dict]:

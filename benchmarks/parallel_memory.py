@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 from provenance import write_results  # benchmarks/provenance.py
+from ranks import run_ranks  # benchmarks/ranks.py
 
 MODEL = dict(hidden_size=256, num_hidden_layers=4, first_k_dense_replace=1, intermediate_size=512,
              n_routed_experts=16, num_experts_per_tok=2, moe_intermediate_size=256, n_group=4, topk_group=2)
@@ -76,21 +74,8 @@ def worker(out: str, degrees: str) -> None:
 
 
 def measure(world: int, degrees: dict) -> list[dict]:
-    from tests.distributed.harness import free_port
-
-    with tempfile.TemporaryDirectory() as tmp:
-        port = free_port()
-        procs = []
-        for rank in range(world):
-            env = {**os.environ, "OMP_NUM_THREADS": "1"}
-            if world > 1:
-                env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                           MASTER_PORT=str(port))
-            procs.append(subprocess.Popen([sys.executable, __file__, "--worker", tmp, json.dumps(degrees)], env=env))
-        for proc in procs:
-            if proc.wait(timeout=300):
-                raise RuntimeError(f"layout {degrees} failed")
-        return [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(world)]
+    return run_ranks(world, lambda folder: [sys.executable, __file__, "--worker", folder, json.dumps(degrees)], 300,
+                     f"layout {degrees}")
 
 
 def main() -> None:
