@@ -54,6 +54,9 @@ def report_text(reports: list, world: int) -> str:
         lines.append(f"  parameters {size(report.parameter_bytes)}, optimizer state {size(report.optimizer_bytes)}; "
                      f"peak {size(report.peak_bytes)}:")
         lines.append("    " + ", ".join(f"{name} {size(n)}" for name, n in report.peak_by_category.items()))
+        if report.device_peak_bytes is not None:
+            lines.append(f"  on the device (cpu_offload keeps the sharded parameters, their gradients and the "
+                         f"optimizer state in host memory): peak {size(report.device_peak_bytes)}")
         lines.append("  collectives (calls, bytes of their buffers on this rank):")
         lines += [f"    {call['group']:<14}{call['op']:<24}{call['count']:>6}  {size(call['bytes']):>12}"
                   for call in report.collectives]

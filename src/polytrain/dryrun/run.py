@@ -45,12 +45,15 @@ class RankReport:
     collectives: list[dict[str, Any]]
     seconds: float
     notes: list[str] = field(default_factory=list)
+    device_peak_bytes: int | None = None
+    """With parallel.cpu_offload: the peak without what FSDP keeps in host memory (sharded parameters, their
+    gradients, optimizer state); None without offload (everything is on the device: `peak_bytes`)."""
 
     def as_dict(self) -> dict[str, Any]:
         return {"rank": self.rank, "role": self.role, "parameter_bytes": self.parameter_bytes,
                 "optimizer_bytes": self.optimizer_bytes, "peak_bytes": self.peak_bytes,
                 "peak_by_category": self.peak_by_category, "collectives": self.collectives,
-                "seconds": round(self.seconds, 2), "notes": self.notes}
+                "seconds": round(self.seconds, 2), "notes": self.notes, "device_peak_bytes": self.device_peak_bytes}
 
 
 def roles(dims: ParallelDims) -> list[tuple[int, str]]:
@@ -132,7 +135,8 @@ def run_rank(config: JobConfig, world: int, rank: int, role: str, fake_tensors: 
             parameter_bytes = local_bytes(list(model.parameters()))
             with setup:
                 _create_optimizer_state(model, optimizer)
-            observer = StepObserver(group_names(runtime.meshes), placeholders=fake_tensors)
+            observer = StepObserver(group_names(runtime.meshes), placeholders=fake_tensors,
+                                    offload=config.parallel.cpu_offload)
             memory = observer.memory
             memory.tag(model.parameters(), "parameters")
             memory.tag(model.buffers(), "parameters")
@@ -150,7 +154,8 @@ def run_rank(config: JobConfig, world: int, rank: int, role: str, fake_tensors: 
                 update_router_biases(model, train.router_bias_update_rate, all_reduce=runtime.dp_sum)
             optimizer_bytes = local_bytes(_state_tensors(optimizer))
     return RankReport(rank, role, parameter_bytes, optimizer_bytes, memory.peak, memory.peak_by_category,
-                      observer.collectives.table(), time.perf_counter() - started)
+                      observer.collectives.table(), time.perf_counter() - started,
+                      device_peak_bytes=memory.device_peak if memory.offload else None)
 
 
 def dry_run(config: JobConfig, world: int, ranks: list[int] | None = None,

@@ -57,11 +57,15 @@ def local_bytes(value: Any) -> int:
 class MemoryBook:
     """Live bytes by category, and the categories at the peak (see the module docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, offload: bool = False) -> None:
         self.live: dict[int, list[Any]] = {}  # id(storage) -> [weakref, bytes, category]
         self.totals = dict.fromkeys(CATEGORIES, 0)
         self.peak = 0
         self.peak_by_category = dict(self.totals)
+        self.offload = offload
+        self.device_peak = 0
+        """The peak of what stays on the device: with `offload` (FSDP's CPU offload) the sharded parameters,
+        their gradients and the optimizer state live in host memory, the rest on the device."""
         self.phase = "step"
 
     def add(self, storage: torch.UntypedStorage, category: str) -> None:
@@ -78,11 +82,21 @@ class MemoryBook:
         if entry is not None:
             self.totals[entry[2]] -= entry[1]
 
+    def host_bytes(self) -> int:
+        """Bytes in host memory under `offload`: the sharded parameters, as many bytes of gradients (the sharded
+        gradients FSDP moves to the host; the unsharded ones of a layer being reduced are on the device) and the
+        optimizer state."""
+        if not self.offload:
+            return 0
+        t = self.totals
+        return t["parameters"] + min(t["gradients"], t["parameters"]) + t["optimizer state"]
+
     def _update_peak(self) -> None:
         total = sum(self.totals.values())
         if total > self.peak:
             self.peak = total
             self.peak_by_category = dict(self.totals)
+        self.device_peak = max(self.device_peak, total - self.host_bytes())
 
     def tag(self, tensors: Iterable[torch.Tensor], category: str) -> None:
         """Count the storages of `tensors` (local shards of DTensors) as `category` from now on."""
@@ -162,9 +176,10 @@ class StepObserver(TorchDispatchMode):
     """The one dispatch mode of a dry run's step (see the module docstring). `placeholders`: answer value
     questions with placeholders (fake tensors); `record` = False keeps no books (set-up before the step)."""
 
-    def __init__(self, group_names: dict[str, str], placeholders: bool, record: bool = True) -> None:
+    def __init__(self, group_names: dict[str, str], placeholders: bool, record: bool = True,
+                 offload: bool = False) -> None:
         super().__init__()
-        self.memory = MemoryBook()
+        self.memory = MemoryBook(offload)
         self.collectives = CollectiveBook(group_names)
         self.placeholders = placeholders
         self.record = record
