@@ -13,6 +13,12 @@ if TYPE_CHECKING:
     from polytrain.models.common.context_split import ContextSplit
 
 
+def reports(split: ContextSplit | None) -> bool:
+    """Whether this rank counts per-row numbers in logged sums: every context-parallel rank computes the same ones
+    (e.g. a pair's DPO loss), so only the first does."""
+    return split is None or split.rank == 0
+
+
 @dataclass
 class Batch:
     input_ids: torch.Tensor  # [R, L]
@@ -53,9 +59,8 @@ class Batch:
 
     @property
     def reports(self) -> bool:
-        """Whether this rank reports per-row numbers (every context-parallel rank computes the same ones: only the
-        first counts them in the logged sums)."""
-        return self.split is None or self.split.rank == 0
+        """Whether this rank counts the batch's per-row numbers in logged sums (`reports`)."""
+        return reports(self.split)
 
     def local_part(self, tensor: torch.Tensor) -> torch.Tensor:
         """The inverse of `whole_rows`: this rank's tokens of a whole-row tensor."""

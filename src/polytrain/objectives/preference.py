@@ -10,7 +10,7 @@ from torch import nn
 from polytrain.algorithms.logprobs import batch_logprobs, sequence_logprobs
 from polytrain.algorithms.preference import REFERENCE_FREE, bradley_terry_losses, dpo_losses
 from polytrain.data.dataset import full_sample
-from polytrain.data.packing import Batch
+from polytrain.data.packing import Batch, reports
 from polytrain.data.preference import PreferencePair, load_preference_pairs
 from polytrain.errors import ConfigError
 from polytrain.models.reward import build_reward_model
@@ -59,8 +59,7 @@ class PairObjective(Objective):
         model.eval()
         sums = torch.zeros(len(self.sum_keys) + 1, dtype=torch.float64)
         ctx = {"pairs": 1, "chosen_tokens": 1}
-        split = self.ctx.batches.split  # context-parallel ranks compute the same pairs: the first counts them
-        reports = split is None or split.rank == 0
+        counts = reports(self.ctx.batches.split)  # context-parallel ranks compute the same pairs: one counts them
         for b in range(count):  # every rank runs `count` passes; a rank out of pairs repeats one, weighted 0
             micro = mine[b * mbs : (b + 1) * mbs]
             with self.ctx.autocast():
@@ -68,7 +67,7 @@ class PairObjective(Objective):
             weight = 1.0 if micro else 0.0
             for i, key in enumerate(self.sum_keys):
                 sums[i] += weight * float(parts.get(key, 0.0))
-            sums[-1] += weight * len(micro) * reports
+            sums[-1] += weight * len(micro) * counts
         self.ctx.collectives.dp_sum(sums)
         model.train()
         values = dict(zip(self.sum_keys, sums.tolist()))
