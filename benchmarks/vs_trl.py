@@ -32,8 +32,8 @@ ratio 1 and the policy equal to the reference is the token-mean of -advantage (K
 within 1e-3 (what is compared is that formula, each side on its own completions; their per-token log-probabilities
 are the ones sft and dpo check).
 
-Usage: python benchmarks/vs_trl.py [--tasks sft,dpo,dpo_precomputed,grpo] [--steps 3] [--repeats 2] [--profile]
-       [--quick] [--out benchmarks/results/vs_trl.json]
+Usage: python benchmarks/vs_trl.py [--tasks sft,dpo,dpo_precomputed,grpo] [--steps 3] [--grpo-steps 1] [--repeats 2]
+       [--warmup 1] [--profile] [--quick] [--out benchmarks/results/vs_trl.json]
 """
 
 from __future__ import annotations
@@ -226,30 +226,34 @@ def run_polytrain(task: str, assets: dict, steps: int, profile: bool) -> dict:
 
             engine.generate = timed_generate
         step_fn = trainer.train_step
-        state = {"peak": 0, "profile": None}
+        state = {"peak": 0, "profile": None, "formula": None}
 
         def train_step():
-            last = trainer.step == steps - 1
-            profiler = start_profiler() if profile and last else None
+            profiler = start_profiler() if profile and trainer.step == steps else None
             stats = step_fn()
             if profiler is not None:
                 state["profile"] = stop_profiler(profiler, assets)
-            if last:
+            if trainer.step == steps:
                 state["peak"] = host_memory()[1]
+            if task == "grpo" and state["formula"] is None:  # token-mean of -advantage over this rollout
+                rollouts = trainer.objective.current
+                state["formula"] = -sum(r.advantage * len(r.tokens) for r in rollouts) / sum(
+                    len(r.tokens) for r in rollouts)
             return stats
 
         trainer.train_step = train_step
+        trainer.config.train.steps = steps + bool(profile)  # the profiled step comes after the timed ones
         trainer.run()
         records = read_jsonl(str(Path(run_dir) / "metrics.jsonl"))
     elapsed = [r["elapsed_s"] for r in records if "elapsed_s" in r]
-    times = [b - a for a, b in zip([0.0, *elapsed], elapsed)]
+    times = [b - a for a, b in zip([0.0, *elapsed], elapsed)][:steps]
     first = records[0]
     check = {"loss": first["loss"]}
     if task.startswith("dpo"):
         check["chosen_logp"] = first["chosen_logp"]
     if task == "grpo":
-        check.update(kl=first["kl"], reward=first["reward"])
-    return {"times": times, "generation_times": generation, "peak_rss": state["peak"], "step0": check,
+        check.update(kl=first["kl"], reward=first["reward"], formula=state["formula"])
+    return {"times": times, "generation_times": generation[:steps], "peak_rss": state["peak"], "step0": check,
             "losses": [r["loss"] for r in records if "loss" in r], "profile": state["profile"]}
 
 
@@ -282,12 +286,13 @@ def run_trl(task: str, assets: dict, steps: int, profile: bool) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     model = trl_model(hf_dir)
     out_dir = tempfile.mkdtemp()
+    total = steps + bool(profile)  # the profiled step comes after the timed ones
     if task == "sft":
         from trl import SFTConfig, SFTTrainer
 
         data = Dataset.from_list(read_jsonl(assets["files"]["sft"]))
         # BFD packing (padding-free rows); one batch holds every packed row, i.e. every conversation
-        config = SFTConfig(**trl_common(out_dir, sizes["sft"], steps), max_length=sizes["max_len"], packing=True,
+        config = SFTConfig(**trl_common(out_dir, sizes["sft"], total), max_length=sizes["max_len"], packing=True,
                            packing_strategy="bfd", assistant_only_loss=True)
         trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer)
     elif task.startswith("dpo"):
@@ -295,7 +300,7 @@ def run_trl(task: str, assets: dict, steps: int, profile: bool) -> dict:
 
         data = Dataset.from_list(read_jsonl(assets["files"]["dpo"]))
         precompute = task == "dpo_precomputed"
-        config = DPOConfig(**trl_common(out_dir, sizes["dpo"], steps), loss_type=["sigmoid"], beta=DPO_BETA,
+        config = DPOConfig(**trl_common(out_dir, sizes["dpo"], total), loss_type=["sigmoid"], beta=DPO_BETA,
                            max_length=sizes["max_len"], precompute_ref_log_probs=precompute)
         # the reference loaded like the policy (TRL would rebuild it from the checkpoint with default settings)
         reference = None if precompute else trl_model(hf_dir)
@@ -306,7 +311,7 @@ def run_trl(task: str, assets: dict, steps: int, profile: bool) -> dict:
 
         data = Dataset.from_list(read_jsonl(assets["files"]["grpo"]))
         completions = sizes["grpo"] * sizes["group"]
-        config = GRPOConfig(**trl_common(out_dir, completions, steps), num_generations=sizes["group"],
+        config = GRPOConfig(**trl_common(out_dir, completions, total), num_generations=sizes["group"],
                             steps_per_generation=1, num_iterations=1, max_completion_length=sizes["new_tokens"],
                             temperature=1.0, top_p=1.0, top_k=0, beta=KL_BETA, loss_type="dapo",
                             scale_rewards="group", epsilon=0.2, use_vllm=False)
@@ -343,6 +348,16 @@ def run_trl(task: str, assets: dict, steps: int, profile: bool) -> dict:
         return result
 
     trainer.compute_loss = recorded_compute_loss
+    formula: list[float] = []
+    if task == "grpo":
+        inner = trainer._compute_loss
+
+        def recorded_inner(model, inputs):  # token-mean of -advantage over this rollout
+            mask = inputs["completion_mask"].float()
+            formula.append(float(-(inputs["advantages"].reshape(-1, 1) * mask).sum() / mask.sum()))
+            return inner(model, inputs)
+
+        trainer._compute_loss = recorded_inner
     state = {"times": [], "last": None, "peak": 0, "profiler": None, "profile": None}
 
     class Timer(TrainerCallback):
@@ -350,7 +365,7 @@ def run_trl(task: str, assets: dict, steps: int, profile: bool) -> dict:
             state["last"] = time.perf_counter()
 
         def on_step_begin(self, args, train_state, control, **kwargs):
-            if profile and train_state.global_step == steps - 1:
+            if profile and train_state.global_step == steps:
                 state["profiler"] = start_profiler()
 
         def on_step_end(self, args, train_state, control, **kwargs):
@@ -366,7 +381,10 @@ def run_trl(task: str, assets: dict, steps: int, profile: bool) -> dict:
     trainer.add_callback(Timer())
     trainer.train()
     shutil.rmtree(out_dir, ignore_errors=True)
-    return {"times": state["times"], "generation_times": generation, "peak_rss": state["peak"], "step0": checks[0],
+    if formula:
+        checks[0]["formula"] = formula[0]
+    return {"times": state["times"][:steps], "generation_times": generation[:steps], "peak_rss": state["peak"],
+            "step0": checks[0],
             "losses": losses, "profile": state["profile"]}
 
 
@@ -401,7 +419,10 @@ def worker(args: argparse.Namespace) -> None:
     for setting in json.loads(args.worker):
         run = run_polytrain if setting["framework"] == "polytrain" else run_trl
         load = os.getloadavg()[0]
-        result = run(setting["task"], assets, args.warmup + args.steps, args.profile)
+        grpo = setting["task"] == "grpo"
+        steps = args.grpo_warmup + args.grpo_steps if grpo else args.warmup + args.steps
+        result = run(setting["task"], assets, steps, setting.get("profile", False))
+        result["warmup"] = args.grpo_warmup if grpo else args.warmup
         # the machine's 1-minute load average before and after the run (other jobs share the cores)
         result["load_average"] = [load, os.getloadavg()[0]]
         print(RESULT + json.dumps({**setting, **result}), flush=True)
@@ -409,9 +430,9 @@ def worker(args: argparse.Namespace) -> None:
 
 def launch(args: argparse.Namespace, settings: list[dict], assets_file: str) -> list[dict]:
     command = [sys.executable, __file__, "--worker", json.dumps(settings), "--assets", assets_file,
-               "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
+               "--steps", str(args.steps), "--grpo-steps", str(args.grpo_steps), "--warmup", str(args.warmup),
+               "--grpo-warmup", str(args.grpo_warmup), "--threads", str(args.threads)]
     command += ["--quick"] if args.quick else []
-    command += ["--profile"] if args.profile else []
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT / "src"),
            "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false", "HF_DATASETS_OFFLINE": "1",
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
@@ -442,7 +463,7 @@ def tokens_of(assets: dict, task: str) -> int:
 
 def summarise(task: str, framework: str, runs: list[dict], assets: dict, tokens: int) -> dict:
     sizes = assets["sizes"]
-    times = [t for r in runs for t in r["times"][WARMUP:]]
+    times = [t for r in runs for t in r["times"][r["warmup"]:]]
     step = statistics.median(times)
     row = {"step_time_s": step, "step_times_s": times, "peak_rss_gib": max(r["peak_rss"] for r in runs) / 2**30,
            "step0": runs[0]["step0"], "losses": runs[0]["losses"],
@@ -453,12 +474,11 @@ def summarise(task: str, framework: str, runs: list[dict], assets: dict, tokens:
     elif task.startswith("dpo"):
         row.update(pairs_per_s=sizes["dpo"] / step, tokens_per_s=tokens / step, tokens_per_step=tokens)
     else:
-        generation = statistics.median(g for r in runs for g in r["generation_times"][WARMUP:])
+        generation = statistics.median(g for r in runs for g in r["generation_times"][r["warmup"]:])
         row.update(prompts_per_s=sizes["grpo"] / step, generation_s=generation, rest_of_step_s=step - generation)
     return row
 
 
-WARMUP = 1  # set from --warmup in main()
 THROUGHPUT = {"sft": "tokens_per_s", "dpo": "pairs_per_s", "dpo_precomputed": "pairs_per_s", "grpo": "prompts_per_s"}
 TARGETS = {"sft": (2.0, 0.7), "dpo": (2.0, 0.7), "dpo_precomputed": (2.0, 0.7), "grpo": (3.0, None)}
 
@@ -470,26 +490,28 @@ def step0_difference(task: str, ours: dict, peer: dict) -> tuple[float, str]:
     if task.startswith("dpo"):
         return max(abs(ours["chosen_logp"] - peer["chosen_logp"]), abs(ours["loss"] - math.log(2)),
                    abs(peer["loss"] - math.log(2))), "chosen log-prob per pair, loss = log 2"
-    return max(abs(ours["loss"]), abs(peer["loss"]), abs(ours["kl"]), abs(peer["kl"])), \
-        "loss = token-mean(-advantage), KL = 0"
+    return max(abs(ours["loss"] - ours["formula"]), abs(peer["loss"] - peer["formula"]), abs(ours["kl"]),
+               abs(peer["kl"])), "loss = token-mean(-advantage) of its own rollout, KL = 0"
 
 
 def main() -> None:
-    global WARMUP
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, from {', '.join(TASKS)}")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per run")
+    parser.add_argument("--grpo-steps", type=int, default=1, help="timed GRPO steps per run (a rollout each)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per run (first)")
+    parser.add_argument("--grpo-warmup", type=int, default=0, help="untimed GRPO steps per run (a GRPO step takes "
+                        "minutes here, one-time costs are a small part of it)")
     parser.add_argument("--repeats", type=int, default=2, help="runs per setting (alternating)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--quick", action="store_true", help="a tiny model and data; each framework's runs share one "
                         "process (a smoke test of this script: its times and memory mean nothing)")
-    parser.add_argument("--profile", action="store_true", help="profile each run's last step (time by kind of op)")
+    parser.add_argument("--profile", action="store_true", help="profile one more (untimed) step after the timed ones "
+                        "in the first run of each SFT / DPO setting: time by kind of op")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "vs_trl.json"))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--assets", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    WARMUP = args.warmup
     if args.worker:
         worker(args)
         return
@@ -511,12 +533,13 @@ def main() -> None:
         tokens = {t: tokens_of(assets, t) for t in tasks}
         for repeat in range(args.repeats):
             for framework in ("polytrain", "trl"):
-                batches = ([[{"framework": framework, "task": t} for t in tasks]] if args.quick
-                           else [[{"framework": framework, "task": t}] for t in tasks])
+                settings = [{"framework": framework, "task": t,
+                             "profile": args.profile and repeat == 0 and t != "grpo"} for t in tasks]
+                batches = [settings] if args.quick else [[setting] for setting in settings]
                 for batch in batches:
                     for result in launch(args, batch, assets_file):
                         runs[(result["task"], framework)].append(result)
-                        times = result["times"][args.warmup:]
+                        times = result["times"][result["warmup"]:]
                         print(f"[{repeat + 1}/{args.repeats}] {result['task']} {framework}: step "
                               f"{statistics.median(times):.3f} s, step 0 {result['step0']}, peak RSS "
                               f"{result['peak_rss'] / 2**30:.2f} GiB", file=sys.stderr)
@@ -543,7 +566,9 @@ def main() -> None:
         "threads": args.threads,
         "model": {"parameters": assets["parameters"], **assets["model"]},
         "sizes": {k: v for k, v in sizes.items() if k != "tokenizer_text_words"},
-        "precision": "fp32", "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
+        "precision": "fp32", "steps": args.steps, "grpo_steps": args.grpo_steps, "warmup": args.warmup,
+        "grpo_warmup": args.grpo_warmup,
+        "repeats": args.repeats,
         "trl_setting": "transformers grouped_mm experts, SDPA attention, adamw_torch_fused, use_cpu, fp32, no "
                        "gradient checkpointing; sft packing (BFD, padding-free); TRL 1.16 DPO has no padding-free",
         "versions": versions(), "results": results, "polytrain_vs_trl": versus, "step0": step0,
