@@ -33,7 +33,7 @@ within 1e-3 (what is compared is that formula, each side on its own completions;
 are the ones sft and dpo check).
 
 Usage: python benchmarks/vs_trl.py [--tasks sft,dpo,dpo_precomputed,grpo] [--steps 3] [--grpo-steps 1] [--repeats 2]
-       [--warmup 1] [--profile] [--quick] [--out benchmarks/results/vs_trl.json]
+       [--warmup 1] [--grpo-warmup 1] [--profile] [--quick] [--out benchmarks/results/vs_trl.json]
 """
 
 from __future__ import annotations
@@ -500,8 +500,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per run")
     parser.add_argument("--grpo-steps", type=int, default=1, help="timed GRPO steps per run (a rollout each)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per run (first)")
-    parser.add_argument("--grpo-warmup", type=int, default=0, help="untimed GRPO steps per run (a GRPO step takes "
-                        "minutes here, one-time costs are a small part of it)")
+    parser.add_argument("--grpo-warmup", type=int, default=1, help="untimed GRPO steps per run (the first rollout "
+                        "meets every decode shape for the first time on both sides)")
     parser.add_argument("--repeats", type=int, default=2, help="runs per setting (alternating)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--quick", action="store_true", help="a tiny model and data; each framework's runs share one "

@@ -15,7 +15,7 @@ def test_vs_trl_quick_run_agrees_at_step_zero(tmp_path):
     out = tmp_path / "vs_trl.json"
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "vs_trl.py"), "--quick", "--steps", "1", "--warmup", "0",
-         "--grpo-steps", "1", "--repeats", "1", "--threads", "1", "--out", str(out)],
+         "--grpo-steps", "1", "--grpo-warmup", "0", "--repeats", "1", "--threads", "1", "--out", str(out)],
         capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr[-3000:]
