@@ -55,7 +55,7 @@ from provenance import write_results  # benchmarks/provenance.py
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("sft", "dpo", "dpo_precomputed", "grpo")
-# A DeepSeek-V3-architecture model of MODEL_PARAMETERS parameters: MLA, 1 dense + 3 MoE layers, 16 routed experts
+# A DeepSeek-V3-architecture model of 20.2M parameters: MLA, 1 dense + 3 MoE layers, 16 routed experts
 # top-4 (of 4 groups, 2 groups per token) + 1 shared, an 8k vocabulary. Chosen for GRPO: 16 completions x 128 new
 # tokens plus the update must take seconds, not minutes, per step on 2 (shared) cores; benchmarks/vs_transformers.py's
 # 232M model took minutes per GRPO step here. At this size the model's operators still take most of a training
