@@ -121,6 +121,16 @@ def v_in_flight(schedule: str, pp: int, rank: int, microbatches: int) -> tuple[i
 _CACHE: dict[tuple, tuple[float, float, int]] = {}
 
 
+def _largest_layer(job: Job, layout: Layout) -> tuple[float, float]:
+    """(dense, routed-expert) parameters on one device of the largest decoder layer (what FSDP gathers at once)."""
+    key = ("largest", layout.tp, layout.ep)
+    if key not in job.stage_params:
+        shape = job.shape
+        job.stage_params[key] = max(((d / layout.tp, e / layout.ep) for d, e in zip(shape.layer_dense,
+                                                                                   shape.layer_experts)), key=sum)
+    return job.stage_params[key]
+
+
 def _stage_activations(job: Job, layout: Layout, stage: int, stages: int) -> tuple[float, float, int]:
     """(bytes kept per token by the layers of stage `stage` of `stages` under the layout's recompute choice,
     excluding the layer inputs kept by checkpointed blocks; the largest layer's bytes per token (its recomputation
@@ -256,14 +266,14 @@ def _stage_memory(job: Job, layout: Layout, stage: int) -> Memory:
             # each head's input gradient kept, and the head's weight gradient allocated in forward
             chunk = min(HEAD_CHUNK_BYTES, tokens * c.vocab_size * 4) * (1 + (b / 4 if b < 4 else 0))
             logits = chunk + heads * tokens * c.hidden_size * b + 4 * c.vocab_size * c.hidden_size
-    gathered = 0.0
+    gathered = gathered_forward = 0.0
     if layout.zero == 3 and layout.dp * layout.cp > 1:
         if fsdp_pipeline:
             # torch.distributed.pipelining keeps a stage's FSDP units unsharded from their first backward to the
             # step's end (reshard_after_backward off between micro-batches): the whole stage, gathered
             gathered = w * (local_dense + local_experts)
-        else:
-            buffers += 2 * job.biggest_layer(layout.tp, layout.ep) * w  # the gathered layer and the prefetched next
+        else:  # the gathered layer and the prefetched next (forward; backward: below)
+            gathered_forward = 2 * w * sum(_largest_layer(job, layout))
     if layout.ep > 1:  # all-to-all send / receive buffers of one MoE layer
         buffers += 2 * tokens * c.num_experts_per_tok * c.hidden_size * b
     width = spec_for(c).planner.residual_width(c)
@@ -284,7 +294,7 @@ def _stage_memory(job: Job, layout: Layout, stage: int) -> Memory:
         rl = _rl_memory(job, layout, local_dense + local_experts)
     elif job.algorithm == "dpo":  # the frozen reference model, bf16, sharded like the policy under ZeRO-3
         rl = 2 * (local_dense + local_experts) / (layout.dp * layout.cp if layout.zero == 3 else 1)
-    forward_end = activations + logits
+    forward_end = activations + logits + gathered_forward
     if fsdp_pipeline and holds_first:
         # the embedding's backward: a dense [vocab, hidden] gradient per use (the MTP modules share the
         # embedding), their sum, in the unsharded parameters' dtype
@@ -301,13 +311,22 @@ def _stage_memory(job: Job, layout: Layout, stage: int) -> Memory:
         others = activations * (1 - 1 / in_flight if in_flight > 1 else 0.0)
     layer_grads = 0.0
     if layout.zero in (2, 3) and layout.dp * layout.cp > 1 and not fsdp_pipeline:
-        # FSDP's backward, one layer at a time: the layer being differentiated makes its unsharded gradients (in
-        # the parameters' dtype; already counted when accumulated over micro-batches) while the previous layer's
-        # are reduce-scattered from an fp32 copy (reduce_dtype), which FSDP keeps until the next reduction
-        # (the largest layer). This is at the start of backward (the last layer first), where every other layer's
-        # activations are still kept.
-        layer = job.biggest_layer(layout.tp, layout.ep)
-        layer_grads = 4 * layer + (0.0 if accumulate else w * layer)
+        # FSDP's backward, one unit at a time: the unit being differentiated is gathered (ZeRO-3) with the next one
+        # prefetched, and makes its unsharded gradients (in the parameters' dtype; already counted when accumulated
+        # over micro-batches), while the previous unit's gradients are reduce-scattered from an fp32 copy
+        # (reduce_dtype), which FSDP keeps until the next reduction. The units are the decoder layers, and under
+        # expert parallelism each layer's routed experts apart (the expert-data-parallel group's unit): their
+        # reduction overlaps the layer's dense part and the next layer's experts, gathered. This is near the start
+        # of backward, where the other layers' activations are still kept.
+        dense_part, expert_part = _largest_layer(job, layout)
+        made = 0.0 if accumulate else w
+        gather = w if layout.zero == 3 else 0.0
+        if layout.ep > 1:
+            layer_grads = max(4 * expert_part + gather * (expert_part + dense_part) + made * dense_part,
+                              4 * expert_part + made * expert_part + gather * dense_part)
+        else:
+            layer = dense_part + expert_part
+            layer_grads = 4 * layer + 2 * gather * layer + made * layer
         others = activations
     backward_end = working + gathered + others + layer_grads
     persistent = layout.zero in (1, 2) and layout.offload != "all"
@@ -318,8 +337,8 @@ def _stage_memory(job: Job, layout: Layout, stage: int) -> Memory:
     else:
         dynamic = max(forward_end, grads + backward_end)
     peak = params + optim + rl + buffers + dynamic
-    return Memory(params, grads, optim, activations, working + logits + buffers + gathered + layer_grads, peak, rl,
-                  host, stage)
+    transient = working + logits + buffers + gathered + max(gathered_forward, layer_grads)
+    return Memory(params, grads, optim, activations, transient, peak, rl, host, stage)
 
 
 def _rl_memory(job: Job, layout: Layout, local_params: float) -> float:
