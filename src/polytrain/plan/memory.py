@@ -4,10 +4,12 @@ Model states, bytes per parameter (w = 2-byte working weights, g = 4-byte fp32 g
 moments = 4 + 2 x moment_bytes), sharded over the data-parallel group G of the weight (dense: dp x cp; routed
 experts: the expert-data-parallel group (dp x tp x cp) / ep):
   ZeRO-1: w + g + o / G          ZeRO-2: w + (g + o) / G          ZeRO-3 (FSDP): (g + o) / G, fp32 master = weight
-ZeRO-3 also holds the gathered working copy of the layer being computed and the next one (prefetch). With gradient
-accumulation (more than one micro-batch per step) ZeRO-2 / 3 gradients are reduced after the last micro-batch only, so
-they are held unsharded (g) through the step (in the peak; `gradients` reports the sharded ones kept between
-steps).
+ZeRO-3 also holds the gathered working copy of the layer being computed and the next one (prefetch); in backward,
+FSDP adds the unit's unsharded gradients and the previous unit's fp32 reduce-scatter copy (see `_stage_memory`).
+With gradient accumulation (more than one micro-batch per step) ZeRO-2 / 3 gradients are reduced after the last
+micro-batch only, so they are held unsharded (g) through the step (in the peak; `gradients` reports the sharded ones
+kept between steps). Pipeline schedules hold their in-flight micro-batches per stage; DualPipeV and ZBV place two
+stages on each rank (`v_in_flight`).
 Offload `optimizer` moves o to host memory; `all` moves everything sharded to host memory.
 
 Activations are counted tensor by tensor from what autograd keeps in polytrain's blocks (the family's attention and
