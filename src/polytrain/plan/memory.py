@@ -276,6 +276,8 @@ def _stage_memory(job: Job, layout: Layout, stage: int) -> Memory:
             gathered = w * (local_dense + local_experts)
         else:  # the gathered layer and the prefetched next (forward; backward: below)
             gathered_forward = 2 * w * sum(_largest_layer(job, layout))
+            # the root unit (the embedding) stays gathered from its forward to the step's end (parallel/fsdp.py)
+            buffers += w * job.shape.embedding / layout.tp
     if layout.ep > 1:  # all-to-all send / receive buffers of one MoE layer
         buffers += 2 * tokens * c.num_experts_per_tok * c.hidden_size * b
     width = spec_for(c).planner.residual_width(c)
@@ -316,19 +318,19 @@ def _stage_memory(job: Job, layout: Layout, stage: int) -> Memory:
         # FSDP's backward, one unit at a time: the unit being differentiated is gathered (ZeRO-3) with the next one
         # prefetched, and makes its unsharded gradients (in the parameters' dtype; already counted when accumulated
         # over micro-batches), while the previous unit's gradients are reduce-scattered from an fp32 copy
-        # (reduce_dtype), which FSDP keeps until the next reduction. The units are the decoder layers, and under
-        # expert parallelism each layer's routed experts apart (the expert-data-parallel group's unit): their
-        # reduction overlaps the layer's dense part and the next layer's experts, gathered. This is near the start
-        # of backward, where the other layers' activations are still kept.
+        # (reduce_dtype), which FSDP keeps until the next reduction. The units, in backward order: the output head,
+        # then the decoder layers (the largest one counted for all), each layer's routed experts a unit of their
+        # own under expert parallelism. This is near the start of backward, where the other layers' activations
+        # are still kept.
         dense_part, expert_part = _largest_layer(job, layout)
         made = 0.0 if accumulate else w
         gather = w if layout.zero == 3 else 0.0
-        if layout.ep > 1:
-            layer_grads = max(4 * expert_part + gather * (expert_part + dense_part) + made * dense_part,
-                              4 * expert_part + made * expert_part + gather * dense_part)
-        else:
-            layer = dense_part + expert_part
-            layer_grads = 4 * layer + 2 * gather * layer + made * layer
+        units = [expert_part, dense_part] if layout.ep > 1 else [expert_part + dense_part]
+        order = [job.shape.head / layout.tp] + units * 3  # the head, then the units of the next layers
+        layer_grads = max(
+            max(4 * order[k] + made * order[k] + gather * order[k + 1],  # a unit reduced beside its own gradients
+                4 * order[k] + made * order[k + 1] + gather * (order[k + 1] + order[k + 2]))  # ... the next unit's
+            for k in range(len(order) - 2))
         others = activations
     backward_end = working + gathered + others + layer_grads
     persistent = layout.zero in (1, 2) and layout.offload != "all"
