@@ -17,7 +17,7 @@ through the engine, on tensors without storage). The categories are matched as f
 The dry run reports the categories at the moment its total peaks; with everything offloaded the device's peak can
 fall at another moment, so the categories of those rows add up to more than the peak.
 
-Usage (writes benchmarks/results/plan_vs_dryrun.json, prints a Markdown table; about 25 minutes on 2 cores):
+Usage (writes benchmarks/results/plan_vs_dryrun.json, prints a Markdown table; one to a few minutes per rank):
     python benchmarks/plan_vs_dryrun.py
 """
 
