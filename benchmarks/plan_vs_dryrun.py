@@ -40,8 +40,6 @@ from polytrain.plan.report import job_config
 
 JOBS = [  # (model, layout, sequences per step: the fewest the layout's schedule takes)
     ("deepseek-v3-671b", Layout(dp=64, pp=16, ep=64, recompute="full", schedule="1f1b"), 1024),
-    ("deepseek-v4-flash", Layout(dp=256, ep=64, recompute="full"), 512),
-    ("deepseek-v4-pro", Layout(dp=1024, ep=128, recompute="full", micro_batch=4), 4096),
     # the planner's picks for 910C clusters at 8M tokens a step (`polytrain plan ... --devices 256 / 1024`)
     ("deepseek-v3-671b", Layout(dp=256, ep=2, offload="all", recompute="selective"), 512),
     ("deepseek-v4-flash", Layout(dp=256, ep=2, offload="all", recompute="selective"), 256),
