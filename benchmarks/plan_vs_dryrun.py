@@ -4,14 +4,20 @@ For each job (a model, a layout on 1,024 or 256 ranks of a 910C cluster) the pla
 stage (plan/memory.py) is set beside `polytrain dryrun`'s measurement of the rank running that stage (one SFT step
 through the engine, on tensors without storage). The categories are matched as follows:
 
-- weights and optimizer: the planner's parameters + optimizer state (bf16 copies, fp32 master weights, moments);
-  the dry run's parameters (this rank's fp32 shards) + optimizer state (moments);
+- weights and optimizer: the planner's parameters + optimizer state (bf16 copies, fp32 master weights, moments),
+  and with everything offloaded its host memory (the sharded state); the dry run's parameters (this rank's fp32
+  shards) + optimizer state (moments), and with everything offloaded as many bytes of gradients (the sharded
+  gradients in host memory);
 - gradients: both count the sharded gradients and, between micro-batches, the unsharded ones FSDP accumulates;
 - working set: the planner's activations + transient (gathered layers, recomputation, logits, buffers); the dry
   run's activations + temporaries + communication buffers;
-- peak: the planner's device peak; the dry run's peak of all live tensors (no allocator slack).
+- peak: the planner's device peak; the dry run's peak of all live tensors (no allocator slack), with everything
+  offloaded its peak without the host-resident state (`device_peak_bytes`).
 
-Usage (writes benchmarks/results/plan_vs_dryrun.json, prints a Markdown table; about 5 minutes):
+The dry run reports the categories at the moment its total peaks; with everything offloaded the device's peak can
+fall at another moment, so the categories of those rows add up to more than the peak.
+
+Usage (writes benchmarks/results/plan_vs_dryrun.json, prints a Markdown table; one to a few minutes per rank):
     python benchmarks/plan_vs_dryrun.py
 """
 
@@ -32,10 +38,14 @@ from polytrain.plan.layout import Job, Layout
 from polytrain.plan.memory import GiB, _stage_memory
 from polytrain.plan.report import job_config
 
-JOBS = [  # (model, layout, sequences per step)
+JOBS = [  # (model, layout, sequences per step: the fewest the layout's schedule takes)
     ("deepseek-v3-671b", Layout(dp=64, pp=16, ep=64, recompute="full", schedule="1f1b"), 1024),
-    ("deepseek-v4-flash", Layout(dp=256, ep=64, recompute="full"), 512),
-    ("deepseek-v4-pro", Layout(dp=1024, ep=128, recompute="full", micro_batch=4), 4096),
+    # the planner's picks for 910C clusters at 8M tokens a step (`polytrain plan ... --devices 256 / 1024`)
+    ("deepseek-v3-671b", Layout(dp=256, ep=2, offload="all", recompute="selective"), 512),
+    ("deepseek-v4-flash", Layout(dp=256, ep=2, offload="all", recompute="selective"), 256),
+    ("deepseek-v4-pro", Layout(dp=1024, ep=128, offload="all", recompute="full"), 1024),
+    # DualPipeV: 2 pp micro-batches, 2 pp + 1 half-stages in flight on every pipeline rank
+    ("deepseek-v4-pro", Layout(dp=256, pp=4, ep=128, zero=2, recompute="full", schedule="dualpipev"), 2048),
 ]
 
 
@@ -47,16 +57,22 @@ def compare(model: str, layout: Layout, sequences: int) -> list[dict]:
         stage = report.rank // (layout.devices // layout.pp)
         plan = _stage_memory(job, layout, stage)
         dry = report.peak_by_category
+        # with everything offloaded, FSDP keeps this rank's shards, their gradients and the optimizer state in host
+        # memory: both sides count them with the weights, and compare the device's peak
+        host_grads = min(dry["gradients"], dry["parameters"]) if layout.offload == "all" else 0
         pairs = {
-            "weights + optimizer": (plan.parameters + plan.optimizer,
-                                    dry["parameters"] + dry["optimizer state"]),
-            "gradients": (plan.gradients, dry["gradients"]),
+            "weights + optimizer": (plan.parameters + plan.optimizer + plan.host,
+                                    dry["parameters"] + dry["optimizer state"] + host_grads),
+            "gradients": (plan.gradients, dry["gradients"] - host_grads),
             "working set": (plan.activations + plan.transient,
                             dry["activations"] + dry["temporaries"] + dry["communication buffers"]),
-            "peak": (plan.peak, report.peak_bytes),
+            "peak": (plan.peak, report.peak_bytes if report.device_peak_bytes is None else report.device_peak_bytes),
         }
-        rows.append({"model": model, "layout": f"{layout.short()} {layout.schedule if layout.pp > 1 else ''}".strip()
-                     + f", recompute {layout.recompute}", "rank": report.rank, "stage": stage,
+        name = f"{layout.short()} {layout.schedule if layout.pp > 1 else ''}".strip()
+        name += f", ZeRO-{layout.zero}" if layout.zero != 3 else ""
+        name += ", offload all" if layout.offload == "all" else ""
+        rows.append({"model": model, "layout": name + f", recompute {layout.recompute}", "rank": report.rank,
+                     "stage": stage,
                      "gib": {name: {"planner": round(p / GiB, 2), "dryrun": round(d / GiB, 2),
                                     "ratio": round(p / d, 2) if d else None} for name, (p, d) in pairs.items()}})
     return rows
@@ -67,7 +83,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "plan_vs_dryrun.json"))
     args = parser.parse_args()
     rows = [row for model, layout, sequences in JOBS for row in compare(model, layout, sequences)]
-    print("| model, layout | stage | weights + optimizer | gradients | working set | peak |")
+    print("| model, layout (SFT, 4K tokens) | stage | weights + optimizer | gradients | working set | peak |")
     print("|---|---|---|---|---|---|")
     for row in rows:
         cells = [f"{v['planner']:.1f} / {v['dryrun']:.1f}" for v in row["gib"].values()]

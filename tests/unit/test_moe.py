@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -107,7 +109,8 @@ def test_scaled_swiglu_formula_gradients(limit, scaled):
 @pytest.mark.parametrize("regather", [False, True])
 def test_grouped_experts_keep_few_activations(regather):
     """Autograd keeps, of the [M, moe_intermediate] activations, only the down projection's input; with rows_of, not
-    the [M, hidden] gathered token rows either (gathered again in backward) and the gradients are unchanged."""
+    the [M, hidden] gathered token rows either (gathered again in backward: they are freed after forward) and the
+    gradients are unchanged."""
     experts, dim, hidden = 4, 12, 8  # [M, dim], [M, hidden] and [M, 2 hidden] all differ
     gate_up = torch.randn(experts, 2 * hidden, dim, requires_grad=True)
     down = torch.randn(experts, dim, hidden, requires_grad=True)
@@ -122,9 +125,12 @@ def test_grouped_experts_keep_few_activations(regather):
         shapes.append(tuple(t.shape))
         return t
 
+    rows = tokens[index]
+    alive = weakref.ref(rows.untyped_storage())
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = grouped_swiglu(tokens[index], counts, gate_up, down, scale=scale,
-                             rows_of=(tokens, index) if regather else None)
+        out = grouped_swiglu(rows, counts, gate_up, down, scale=scale, rows_of=(tokens, index) if regather else None)
+    del rows
+    assert (alive() is None) == regather  # nothing else (the saved-tensor hook's closure) keeps the rows until backward
     grads = torch.autograd.grad(out.square().sum(), leaves)
     expected = torch.autograd.grad(grouped_swiglu_reference(tokens[index], counts.tolist(), gate_up, down,
                                                             scale=scale).square().sum(), leaves)

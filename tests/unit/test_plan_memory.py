@@ -118,3 +118,36 @@ def test_model_states_match_measured_gloo_layouts():
         measured = max(r["param_bytes"] + r["grad_bytes"] + r["optimizer_bytes"] for r in row["ranks"])
         # 10%: tensor parallelism keeps norms and the router whole on every rank, the planner splits all dense
         assert abs(predicted / measured - 1) <= 0.10, (row["layout"], predicted, measured)
+
+
+@pytest.mark.parametrize("schedule", ["dualpipev", "zbv"])
+@pytest.mark.parametrize(("pp", "microbatches"), [(2, 4), (4, 8), (4, 16), (8, 64)])
+def test_v_schedule_in_flight_micro_batches_are_torchs(schedule, pp, microbatches):
+    """The planner's count of the micro-batches a V-schedule rank holds at its peak, per stage, is what torch's
+    schedule does: each rank's actions replayed (a forward adds a micro-batch to its stage, a backward frees one;
+    DualPipeV's overlapped forward + backward runs the forward first)."""
+    from types import SimpleNamespace
+
+    from torch.distributed.pipelining import schedules
+
+    from polytrain.parallel.pp import SCHEDULES, stages_of_rank
+    from polytrain.plan.memory import v_in_flight
+
+    cls = getattr(schedules, SCHEDULES[schedule][0])
+    for rank in range(pp):
+        state = SimpleNamespace(pp_group_size=pp, _n_microbatches=microbatches, n_local_stages=2, rank=rank,
+                                num_stages=2 * pp)
+        live = dict.fromkeys(stages_of_rank(rank, pp, schedule), 0)
+        peak: dict[int, int] = {}
+        for action in cls._calculate_single_rank_operations(state, rank):
+            if action is None:
+                continue
+            steps = action.sub_actions if action.computation_type == schedules.OVERLAP_F_B else (action,)
+            for step in steps:
+                if step.computation_type == schedules.FORWARD:
+                    live[step.stage_index] += 1
+                elif step.computation_type in (schedules.BACKWARD_INPUT, schedules.FULL_BACKWARD):
+                    live[step.stage_index] -= 1
+                if sum(live.values()) > sum(peak.values()):
+                    peak = dict(live)
+        assert tuple(peak.values()) == v_in_flight(schedule, pp, rank, microbatches), (rank, peak)

@@ -63,6 +63,7 @@ class MemoryBook:
         self.peak = 0
         self.peak_by_category = dict(self.totals)
         self.offload = offload
+        self.host_gradients: dict[int, int] = {}  # id(storage) -> bytes: the sharded gradients (offload)
         self.device_peak = 0
         """The peak of what stays on the device: with `offload` (FSDP's CPU offload) the sharded parameters,
         their gradients and the optimizer state live in host memory, the rest on the device."""
@@ -79,17 +80,18 @@ class MemoryBook:
 
     def _drop(self, key: int) -> None:
         entry = self.live.pop(key, None)
+        self.host_gradients.pop(key, None)
         if entry is not None:
             self.totals[entry[2]] -= entry[1]
 
     def host_bytes(self) -> int:
-        """Bytes in host memory under `offload`: the sharded parameters, as many bytes of gradients (the sharded
-        gradients FSDP moves to the host; the unsharded ones of a layer being reduced are on the device) and the
-        optimizer state."""
+        """Bytes in host memory under `offload`: the sharded parameters, the sharded gradients (what FSDP's
+        reduce-scatters write, which it moves to the host; the unsharded gradients of a layer being reduced, or
+        accumulated over micro-batches, are on the device) and the optimizer state."""
         if not self.offload:
             return 0
         t = self.totals
-        return t["parameters"] + min(t["gradients"], t["parameters"]) + t["optimizer state"]
+        return t["parameters"] + sum(self.host_gradients.values()) + t["optimizer state"]
 
     def _update_peak(self) -> None:
         total = sum(self.totals.values())
@@ -117,6 +119,8 @@ class MemoryBook:
         size = storage.nbytes()
         self.totals[entry[2]] += size - entry[1]
         entry[1] = size
+        if id(storage) in self.host_gradients:
+            self.host_gradients[id(storage)] = size
         self._update_peak()
 
     def made(self, out: Any) -> None:
@@ -129,6 +133,10 @@ class MemoryBook:
     def collective(self, name: str, args: tuple, out: Any) -> None:
         if "reduce_scatter" in name and args:  # FSDP: (sharded gradient output, unsharded input, ...)
             self.tag(_tensors(args[0]), "gradients")
+            if self.offload:
+                for tensor in _tensors(args[0]):
+                    storage = _local(tensor).untyped_storage()
+                    self.host_gradients[id(storage)] = storage.nbytes()
             self.tag([t for a in args[1:] for t in _tensors(a)], "communication buffers")
         else:
             self.tag([t for a in (*args, out) for t in _tensors(a)], "communication buffers")

@@ -86,14 +86,9 @@ class Job:
 
     @cached_property
     def stage_params(self) -> dict[tuple, object]:
-        """Per-job cache: (pp, stage) -> (dense, expert) parameters, filled on demand (and the largest layer)."""
+        """Per-job cache: (pp, stage) -> (dense, expert) parameters, filled on demand (and the largest layer's per
+        device: plan/memory.py)."""
         return {}
-
-    def biggest_layer(self, tp: int, ep: int) -> float:
-        key = ("biggest", tp, ep)
-        if key not in self.stage_params:
-            self.stage_params[key] = self.shape.biggest_layer(tp, ep)
-        return self.stage_params[key]
 
     def params_of_stage(self, pp: int, stage: int) -> tuple[int, int]:
         key = (pp, stage)

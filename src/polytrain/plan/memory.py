@@ -4,10 +4,12 @@ Model states, bytes per parameter (w = 2-byte working weights, g = 4-byte fp32 g
 moments = 4 + 2 x moment_bytes), sharded over the data-parallel group G of the weight (dense: dp x cp; routed
 experts: the expert-data-parallel group (dp x tp x cp) / ep):
   ZeRO-1: w + g + o / G          ZeRO-2: w + (g + o) / G          ZeRO-3 (FSDP): (g + o) / G, fp32 master = weight
-ZeRO-3 also holds the gathered working copy of the layer being computed and the next one (prefetch). With gradient
-accumulation (more than one micro-batch per step) ZeRO-2 / 3 gradients are reduced after the last micro-batch only, so
-they are held unsharded (g) through the step (in the peak; `gradients` reports the sharded ones kept between
-steps).
+ZeRO-3 also holds the gathered working copy of the layer being computed and the next one (prefetch); in backward,
+FSDP adds the unit's unsharded gradients and the previous unit's fp32 reduce-scatter copy (see `_stage_memory`).
+With gradient accumulation (more than one micro-batch per step) ZeRO-2 / 3 gradients are reduced after the last
+micro-batch only, so they are held unsharded (g) through the step (in the peak; `gradients` reports the sharded ones
+kept between steps). Pipeline schedules hold their in-flight micro-batches per stage; DualPipeV and ZBV place two
+stages on each rank (`v_in_flight`).
 Offload `optimizer` moves o to host memory; `all` moves everything sharded to host memory.
 
 Activations are counted tensor by tensor from what autograd keeps in polytrain's blocks (the family's attention and
@@ -101,23 +103,46 @@ def _in_flight(layout: Layout, microbatches: int, stage: int) -> float:
         return min(m, p - stage) * (1 + (p - 1) / (2 * p))
     if layout.schedule == "dualpipe":
         return float(min(m, p + 1))  # DualPipe README: p + 1 micro-batches of a stage
-    if layout.schedule == "dualpipev":
-        return min(m, p + 1) / 2  # p + 1 micro-batches of one of the rank's two half-size chunks
     return float(min(m, p - stage))
+
+
+V_SCHEDULES = ("zbv", "dualpipev")
+"""Schedules that place stages r and 2 pp - 1 - r of 2 pp on pipeline rank r (torch's "v" placement)."""
+
+
+def v_in_flight(schedule: str, pp: int, rank: int, microbatches: int) -> tuple[int, int]:
+    """Micro-batches whose activations pipeline rank `rank` holds at its peak under torch's ScheduleDualPipeV or
+    ScheduleZBVZeroBubble, for each of its two stages (stage `rank`, stage 2 pp - 1 - `rank` of 2 pp). Both run
+    2 pp - rank - 1 forwards of the first stage and rank + 1 of the second before the rank's first backward;
+    DualPipeV's overlapped steps then run the next forward of the first stage before that backward: 2 pp + 1 in all
+    (ZBV: 2 pp)."""
+    first = 2 * pp - rank - (0 if schedule == "dualpipev" else 1)
+    return min(microbatches, first), min(microbatches, rank + 1)
 
 
 _CACHE: dict[tuple, tuple[float, float, int]] = {}
 
 
-def _stage_activations(job: Job, layout: Layout, stage: int) -> tuple[float, float, int]:
-    """(bytes kept per token by the stage's layers under the layout's recompute choice, excluding the layer
-    inputs kept by checkpointed blocks; the largest layer's bytes per token (its recomputation working set);
-    number of layers). Cached: the search evaluates thousands of layouts over the same few stage splits."""
+def _largest_layer(job: Job, layout: Layout) -> tuple[float, float]:
+    """(dense, routed-expert) parameters on one device of the largest decoder layer (what FSDP gathers at once)."""
+    key = ("largest", layout.tp, layout.ep)
+    if key not in job.stage_params:
+        shape = job.shape
+        job.stage_params[key] = max(((d / layout.tp, e / layout.ep) for d, e in zip(shape.layer_dense,
+                                                                                   shape.layer_experts)), key=sum)
+    return job.stage_params[key]
+
+
+def _stage_activations(job: Job, layout: Layout, stage: int, stages: int) -> tuple[float, float, int]:
+    """(bytes kept per token by the layers of stage `stage` of `stages` under the layout's recompute choice,
+    excluding the layer inputs kept by checkpointed blocks; the largest layer's bytes per token (its recomputation
+    working set); number of layers). Cached: the search evaluates thousands of layouts over the same few stage
+    splits."""
     c = job.model
-    key = (job.key, layout.pp, stage, layout.tp, layout.ep > 1, layout.cp, layout.recompute, job.mtp)
+    key = (job.key, stages, stage, layout.tp, layout.ep > 1, layout.cp, layout.recompute, job.mtp)
     if key not in _CACHE:
-        layers = list(job.shape.stage_layers(layout.pp)[stage])
-        if stage == layout.pp - 1 and job.mtp:
+        layers = list(job.shape.stage_layers(stages)[stage])
+        if stage == stages - 1 and job.mtp:
             layers += range(c.num_hidden_layers, c.num_hidden_layers + c.num_nextn_predict_layers)
         seq = job.seq_len // layout.cp
 
@@ -149,14 +174,34 @@ def microbatches(job: Job, layout: Layout) -> int:
 
 def device_memory(job: Job, layout: Layout) -> Memory:
     """The most loaded device's memory: the first stage (embedding, the most micro-batches in flight, the extra
-    layers of an uneven split) or the last (output head, MTP modules, logits); middle stages hold less."""
-    stages = {0, layout.pp - 1}
-    return max((_stage_memory(job, layout, s) for s in stages), key=lambda m: m.device)
+    layers of an uneven split) or the last (output head, MTP modules, logits); middle stages hold less. Under
+    the V-shaped schedules (DualPipeV, ZBV) every pipeline rank holds about 2 pp half-stages of micro-batches in
+    flight and rank 0 both ends of the model: each rank is counted."""
+    ranks = range(layout.pp) if layout.schedule in V_SCHEDULES else {0, layout.pp - 1}
+    return max((_stage_memory(job, layout, s) for s in ranks), key=lambda m: m.device)
+
+
+def _chunks(job: Job, layout: Layout, rank: int) -> list[tuple[int, int, float]]:
+    """The pipeline stages pipeline rank `rank` runs, as (stage, number of stages, micro-batches in flight at the
+    rank's peak). DualPipeV, ZBV: stages `rank` and 2 pp - 1 - `rank` of 2 pp (torch's V placement); otherwise
+    the layout's stage `rank` of pp, in flight as `_in_flight` counts in units of that stage."""
+    m = microbatches(job, layout)
+    if layout.schedule in V_SCHEDULES and layout.pp > 1:
+        first, second = v_in_flight(layout.schedule, layout.pp, rank, m)
+        return [(rank, 2 * layout.pp, float(first)), (2 * layout.pp - 1 - rank, 2 * layout.pp, float(second))]
+    return [(rank, layout.pp, _in_flight(layout, m, rank))]
 
 
 def _stage_memory(job: Job, layout: Layout, stage: int) -> Memory:
+    """Memory of pipeline rank `stage` (the stage it runs; under DualPipeV and ZBV its two stages)."""
     c = job.model
-    dense, experts = job.params_of_stage(layout.pp, stage)
+    chunks = _chunks(job, layout, stage)
+    holds_first = any(s == 0 for s, _, _ in chunks)  # the embedding, the MTP embeddings it makes
+    holds_last = any(s == n - 1 for s, n, _ in chunks)  # the head, the MTP modules, the logits
+    dense = experts = 0
+    for s, n, _ in chunks:
+        d, e = job.params_of_stage(n, s)
+        dense, experts = dense + d, experts + e
     local_dense = dense / layout.tp
     local_experts = experts / layout.ep
     if layout.schedule == "dualpipe":  # DualPipe keeps two copies of the parameters
@@ -190,27 +235,32 @@ def _stage_memory(job: Job, layout: Layout, stage: int) -> Memory:
     b = job.activation_bytes
     tokens = layout.micro_batch * job.seq_len / layout.cp
     seq_tokens = tokens / (layout.tp if layout.tp > 1 else 1)  # sequence parallel splits the residual stream
-    kept_per_token, working_per_token, layer_count = _stage_activations(job, layout, stage)
     stream = spec_for(c).planner.residual_width(c) * b  # a layer's input, kept under full recompute
-    if layout.recompute == "full":
-        kept = layer_count * stream * seq_tokens
-    elif layout.recompute == "selective":
-        kept = kept_per_token * tokens + (layer_count + 1) // 2 * stream * seq_tokens
-    else:
-        kept = kept_per_token * tokens
-    working = working_per_token * tokens if layout.recompute != "none" else 0.0
     mtp_layers = c.num_nextn_predict_layers if job.mtp else 0
     fsdp_pipeline = layout.pp > 1 and layout.zero in (2, 3)
-    if fsdp_pipeline and stage == 0:
-        # the MTP modules' token embeddings are made on the first stage and sent on with each micro-batch
-        kept += mtp_layers * tokens * c.hidden_size * b
-    in_flight = _in_flight(layout, m, stage)
-    activations = kept * in_flight
+    activations = working = 0.0
+    in_flight = 0.0
+    for s, n, count in chunks:
+        kept_per_token, working_per_token, layer_count = _stage_activations(job, layout, s, n)
+        if layout.recompute == "full":
+            kept = layer_count * stream * seq_tokens
+        elif layout.recompute == "selective":
+            kept = kept_per_token * tokens + (layer_count + 1) // 2 * stream * seq_tokens
+        else:
+            kept = kept_per_token * tokens
+        if fsdp_pipeline and s == 0:
+            # the MTP modules' token embeddings are made on the first stage and sent on with each micro-batch
+            kept += mtp_layers * tokens * c.hidden_size * b
+        activations += kept * count
+        in_flight += count
+        last_share = kept  # one micro-batch of the rank's second stage: the V schedules differentiate it first
+        if layout.recompute != "none":
+            working = max(working, working_per_token * tokens)
     if layout.pp == 1:
         activations += tokens * c.hidden_size * b  # embedding output
     logits = 0.0
     buffers = 0.0
-    if stage == layout.pp - 1:
+    if holds_last:
         heads = 1 + (c.num_nextn_predict_layers if job.mtp else 0)
         if layout.tp > 1:  # plain head: logits (b) and their fp32 copy kept for the loss, the fp32 gradient
             logits = tokens * c.vocab_size / layout.tp * ((b + 4) * heads + 4)
@@ -218,14 +268,16 @@ def _stage_memory(job: Job, layout: Layout, stage: int) -> Memory:
             # each head's input gradient kept, and the head's weight gradient allocated in forward
             chunk = min(HEAD_CHUNK_BYTES, tokens * c.vocab_size * 4) * (1 + (b / 4 if b < 4 else 0))
             logits = chunk + heads * tokens * c.hidden_size * b + 4 * c.vocab_size * c.hidden_size
-    gathered = 0.0
+    gathered = gathered_forward = 0.0
     if layout.zero == 3 and layout.dp * layout.cp > 1:
         if fsdp_pipeline:
             # torch.distributed.pipelining keeps a stage's FSDP units unsharded from their first backward to the
             # step's end (reshard_after_backward off between micro-batches): the whole stage, gathered
             gathered = w * (local_dense + local_experts)
-        else:
-            buffers += 2 * job.biggest_layer(layout.tp, layout.ep) * w  # the gathered layer and the prefetched next
+        else:  # the gathered layer and the prefetched next (forward; backward: below)
+            gathered_forward = 2 * w * sum(_largest_layer(job, layout))
+            # the root unit (the embedding) stays gathered from its forward to the step's end (parallel/fsdp.py)
+            buffers += w * job.shape.embedding / layout.tp
     if layout.ep > 1:  # all-to-all send / receive buffers of one MoE layer
         buffers += 2 * tokens * c.num_experts_per_tok * c.hidden_size * b
     width = spec_for(c).planner.residual_width(c)
@@ -235,9 +287,9 @@ def _stage_memory(job: Job, layout: Layout, stage: int) -> Memory:
         # activations coming in (all but the first stage), gradients coming back (all but the last), kept for the
         # whole step; the last stage's outputs are kept too (the schedule returns them merged)
         crossing = (1 + mtp_layers) * seq_tokens * width * b
-        directions = (stage > 0) + (stage < layout.pp - 1) + (stage == layout.pp - 1)
+        directions = (stage > 0) + (stage < layout.pp - 1) + holds_last
         if layout.schedule in MULTI_STAGE:  # two virtual stages per device: stage s and 2p - 1 - s
-            directions = 2 + (stage == 0)
+            directions = 2 + holds_last
         buffers += m * crossing * directions
     elif layout.pp > 1:  # ZeRO-1 pipelines (Megatron-style engines): one send and one receive buffer
         buffers += 2 * tokens * width * b
@@ -246,8 +298,8 @@ def _stage_memory(job: Job, layout: Layout, stage: int) -> Memory:
         rl = _rl_memory(job, layout, local_dense + local_experts)
     elif job.algorithm == "dpo":  # the frozen reference model, bf16, sharded like the policy under ZeRO-3
         rl = 2 * (local_dense + local_experts) / (layout.dp * layout.cp if layout.zero == 3 else 1)
-    forward_end = activations + logits
-    if fsdp_pipeline and stage == 0:
+    forward_end = activations + logits + gathered_forward
+    if fsdp_pipeline and holds_first:
         # the embedding's backward: a dense [vocab, hidden] gradient per use (the MTP modules share the
         # embedding), their sum, in the unsharded parameters' dtype
         uses = 1 + mtp_layers
@@ -255,8 +307,32 @@ def _stage_memory(job: Job, layout: Layout, stage: int) -> Memory:
     # a stage's first backward: under full recomputation every in-flight micro-batch's kept activations (the
     # other layers' inputs) are still there beside the recomputed layer's working set; otherwise the layer
     # differentiated first holds its own share of them
-    others = 1.0 if layout.recompute == "full" else (1 - 1 / in_flight if in_flight > 1 else 0.0)
-    backward_end = working + gathered + activations * others
+    if layout.recompute == "full":
+        others = activations
+    elif len(chunks) > 1:
+        others = activations - last_share
+    else:
+        others = activations * (1 - 1 / in_flight if in_flight > 1 else 0.0)
+    layer_grads = 0.0
+    if layout.zero in (2, 3) and layout.dp * layout.cp > 1 and not fsdp_pipeline:
+        # FSDP's backward, one unit at a time: the unit being differentiated is gathered (ZeRO-3) with the next one
+        # prefetched, and makes its unsharded gradients (in the parameters' dtype; already counted when accumulated
+        # over micro-batches), while the previous unit's gradients are reduce-scattered from an fp32 copy
+        # (reduce_dtype), which FSDP keeps until the next reduction. The units, in backward order: the output head,
+        # then the decoder layers (the largest one counted for all), each layer's routed experts a unit of their
+        # own under expert parallelism. This is near the start of backward, where the other layers' activations
+        # are still kept.
+        dense_part, expert_part = _largest_layer(job, layout)
+        made = 0.0 if accumulate else w
+        gather = w if layout.zero == 3 else 0.0
+        units = [expert_part, dense_part] if layout.ep > 1 else [expert_part + dense_part]
+        order = [job.shape.head / layout.tp] + units * 3  # the head, then the units of the next layers
+        layer_grads = max(
+            max(4 * order[k] + made * order[k] + gather * order[k + 1],  # a unit reduced beside its own gradients
+                4 * order[k] + made * order[k + 1] + gather * (order[k + 1] + order[k + 2]))  # ... the next unit's
+            for k in range(len(order) - 2))
+        others = activations
+    backward_end = working + gathered + others + layer_grads
     persistent = layout.zero in (1, 2) and layout.offload != "all"
     if accumulate:  # the unsharded gradients live from the first micro-batch's backward to the step's end
         dynamic = unsharded_grads + max(forward_end, backward_end)
@@ -265,7 +341,8 @@ def _stage_memory(job: Job, layout: Layout, stage: int) -> Memory:
     else:
         dynamic = max(forward_end, grads + backward_end)
     peak = params + optim + rl + buffers + dynamic
-    return Memory(params, grads, optim, activations, working + logits + buffers + gathered, peak, rl, host, stage)
+    transient = working + logits + buffers + gathered + max(gathered_forward, layer_grads)
+    return Memory(params, grads, optim, activations, transient, peak, rl, host, stage)
 
 
 def _rl_memory(job: Job, layout: Layout, local_params: float) -> float:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from polytrain.errors import ConfigError
 from polytrain.models.registry import spec_for
-from polytrain.parallel.validate import ENGINE_SCHEDULES
+from polytrain.parallel.validate import ENGINE_SCHEDULES, MULTI_STAGE
 from polytrain.plan.hardware import Chip
 from polytrain.plan.layout import Job, Layout
 from polytrain.plan.memory import GiB, Memory, device_memory
@@ -103,6 +103,8 @@ def candidates(job: Job, devices: int, chip: Chip, *, engine_only: bool = True) 
                 if engine_only and (zero == 1 or offload == "optimizer"):
                     continue
                 if schedule in ("dualpipe", "dualpipev") and pp % 2:
+                    continue
+                if pp * (2 if schedule in MULTI_STAGE else 1) > c.num_hidden_layers:  # a stage without layers
                     continue
                 out.append(Layout(dp=dp, tp=tp, pp=pp, ep=ep, cp=cp, zero=zero, offload=offload,
                                   recompute=recompute, micro_batch=mb, schedule=schedule))

@@ -34,10 +34,6 @@ class ModelShape:
         return (sum(self.layer_dense) + sum(self.layer_experts) + self.embedding + self.head + self.mtp_dense
                 + self.mtp_experts)
 
-    def biggest_layer(self, tp: int, ep: int) -> float:
-        """Parameters of the largest decoder layer on one device (what ZeRO-3 gathers at once)."""
-        return max(d / tp + e / ep for d, e in zip(self.layer_dense, self.layer_experts))
-
     def stage_layers(self, pp: int) -> list[range]:
         """Decoder layers of each pipeline stage: the engine's even split (earlier stages take the remainder)."""
         return split_layers(len(self.layer_dense), pp)

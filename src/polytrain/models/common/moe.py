@@ -6,6 +6,7 @@ The module runs on one device; expert parallelism (polytrain.parallel) wraps it 
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable, Iterator
 
 import torch
@@ -238,12 +239,14 @@ def _saved_as_gather(rows: torch.Tensor, rows_of: tuple[torch.Tensor, torch.Tens
         yield
         return
     tokens, index = rows_of[0].detach(), rows_of[1]  # detach() shares the version counter
-    storage = rows.untyped_storage()  # the same Python object for every view of one storage
+    # the same Python object for every view of one storage; held weakly: autograd keeps `pack` as long as the
+    # tensors it saved, and a strong reference would keep the rows alive until backward after all
+    storage = weakref.ref(rows.untyped_storage())
     key = (rows.storage_offset(), rows.shape, rows.stride(), rows.dtype)
     version = tokens._version
 
     def pack(t: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        same = t.untyped_storage() is storage and (t.storage_offset(), t.shape, t.stride(), t.dtype) == key
+        same = t.untyped_storage() is storage() and (t.storage_offset(), t.shape, t.stride(), t.dtype) == key
         return (tokens, index) if same else t
 
     def unpack(saved: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
