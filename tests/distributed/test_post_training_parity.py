@@ -1,5 +1,6 @@
 """Post-training losses are exactly global: GRPO, DPO and distillation give the same losses, gradient norms and
-parameters for 1 or 2 data-parallel processes and for any micro-batch split (fp32, gloo).
+parameters for 1 or 2 data-parallel (or, for GRPO, context-parallel) processes and for any micro-batch split (fp32,
+gloo).
 
 GRPO rollouts are seeded per completion, so every layout samples the same completions; the rewards logged per step
 are compared first, so a sampling difference is reported as such rather than as a gradient mismatch."""
@@ -49,6 +50,10 @@ def test_grpo_micro_batching_and_data_parallel(tmp_path, aggregation):
     if aggregation == "seq-mean-token-mean":
         run(job, tmp_path / "dp2", 2, *base, "train.micro_batch_size=8", command="grpo")
         assert_grpo_parity(tmp_path / "whole", tmp_path / "dp2")
+        # context parallelism: both ranks sample the same rollouts whole, then each trains on its chunks of every
+        # row (per-sequence means over whole rows, stored log-probs laid out in whole-row positions)
+        run(job, tmp_path / "cp2", 2, *base, "train.micro_batch_size=16", "parallel.cp=2", command="grpo")
+        assert_grpo_parity(tmp_path / "whole", tmp_path / "cp2")
 
 
 def test_dpo_micro_batching_and_data_parallel(tmp_path):

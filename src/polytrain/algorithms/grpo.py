@@ -7,6 +7,7 @@ rollout time), ref = reference log-prob, m = completion mask, A_i = advantage of
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -147,21 +148,25 @@ def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: to
 
 
 def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, global_tokens: float, global_seqs: float,
-              max_new_tokens: int) -> torch.Tensor:
+              max_new_tokens: int, row_tokens: torch.Tensor | None = None) -> torch.Tensor:
     """This micro-batch's share of the step's loss. per_token / mask: [completions, T]. Normalisers cover the whole
-    optimizer step (all ranks and micro-batches), so the shares add up to exactly the global value."""
+    optimizer step (all ranks and micro-batches), so the shares add up to exactly the global value. `row_tokens`:
+    each completion's token count when the tensors hold only part of each row (context parallelism)."""
     masked = per_token * mask
     if mode == "token-mean":
         return masked.sum() / global_tokens
     if mode == "seq-mean-token-sum":
         return masked.sum() / global_seqs
     if mode == "seq-mean-token-mean":
-        return (masked.sum(dim=1) / mask.sum(dim=1).clamp(min=1)).sum() / global_seqs
+        lengths = mask.sum(dim=1) if row_tokens is None else row_tokens
+        return (masked.sum(dim=1) / lengths.clamp(min=1)).sum() / global_seqs
     return masked.sum() / (global_seqs * max_new_tokens)
 
 
 def mismatch_correction(old_logp: torch.Tensor, engine_logp: torch.Tensor, mask: torch.Tensor, mode: str,
-                        cap: float, low: float, high: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                        cap: float, low: float, high: float,
+                        row_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(per-token weight of the policy-gradient term, sums for the metrics) for the gap between the trainer's
     behaviour log-probs `old_logp` and the engine's `engine_logp` of the same sampled tokens ([completions, T];
     `mask` marks completion tokens).
@@ -169,7 +174,8 @@ def mismatch_correction(old_logp: torch.Tensor, engine_logp: torch.Tensor, mask:
     token-tis: w = min(exp(old - engine), cap). sequence-mask: w = 1 for completions whose geometric-mean ratio
     exp(mean over its tokens of (old - engine)) lies in [low, high], else 0. none: w = 1. The metrics are sums over
     the micro-batch: `mismatch_k3` of the k3 estimate of KL(engine || trainer) per token, r - 1 - log r with
-    r = exp(old - engine); `capped_tokens` where token-tis truncated; `masked_sequences` dropped by sequence-mask."""
+    r = exp(old - engine); `capped_tokens` where token-tis truncated; `masked_sequences` dropped by sequence-mask.
+    `row_sum` turns per-row partial sums into whole-row ones when the tensors hold part of each row."""
     log_ratio = ((old_logp - engine_logp) * mask).clamp(-20, 20)
     ratio = torch.exp(log_ratio)
     metrics = {"mismatch_k3": ((torch.expm1(log_ratio) - log_ratio) * mask).sum(),  # accurate for tiny gaps
@@ -179,8 +185,9 @@ def mismatch_correction(old_logp: torch.Tensor, engine_logp: torch.Tensor, mask:
         metrics["capped_tokens"] = ((ratio > cap).float() * mask).sum()
         return ratio.clamp(max=cap), metrics
     if mode == "sequence-mask":
-        tokens = mask.sum(dim=1)
-        geometric = torch.exp(log_ratio.sum(dim=1) / tokens.clamp(min=1))
+        whole = row_sum or (lambda per_row: per_row)
+        tokens = whole(mask.sum(dim=1))
+        geometric = torch.exp(whole(log_ratio.sum(dim=1)) / tokens.clamp(min=1))
         keep = ((geometric >= low) & (geometric <= high)) | (tokens == 0)
         metrics["masked_sequences"] = (~keep).float().sum()
         return keep.float().unsqueeze(-1).expand_as(mask), metrics

@@ -36,6 +36,7 @@ class RewardError(PolytrainError):
 
 class GRPOObjective(RolloutObjective):
     name = "grpo"
+    supports_context_parallel = True  # rollouts sampled whole; the update step trains on each rank's row chunks
     headline = (Metric("reward", "reward"), Metric("reward_std", "reward std"),
                 Metric("completion_len", "response len", ".1f"), Metric("clip_fraction", "clip", ".3f"),
                 Metric("kl", "KL", ".4f"))
@@ -56,6 +57,8 @@ class GRPOObjective(RolloutObjective):
                                   f"cached sampler prefills right-aligned rows, which the routing record does not map")
             if ctx.config.parallel.sequence_parallel and ctx.config.parallel.tp > 1:
                 raise ConfigError("grpo.routing_replay does not support parallel.sequence_parallel yet")
+            if ctx.config.parallel.cp > 1:
+                raise ConfigError("grpo.routing_replay does not support parallel.cp > 1 yet")
 
     @classmethod
     def rollout_shape(cls, config: JobConfig) -> tuple[int, int, int]:
@@ -107,7 +110,7 @@ class GRPOObjective(RolloutObjective):
         everything[-3] = failures
         everything[-2] = sum(float(r.finished) for r in rollouts)
         everything[-1] = sum(exact_match(r.text, r.prompt.answer) for r in rollouts)
-        collectives.dp_sum(everything)
+        collectives.dp_sum(everything.mul_(self.reports))
         rewards = everything[:-3].float()
         advantages = group_advantages(rewards, g, self.cfg.scale_rewards, self.cfg.advantage_eps)
         for i, r in enumerate(rollouts):
@@ -139,7 +142,7 @@ class GRPOObjective(RolloutObjective):
                     self.ctx.warn(f"reward `{f.reward}` failed at step {step + 1} ({f.error}) on prompt "
                                       f"{f.prompt!r}, completion {f.completion!r}: scored 0")
                 records.append({"step": step + 1, "rank": self.ctx.collectives.rank, **f.__dict__})
-        if records:
+        if records and self.reports:
             with (self.ctx.run_dir / REWARD_ERRORS_FILE).open("a") as handle:
                 handle.writelines(json.dumps(record) + "\n" for record in records)
         return len(records)
@@ -158,14 +161,17 @@ class GRPOObjective(RolloutObjective):
         if micro[0].engine_logp is not None:
             weight, mismatch = mismatch_correction(old, self.per_token(batch, micro, "engine_logp"), mask,
                                                    cfg.mismatch_correction, cfg.mismatch_cap, cfg.mismatch_low,
-                                                   cfg.mismatch_high)
+                                                   cfg.mismatch_high, batch.whole_row_sum)
+            mismatch["masked_sequences"] = mismatch["masked_sequences"] * batch.reports
             pg = pg * weight
         per_token = pg
         kl = torch.zeros_like(pg)
         if self.reference is not None:
             kl = kl_estimate(logp, self.per_token(batch, micro, "ref_logp"), cfg.kl_estimator)
             per_token = pg + cfg.kl_coef * kl
-        norms = (ctx["tokens"], ctx["sequences"], cfg.max_new_tokens)
+        with torch.no_grad():
+            row_tokens = batch.whole_row_sum(mask.sum(dim=1)) if batch.split is not None else None
+        norms = (ctx["tokens"], ctx["sequences"], cfg.max_new_tokens, row_tokens)
         loss = aggregate(per_token, mask, cfg.loss_aggregation, *norms)
         with torch.no_grad():
             parts = {"loss_sum": loss.detach(), "pg_sum": aggregate(pg, mask, cfg.loss_aggregation, *norms),
@@ -212,7 +218,7 @@ class GRPOObjective(RolloutObjective):
                 r = self.make_rollout(prompt, completion)
                 reward, _ = self.rewards.score(r.text, prompt.answer, prompt.text, r.finished)
                 sums += torch.tensor([reward, exact_match(r.text, prompt.answer), 1.0], dtype=torch.float64)
-        collectives.dp_sum(sums)
+        collectives.dp_sum(sums.mul_(self.reports))
         count = max(float(sums[2]), 1.0)
         model.train()
         return {"eval_reward": float(sums[0]) / count, "eval_exact": float(sums[1]) / count}

@@ -22,7 +22,7 @@ from torch import nn
 from polytrain.algorithms.logprobs import batch_logprobs
 from polytrain.data.chat import stop_token_ids
 from polytrain.data.dataset import Sample, make_sample
-from polytrain.data.packing import Batch, collate
+from polytrain.data.packing import Batch, reports
 from polytrain.data.prompts import PromptItem, load_prompts
 from polytrain.errors import ConfigError, PolytrainError
 from polytrain.objectives.base import Objective, chunks
@@ -215,8 +215,14 @@ class RolloutObjective(Objective):
         size = len(self.buffer) // self.minibatches
         self.current = self.buffer[index * size : (index + 1) * size]
         counts = torch.tensor([sum(len(r.tokens) for r in self.current), len(self.current)], dtype=torch.float64)
-        self.ctx.collectives.dp_sum(counts)
+        self.ctx.collectives.dp_sum(counts.mul_(self.reports))
         return {"tokens": float(counts[0]), "sequences": float(counts[1]), "fresh": fresh}
+
+    @property
+    def reports(self) -> bool:
+        """Whether this rank adds its rollouts' numbers to sums over the data-parallel ranks: context-parallel ranks
+        hold the same rollouts (each trains on its chunks of them), so only the first does."""
+        return reports(self.ctx.batches.split)
 
     def my_share(self, items: list[Any] | None) -> list[Rollout]:
         return self.current
@@ -294,8 +300,8 @@ class RolloutObjective(Objective):
 
     # ------------------------------------------------------------------------------------------ log-probs
     def batch(self, rollouts: list[Rollout]) -> Batch:
-        return collate([r.sample for r in rollouts], self.config.data.max_seq_len,
-                       packing=False).to(self.ctx.device)
+        """One completion per row (with context parallelism: this rank's chunks of each row)."""
+        return self.ctx.batches.micro([r.sample for r in rollouts], packing=False)
 
     def routing_for(self, rollouts: list[Rollout], batch: Batch) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
         if rollouts[0].routing is None:
@@ -314,11 +320,14 @@ class RolloutObjective(Objective):
             return batch_logprobs(model, batch)
 
     def per_token(self, batch: Batch, rollouts: list[Rollout], attr: str) -> torch.Tensor:
-        """A stored per-completion-token value laid out like `batch.labels` (0 elsewhere)."""
-        out = torch.zeros(batch.labels.shape, dtype=torch.float32, device=batch.labels.device)
+        """A stored per-completion-token value laid out like `batch.labels` (0 elsewhere; with context parallelism,
+        this rank's chunks of each row)."""
+        rows, width = batch.labels.shape
+        whole = width * (batch.split.size if batch.split is not None else 1)
+        out = torch.zeros(rows, whole, dtype=torch.float32, device=batch.labels.device)
         for row, r in enumerate(rollouts):
             out[row, r.span] = getattr(r, attr).to(out.device)
-        return out
+        return batch.local_part(out)
 
     @torch.no_grad()
     def store_logprobs(self, model: nn.Module, rollouts: list[Rollout], attr: str) -> None:
@@ -327,7 +336,7 @@ class RolloutObjective(Objective):
         model.eval()  # no expert-load counting for passes that are not trained on
         for micro in chunks(rollouts, self.config.train.micro_batch_size):
             batch = self.batch(micro)
-            logp = self.logprobs(model, micro, batch).cpu()
+            logp = batch.whole_rows(self.logprobs(model, micro, batch)).cpu()
             for row, r in enumerate(micro):
                 setattr(r, attr, logp[row, r.span].clone())
         model.train(was_training)

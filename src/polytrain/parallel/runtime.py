@@ -138,7 +138,7 @@ class ParallelRuntime:
         per-token agreement. sharded: FSDP gathers layer by layer at every step, so every rank runs the same number
         of forwards (an all-ranks 'any' per token)."""
         groups = [m for m in model.modules() if isinstance(m, FSDPModule)]
-        lockstep = self.dims.ep > 1 or self.dims.tp > 1 or self.dims.cp > 1
+        lockstep = self.dims.ep > 1 or self.dims.tp > 1  # cached decoding never splits rows over cp ranks
         if weights == "auto":
             full = sum(p.numel() * p.element_size() for p in model.parameters())  # global sizes: an upper bound
             weights = "gathered" if full <= self.backend.free_memory() // 2 else "sharded"
