@@ -1,7 +1,8 @@
 """An in-process stand-in for an external rollout server (vLLM / vllm-ascend), used by the GRPO engine test.
 
-It owns a separate copy of the model that only changes through `update_weights`, exactly like a server would, and
-saves every weight update it receives to $FAKE_ENGINE_OUT so the test can compare it with the trained policy.
+It owns a separate copy of the model that only changes through `update_weights`, exactly like a server would: the
+weights arrive as buckets of Hugging Face tensors (fp32, so exact), and its state is saved after every update to
+$FAKE_ENGINE_OUT so the test can compare it with the trained policy.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 
 from polytrain.config import JobConfig
 from polytrain.models import build_model
+from polytrain.models.hf.names import names_for
 from polytrain.rollout.engine import Completion
 from polytrain.rollout.generate import SamplingConfig, sample
 
@@ -27,8 +29,23 @@ class FakeEngine:
         tokens, finished = sample(self.model, prompts, sampling, stop_ids, row_seeds=row_seeds)
         return [Completion(t, f) for t, f in zip(tokens, finished)]
 
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        state = dict(named_tensors)
-        self.model.load_state_dict(state)
+    weight_dtype = torch.float32  # the weights arrive exactly as trained
+
+    def update_weights(self, buckets: Iterable[list[tuple[str, torch.Tensor]]]) -> None:
+        received: dict[str, torch.Tensor] = {}
+        for bucket in buckets:
+            received.update((name, tensor.clone()) for name, tensor in bucket)
+
+        def read(hf_name: str, indices: list[torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+            tensor = received[hf_name]
+            for dim, index in enumerate(indices):
+                tensor = tensor.index_select(dim, index)
+            return tensor
+
+        names, config = names_for(self.model.config), self.model.config
+        with torch.no_grad():
+            for name, dest in self.model.state_dict().items():
+                if not (name == "lm_head.weight" and config.tie_word_embeddings):
+                    names.load_into(name, dest, read)
         self.updates += 1
-        torch.save({"updates": self.updates, "state": state}, os.environ["FAKE_ENGINE_OUT"])
+        torch.save({"updates": self.updates, "state": self.model.state_dict()}, os.environ["FAKE_ENGINE_OUT"])

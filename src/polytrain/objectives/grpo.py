@@ -71,6 +71,9 @@ class GRPOObjective(RolloutObjective):
     def stop_strings(self) -> list[str]:
         return self.cfg.stop
 
+    def sync_check(self) -> tuple[int, float]:
+        return self.cfg.sync_check_rows, self.cfg.sync_check_tolerance
+
     def after_parallelize(self, model: nn.Module) -> None:
         super().after_parallelize(model)
         if self.cfg.kl_coef > 0:
@@ -115,6 +118,11 @@ class GRPOObjective(RolloutObjective):
         }
         if self.steps_per_rollout > 1:
             self.store_logprobs(self.model, rollouts, "old_logp")
+            gaps = [(r.old_logp[: len(c.logprobs)] - torch.tensor(c.logprobs[: len(r.tokens)])).abs()
+                    for r, (_, c) in zip(rollouts, sampled) if c.logprobs is not None]
+            if gaps:  # the engine's log-probs of its samples against the trainer's (mismatch, before correction)
+                gap = torch.cat(gaps)
+                self.rollout_stats.update(engine_logp_gap_mean=float(gap.mean()), engine_logp_gap_max=float(gap.max()))
         if self.reference is not None:
             self.store_logprobs(self.reference, rollouts, "ref_logp")
         return rollouts
@@ -165,6 +173,7 @@ class GRPOObjective(RolloutObjective):
             stats["kl"] = sums["kl_sum"]
         if ctx["fresh"]:
             stats.update(self.rollout_stats)
+            stats.update(self.sync_stats)
         return stats
 
     # ------------------------------------------------------------------------------------------------- eval

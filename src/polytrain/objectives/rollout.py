@@ -12,6 +12,7 @@ rollouts, and therefore the gradients, are the same for any number of data-paral
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +27,7 @@ from polytrain.data.prompts import PromptItem, load_prompts
 from polytrain.errors import ConfigError, PolytrainError
 from polytrain.objectives.base import Objective, chunks
 from polytrain.objectives.context import ObjectiveContext
-from polytrain.rollout.engine import BuiltinEngine, Completion, RolloutEngine, full_weights
+from polytrain.rollout.engine import BuiltinEngine, Completion, RolloutEngine
 from polytrain.rollout.generate import SamplingConfig
 from polytrain.rollout.routing import batch_routing, replayed
 
@@ -61,13 +62,16 @@ def row_seed(seed: int, step: int, index: int) -> int:
 
 
 def load_engine(spec: str, ctx: ObjectiveContext, model: nn.Module) -> RolloutEngine:
-    """`builtin`, or 'module:Class' constructed with the job config (an external engine, e.g. a vLLM client)."""
+    """`builtin`, `vllm` (polytrain.rollout.vllm_client), or 'module:Class' constructed with the job config (an
+    external engine)."""
     if spec == "builtin":
         return BuiltinEngine(model, keep_going=ctx.collectives.any_rank)
+    if spec == "vllm":
+        spec = "polytrain.rollout.vllm_client:VLLMEngine"
     import importlib
 
     if ":" not in spec:
-        raise ConfigError(f"grpo.engine = \"{spec}\": expected builtin or 'module:Class'")
+        raise ConfigError(f"grpo.engine = \"{spec}\": expected builtin, vllm or 'module:Class'")
     module_name, attr = spec.split(":", 1)
     try:
         cls = getattr(importlib.import_module(module_name), attr)
@@ -78,6 +82,30 @@ def load_engine(spec: str, ctx: ObjectiveContext, model: nn.Module) -> RolloutEn
         if not callable(getattr(engine, method, None)):
             raise ConfigError(f"grpo.engine {spec} has no `{method}` method (see polytrain.rollout.engine)")
     return engine
+
+
+def hf_buckets(model: nn.Module, dtype: torch.dtype) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """The model's weights as the engine loads them: Hugging Face names and layout (one tensor per routed expert),
+    floating-point tensors in `dtype` except those the releases keep in fp32; one polytrain tensor per bucket,
+    gathered (sharded ones: a collective) only when its bucket is asked for."""
+    from torch.distributed.tensor import DTensor
+
+    from polytrain.models.hf.checkpoint import KEEP_FP32
+    from polytrain.models.hf.names import names_for
+
+    config = model.config
+    names = names_for(config)
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor.detach()
+        yield [(hf, t.to("cpu", torch.float32 if KEEP_FP32.search(hf) else dtype).contiguous()
+                if t.is_floating_point() else t.to("cpu").contiguous()) for hf, t in names.to_hf(name, full)]
+        del full
+
+
+class SyncCheckError(PolytrainError):
+    """After a weight sync, the engine's log-probs are further from the trainer's than grpo.sync_check_tolerance."""
 
 
 class RolloutObjective(Objective):
@@ -95,6 +123,7 @@ class RolloutObjective(Objective):
         self.rollout_stats: dict[str, float] = {}
         self.engine: RolloutEngine | None = None
         self.model: nn.Module | None = None
+        self.sync_stats: dict[str, float] = {}
 
     @property
     def sampling(self) -> SamplingConfig:
@@ -154,10 +183,73 @@ class RolloutObjective(Objective):
         self.model = model
         self.engine = load_engine(self.engine_spec(), self.ctx, model)
         if not isinstance(self.engine, BuiltinEngine):
-            self.engine.update_weights(full_weights(model))
+            self.sync_engine()
 
     def engine_spec(self) -> str:
         return "builtin"
+
+    def sync_check(self) -> tuple[int, float]:
+        """(probe sequences scored after every weight sync, largest mean log-prob gap allowed); 0 rows: no check."""
+        return 0, 0.0
+
+    # ------------------------------------------------------------------------------------------ weight sync
+    def sync_engine(self) -> None:
+        """Hand the policy's weights to the external engine, then check the sync: the engine's log-probs of a fixed
+        probe batch against the trainer's. A reload sync above the tolerance is redone as a restart; a restart above
+        it stops the run (SyncCheckError)."""
+        engine = self.engine
+        dtype = getattr(engine, "weight_dtype", torch.bfloat16)
+        engine.update_weights(hf_buckets(self.model, dtype))
+        rows, tolerance = self.sync_check()
+        if not rows or not callable(getattr(engine, "probe_logprobs", None)):
+            return
+        gap_mean, gap_max = self.probe_gap(rows)
+        self.sync_stats = {"sync_gap_mean": gap_mean, "sync_gap_max": gap_max, "sync_fallback": 0.0,
+                           **self._engine_timings()}
+        if gap_mean <= tolerance:
+            return
+        if getattr(engine, "sync_mode", "restart") != "restart":
+            self.ctx.warn(f"weight sync check: mean |engine - trainer| log-prob gap {gap_mean:.4f} (max "
+                          f"{gap_max:.4f}) > grpo.sync_check_tolerance = {tolerance}: restarting the engine from the "
+                          "weights")
+            engine.update_weights(hf_buckets(self.model, dtype), mode="restart")
+            first = {"sync_gap_reload_mean": gap_mean, "sync_gap_reload_max": gap_max}
+            gap_mean, gap_max = self.probe_gap(rows)
+            self.sync_stats = {"sync_gap_mean": gap_mean, "sync_gap_max": gap_max, "sync_fallback": 1.0, **first,
+                               **self._engine_timings()}
+            if gap_mean <= tolerance:
+                return
+        raise SyncCheckError(f"weight sync check: the engine's log-probs are {gap_mean:.4f} (mean) / {gap_max:.4f} "
+                             f"(max) from the trainer's on the probe batch, above grpo.sync_check_tolerance = "
+                             f"{tolerance}: the engine does not serve the trained weights")
+
+    def _engine_timings(self) -> dict[str, float]:
+        return {f"engine_{k}": float(v) for k, v in getattr(self.engine, "timings", {}).items() if k != "generate_s"}
+
+    def probe_sequences(self, rows: int) -> list[list[int]]:
+        """Fixed probe batch: the first train prompts followed by their answers (when they have one)."""
+        out = []
+        for item in self.train_items[:rows]:
+            answer = self.ctx.tokenizer.encode(item.answer) if item.answer else []
+            out.append((item.ids + answer)[: self.config.data.max_seq_len])
+        return out
+
+    @torch.no_grad()
+    def probe_gap(self, rows: int) -> tuple[float, float]:
+        """(mean, max) |engine - trainer| log-prob over every token of the probe batch after its first."""
+        sequences = self.probe_sequences(rows)
+        engine_logp = self.engine.probe_logprobs(sequences)
+        samples = [make_sample(s, [True] * len(s), len(s)) for s in sequences]
+        model = self.model
+        was_training = model.training
+        model.eval()
+        batch = collate(samples, self.config.data.max_seq_len, packing=False).to(self.ctx.device)
+        with self.ctx.autocast():
+            trainer_logp = batch_logprobs(model, batch).float().cpu()
+        model.train(was_training)
+        gaps = torch.cat([(trainer_logp[row, : len(s) - 1] - torch.tensor(e, dtype=torch.float32)).abs()
+                          for row, (s, e) in enumerate(zip(sequences, engine_logp))])
+        return float(gaps.mean()), float(gaps.max())
 
     def can_stop_after(self, step: int) -> bool:
         return step % self.steps_per_rollout == 0
@@ -287,4 +379,4 @@ class RolloutObjective(Objective):
 
     def end_step(self, step: int) -> None:
         if step % self.steps_per_rollout == 0 and not isinstance(self.engine, BuiltinEngine):
-            self.engine.update_weights(full_weights(self.model))
+            self.sync_engine()

@@ -1,8 +1,9 @@
 """Rollout engines: who samples the completions of an RL step.
 
 `RolloutEngine` is the interface: `generate` returns one `Completion` per prompt (token ids including the stop token
-when one was produced), and `update_weights` receives the policy's new weights after optimizer steps (an external
-server such as vLLM / vllm-ascend reloads them; the built-in engine samples with the policy itself and ignores it).
+when one was produced), and `update_weights` receives the policy's new weights after optimizer steps, in buckets of
+Hugging Face tensors (an external server such as vLLM / vllm-ascend loads them; the built-in engine samples with the
+policy itself and ignores them).
 """
 
 from __future__ import annotations
@@ -24,13 +25,17 @@ class Completion:
     finished: bool
     routing: list[torch.Tensor] | None = field(default=None)
     """Per MoE layer, the experts chosen for each token of prompt + completion [T, k] (routing replay)."""
+    logprobs: list[float] | None = field(default=None)
+    """The engine's log-prob of each sampled token (None when the engine does not report them)."""
 
 
 class RolloutEngine(Protocol):
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig, stop_ids: set[int],
                  record_routing: bool = False, row_seeds: list[int] | None = None) -> list[Completion]: ...
 
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None: ...
+    def update_weights(self, buckets: Iterable[list[tuple[str, torch.Tensor]]]) -> None: ...
+    """Buckets of (Hugging Face name, tensor) in the engine's `weight_dtype` (default bfloat16), produced one at a
+    time: consume each before asking for the next, and keep no reference to it."""
 
 
 class BuiltinEngine:
@@ -50,7 +55,7 @@ class BuiltinEngine:
         routing = recorder.per_sample(prompts, tokens) if recorder is not None else [None] * len(prompts)
         return [Completion(t, f, r) for t, f, r in zip(tokens, finished, routing)]
 
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def update_weights(self, buckets: Iterable[list[tuple[str, torch.Tensor]]]) -> None:
         """Nothing to do: the policy is the sampler."""
 
 
