@@ -99,7 +99,9 @@ class VLLMEngine:
         host, port = listener.address
         self.process = subprocess.Popen(
             [python, "-m", "polytrain_vllm_server", "--connect", f"{host}:{port}"], env=env,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            # its own session: a terminal's Ctrl-C reaches only the trainer, which stops at a step boundary and
+            # then closes the server; the parent-death signal covers a trainer that is killed outright
+            start_new_session=True, preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )
         atexit.register(self.close)
         for sig in (signal.SIGTERM, signal.SIGINT):
