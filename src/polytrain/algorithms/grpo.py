@@ -84,8 +84,9 @@ class GRPOConfig:
         "and their answers) on the engine and with the trainer, and compare the log-probs (0: no check).", ge=0
     )
     sync_check_tolerance: float = option(
-        0.05, "Largest mean |engine - trainer| log-prob gap a sync may leave. Above it a reload sync is redone by "
-        "restarting the engine, and a restart that is still above it stops the run.", gt=0
+        0.02, "Largest mean |engine - trainer| log-prob gap a sync may leave. Above it a reload sync is redone by "
+        "restarting the engine, and a restart that is still above it stops the run. Set it a few times above the "
+        "gap of the first sync (a fresh engine: the engine's numerics against the trainer's).", gt=0
     )
 
     def validate(self) -> None:

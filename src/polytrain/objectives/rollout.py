@@ -221,7 +221,8 @@ class RolloutObjective(Objective):
                 return
         raise SyncCheckError(f"weight sync check: the engine's log-probs are {gap_mean:.4f} (mean) / {gap_max:.4f} "
                              f"(max) from the trainer's on the probe batch, above grpo.sync_check_tolerance = "
-                             f"{tolerance}: the engine does not serve the trained weights")
+                             f"{tolerance}, after starting the engine from the exported weights: it does not serve "
+                             "the trained model, or its numerics differ by that much (then raise the tolerance)")
 
     def _engine_timings(self) -> dict[str, float]:
         return {f"engine_{k}": float(v) for k, v in getattr(self.engine, "timings", {}).items() if k != "generate_s"}

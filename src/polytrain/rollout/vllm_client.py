@@ -83,6 +83,11 @@ class VLLMEngine:
         self.process: subprocess.Popen | None = None
         self.conn: Connection | None = None
         if cfg.vllm_address:
+            import torch.distributed as dist
+
+            if dist.is_initialized() and dist.get_world_size() > 1:
+                raise ConfigError("grpo.vllm_address: a polytrain vLLM server serves one trainer process at a time; "
+                                  "with several, leave it empty (each rank starts its own engine next to it)")
             self._connect(cfg.vllm_address)
         else:
             self._launch(cfg.vllm_python or default_python())
