@@ -33,6 +33,16 @@ def test_server_mode_needs_the_shared_secret(monkeypatch):
         VLLMEngine(vllm_config('grpo.vllm_address="127.0.0.1:1"'))
 
 
+def test_routing_replay_with_vllm_is_refused_before_anything_starts():
+    from types import SimpleNamespace
+
+    from polytrain.objectives.grpo import GRPOObjective
+
+    config = vllm_config("grpo.routing_replay=true")
+    with pytest.raises(ConfigError, match="routing_replay is not available"):
+        GRPOObjective(SimpleNamespace(config=config))
+
+
 def test_the_server_module_imports_only_the_standard_library_torch_and_vllm():
     tree = ast.parse((SERVER_DIR / "polytrain_vllm_server.py").read_text())
     modules = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)

@@ -55,6 +55,9 @@ class GRPOObjective(RolloutObjective):
                                   f"cached sampler prefills right-aligned rows, which the routing record does not map")
             if ctx.config.parallel.sequence_parallel and ctx.config.parallel.tp > 1:
                 raise ConfigError("grpo.routing_replay does not support parallel.sequence_parallel yet")
+            if cfg.engine == "vllm":
+                raise ConfigError("grpo.routing_replay is not available with grpo.engine = \"vllm\": vLLM does not "
+                                  "report the experts it routed to")
 
     @classmethod
     def rollout_shape(cls, config: JobConfig) -> tuple[int, int, int]:
