@@ -56,8 +56,8 @@ class GRPOObjective(RolloutObjective):
             if ctx.config.parallel.sequence_parallel and ctx.config.parallel.tp > 1:
                 raise ConfigError("grpo.routing_replay does not support parallel.sequence_parallel yet")
             if cfg.engine == "vllm":
-                raise ConfigError("grpo.routing_replay is not available with grpo.engine = \"vllm\": vLLM does not "
-                                  "report the experts it routed to")
+                raise ConfigError("grpo.routing_replay is not available with grpo.engine = \"vllm\": the adapter "
+                                  "does not take vLLM's routed experts (only its V2 model runner reports them)")
 
     @classmethod
     def rollout_shape(cls, config: JobConfig) -> tuple[int, int, int]:
