@@ -59,3 +59,52 @@ def test_sync_buckets_are_the_hugging_face_export(tmp_path):
     assert sorted(synced) == sorted(exported.names())
     for name, tensor in synced.items():
         assert torch.equal(tensor, exported.raw(name)), name
+
+
+class ProbedEngine:
+    """Just what the sync check talks to: probe_logprobs, restart_next_sync and the last sync's timings."""
+
+    def __init__(self) -> None:
+        self.timings = {"sync_restarted": 0.0}
+        self.restart = False
+
+    def probe_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
+        raise AssertionError("probe_gap is replaced in these tests")
+
+    def restart_next_sync(self) -> None:
+        self.restart = True
+
+
+def checked(gaps: list[tuple[float, float]]):
+    from types import SimpleNamespace
+
+    from polytrain.objectives.rollout import RolloutObjective
+
+    objective = RolloutObjective.__new__(RolloutObjective)
+    objective.engine, objective.sync_stats, warnings = ProbedEngine(), {}, []
+    objective.ctx = SimpleNamespace(warn=warnings.append)
+    objective.sync_check = lambda: (4, 0.02)
+    measured = iter(gaps)
+    objective.probe_gap = lambda rows: next(measured)
+
+    def push() -> None:  # the restart the check asked for
+        objective.engine.timings = {"sync_restarted": float(objective.engine.restart)}
+
+    objective.push_weights = push
+    return objective, warnings
+
+
+def test_a_sync_above_the_tolerance_is_redone_as_a_restart():
+    objective, warnings = checked([(0.034, 0.09), (0.002, 0.013)])
+    objective.check_sync()
+    assert objective.engine.restart and "restarting the engine" in warnings[0]
+    assert objective.sync_stats["sync_fallback"] == 1 and objective.sync_stats["sync_gap_reload_mean"] == 0.034
+    assert objective.sync_stats["sync_gap_mean"] == 0.002 and objective.sync_stats["engine_sync_restarted"] == 1
+
+
+def test_a_gap_that_a_restart_does_not_close_stops_the_run():
+    from polytrain.objectives.rollout import SyncCheckError
+
+    objective, _ = checked([(0.034, 0.09), (0.03, 0.08)])
+    with pytest.raises(SyncCheckError, match="above grpo.sync_check_tolerance = 0.02"):
+        objective.check_sync()

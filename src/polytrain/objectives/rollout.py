@@ -182,8 +182,7 @@ class RolloutObjective(Objective):
     def after_parallelize(self, model: nn.Module) -> None:
         self.model = model
         self.engine = load_engine(self.engine_spec(), self.ctx, model)
-        if not isinstance(self.engine, BuiltinEngine):
-            self.sync_engine()
+        self.sync_weights()
 
     def engine_spec(self) -> str:
         return "builtin"
@@ -193,30 +192,42 @@ class RolloutObjective(Objective):
         return 0, 0.0
 
     # ------------------------------------------------------------------------------------------ weight sync
-    def sync_engine(self) -> None:
-        """Hand the policy's weights to the external engine, then check the sync: the engine's log-probs of a fixed
-        probe batch against the trainer's. A reload sync above the tolerance is redone as a restart; a restart above
-        it stops the run (SyncCheckError)."""
+    def sync_weights(self) -> None:
+        """Hand the policy's weights to an external engine, then check the sync (`check_sync`)."""
+        if isinstance(self.engine, BuiltinEngine):
+            return
+        self.sync_stats = {}
+        self.push_weights()
+        self.check_sync()
+
+    def push_weights(self) -> None:
+        """The policy's weights to the engine, as buckets of Hugging Face tensors in its `weight_dtype`."""
+        self.engine.update_weights(hf_buckets(self.model, getattr(self.engine, "weight_dtype", torch.bfloat16)))
+
+    def check_sync(self) -> None:
+        """The engine's log-probs of a fixed probe batch against the trainer's, after a sync (engines with
+        `probe_logprobs`). Above the tolerance an engine that can restart (`restart_next_sync`) is restarted from the
+        weights and checked again; a gap that remains stops the run (SyncCheckError)."""
         engine = self.engine
-        dtype = getattr(engine, "weight_dtype", torch.bfloat16)
-        engine.update_weights(hf_buckets(self.model, dtype))
         rows, tolerance = self.sync_check()
         if not rows or not callable(getattr(engine, "probe_logprobs", None)):
             return
         gap_mean, gap_max = self.probe_gap(rows)
-        self.sync_stats = {"sync_gap_mean": gap_mean, "sync_gap_max": gap_max, "sync_fallback": 0.0,
-                           **self._engine_timings()}
+        self.sync_stats.update(sync_gap_mean=gap_mean, sync_gap_max=gap_max, sync_fallback=0.0,
+                               **self._engine_timings())
         if gap_mean <= tolerance:
             return
-        if getattr(engine, "sync_mode", "restart") != "restart":
+        if callable(getattr(engine, "restart_next_sync", None)) and not self._engine_timings().get(
+                "engine_sync_restarted"):
             self.ctx.warn(f"weight sync check: mean |engine - trainer| log-prob gap {gap_mean:.4f} (max "
                           f"{gap_max:.4f}) > grpo.sync_check_tolerance = {tolerance}: restarting the engine from the "
                           "weights")
-            engine.update_weights(hf_buckets(self.model, dtype), mode="restart")
+            engine.restart_next_sync()
+            self.push_weights()
             first = {"sync_gap_reload_mean": gap_mean, "sync_gap_reload_max": gap_max}
             gap_mean, gap_max = self.probe_gap(rows)
-            self.sync_stats = {"sync_gap_mean": gap_mean, "sync_gap_max": gap_max, "sync_fallback": 1.0, **first,
-                               **self._engine_timings()}
+            self.sync_stats.update(sync_gap_mean=gap_mean, sync_gap_max=gap_max, sync_fallback=1.0, **first,
+                                   **self._engine_timings())
             if gap_mean <= tolerance:
                 return
         raise SyncCheckError(f"weight sync check: the engine's log-probs are {gap_mean:.4f} (mean) / {gap_max:.4f} "
@@ -379,5 +390,5 @@ class RolloutObjective(Objective):
         model.train(was_training)
 
     def end_step(self, step: int) -> None:
-        if step % self.steps_per_rollout == 0 and not isinstance(self.engine, BuiltinEngine):
-            self.sync_engine()
+        if step % self.steps_per_rollout == 0:
+            self.sync_weights()

@@ -78,6 +78,7 @@ class VLLMEngine:
             self.engine_args["enforce_eager"] = True
         self.sleep_between = cfg.vllm_sleep
         self.started = False
+        self.force_restart = False
         self.syncs = 0
         self.timings: dict[str, float] = {}
         self.process: subprocess.Popen | None = None
@@ -195,11 +196,15 @@ class VLLMEngine:
         self.timings["generate_s"] = time.perf_counter() - began
         return [Completion(tokens, finished, logprobs=logprobs) for tokens, finished, logprobs in results]
 
-    def update_weights(self, buckets: Iterable[list[tuple[str, torch.Tensor]]], mode: str | None = None) -> None:
-        """Ship the trainer's buckets to the engine, one at a time (`mode` overrides grpo.vllm_sync once)."""
+    def restart_next_sync(self) -> None:
+        """Make the next sync a restart whatever grpo.vllm_sync says (the fallback of a failed sync check)."""
+        self.force_restart = True
+
+    def update_weights(self, buckets: Iterable[list[tuple[str, torch.Tensor]]]) -> None:
+        """Ship the trainer's buckets to the engine, one at a time."""
         began = time.perf_counter()
-        mode = mode or self.sync_mode
-        restart = not self.started or mode == "restart"
+        restart = not self.started or self.sync_mode == "restart" or self.force_restart
+        self.force_restart = False
         if restart:
             self._call("begin_checkpoint", {"config": self.hf_config})
         else:
