@@ -13,7 +13,7 @@ from polytrain.config import load_config
 from polytrain.errors import BackendError, ConfigError
 from polytrain.models import build_model
 from polytrain.models.hf.checkpoint import HFCheckpoint, save_hf
-from polytrain.objectives.rollout import hf_buckets
+from polytrain.rollout.hf_buckets import hf_buckets
 from polytrain.rollout.vllm_client import SERVER_DIR, VLLMEngine
 from tests.conftest import EXAMPLES
 

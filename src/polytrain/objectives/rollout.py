@@ -12,7 +12,6 @@ rollouts, and therefore the gradients, are the same for any number of data-paral
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +28,7 @@ from polytrain.objectives.base import Objective, chunks
 from polytrain.objectives.context import ObjectiveContext
 from polytrain.rollout.engine import BuiltinEngine, Completion, RolloutEngine
 from polytrain.rollout.generate import SamplingConfig
+from polytrain.rollout.hf_buckets import hf_buckets
 from polytrain.rollout.routing import batch_routing, replayed
 
 if TYPE_CHECKING:
@@ -82,26 +82,6 @@ def load_engine(spec: str, ctx: ObjectiveContext, model: nn.Module) -> RolloutEn
         if not callable(getattr(engine, method, None)):
             raise ConfigError(f"grpo.engine {spec} has no `{method}` method (see polytrain.rollout.engine)")
     return engine
-
-
-def hf_buckets(model: nn.Module, dtype: torch.dtype) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """The model's weights as the engine loads them: Hugging Face names and layout (one tensor per routed expert),
-    floating-point tensors in `dtype` except those the releases keep in fp32; one polytrain tensor per bucket,
-    gathered (sharded ones: a collective) only when its bucket is asked for."""
-    from torch.distributed.tensor import DTensor
-
-    from polytrain.models.hf.checkpoint import KEEP_FP32
-    from polytrain.models.hf.names import names_for
-
-    config = model.config
-    names = names_for(config)
-    for name, tensor in model.state_dict().items():
-        if name == "lm_head.weight" and config.tie_word_embeddings:
-            continue
-        full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor.detach()
-        yield [(hf, t.to("cpu", torch.float32 if KEEP_FP32.search(hf) else dtype).contiguous()
-                if t.is_floating_point() else t.to("cpu").contiguous()) for hf, t in names.to_hf(name, full)]
-        del full
 
 
 class SyncCheckError(PolytrainError):
