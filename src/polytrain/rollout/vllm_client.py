@@ -64,6 +64,9 @@ class VLLMEngine:
             raise ConfigError(f"grpo.vllm_sync = \"{self.sync_mode}\": expected one of {', '.join(SYNC_MODES)}")
         self.weight_dtype = getattr(torch, cfg.vllm_dtype)
         self.hf_config = hf_config_from_model(config.model, cfg.vllm_dtype)
+        # stop ids are the chat template's, sent with every request; an eos_token_id here would become one more
+        # stop id in vLLM (through the generation config it derives from config.json)
+        self.hf_config["eos_token_id"] = None
         self.engine_args: dict[str, Any] = {
             "dtype": cfg.vllm_dtype, "seed": config.run.seed, "max_model_len": config.data.max_seq_len,
             "enable_sleep_mode": cfg.vllm_sleep, "enable_prefix_caching": False,
