@@ -103,7 +103,7 @@ class VLLMEngine:
                                f"vllm-env`, or set grpo.vllm_python / ${PYTHON_ENV})")
         authkey = secrets.token_hex(32)
         listener = Listener(("127.0.0.1", 0), authkey=authkey.encode())
-        env = {**os.environ, AUTHKEY_ENV: authkey, "PYTHONPATH": str(SERVER_DIR)}
+        env = {"VLLM_LOGGING_LEVEL": "WARNING", **os.environ, AUTHKEY_ENV: authkey, "PYTHONPATH": str(SERVER_DIR)}
         env.pop("PYTHONHOME", None)
         host, port = listener.address
         self.process = subprocess.Popen(
