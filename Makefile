@@ -47,6 +47,7 @@ bench: $(VENV)/.test
 	$(PY) benchmarks/plan_validation.py
 	$(PY) benchmarks/plan_vs_dryrun.py
 	$(PY) benchmarks/vs_transformers.py --profile
+	$(PY) benchmarks/vs_trl.py --profile
 	$(PY) benchmarks/gemm_shapes.py
 	$(PY) benchmarks/audit_speed.py
 

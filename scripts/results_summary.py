@@ -23,6 +23,14 @@ def _vs_transformers(d: dict[str, Any]) -> str:
             "peak")
 
 
+def _vs_trl(d: dict[str, Any]) -> str:
+    names = {"sft": "SFT tokens/s", "dpo": "DPO pairs/s", "dpo_precomputed": "DPO (precomputed reference) pairs/s",
+             "grpo": "GRPO prompts/s"}
+    cells = [f"{names[task]} x{r['speedup']:.2f}, peak memory x{r['memory_ratio']:.2f}"
+             for task, r in d["polytrain_vs_trl"].items()]
+    return "vs TRL, same model and data: " + "; ".join(cells)
+
+
 def _gemm_shapes(d: dict[str, Any]) -> str:
     return f"MFU ceiling of the same model's GEMM shapes: {d['ceiling']['ceiling_mfu']:.1%}"
 
@@ -118,6 +126,7 @@ def _audit(d: dict[str, Any]) -> str:
 
 BENCHMARKS: list[tuple[str, str, Callable[[dict[str, Any]], str]]] = [
     ("vs_transformers", "python benchmarks/vs_transformers.py --profile", _vs_transformers),
+    ("vs_trl", "python benchmarks/vs_trl.py --profile", _vs_trl),
     ("gemm_shapes", "python benchmarks/gemm_shapes.py", _gemm_shapes),
     ("bench_cpu_tiny", "polytrain bench examples/sft_tiny.toml --steps 20", _bench),
     ("decode_speed", "python benchmarks/decode_speed.py", _decode),

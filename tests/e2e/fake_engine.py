@@ -1,8 +1,9 @@
 """An in-process stand-in for an external rollout server (vLLM / vllm-ascend), used by the GRPO engine test.
 
 It owns a separate copy of the model that only changes through `update_weights`, exactly like a server would: the
-weights arrive as buckets of Hugging Face tensors (fp32, so exact), and its state is saved after every update to
-$FAKE_ENGINE_OUT so the test can compare it with the trained policy.
+weights arrive in Hugging Face names and layouts (one tensor per expert), bucket by bucket, and are loaded with the
+family's name mapping. Every update it receives is saved to $FAKE_ENGINE_OUT (in polytrain's names) so the test can
+compare it with the trained policy.
 """
 
 from __future__ import annotations
@@ -19,33 +20,39 @@ from polytrain.rollout.engine import Completion
 from polytrain.rollout.generate import SamplingConfig, sample
 
 
+def _read(tensors: dict[str, torch.Tensor]):
+    def read(hf_name: str, indices: list[torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+        out = tensors[hf_name]
+        for dim, index in enumerate(indices):
+            out = out.index_select(dim, index)
+        return out
+
+    return read
+
+
 class FakeEngine:
+    weight_dtype = torch.float32  # exact comparison with the trainer's fp32 weights
+
     def __init__(self, config: JobConfig) -> None:
         self.model = build_model(config.model, "cpu", seed=1234).eval()  # not the policy's weights until synced
         self.updates = 0
 
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig, stop_ids: set[int],
                  record_routing: bool = False, row_seeds: list[int] | None = None) -> list[Completion]:
-        tokens, finished = sample(self.model, prompts, sampling, stop_ids, row_seeds=row_seeds)
-        return [Completion(t, f) for t, f in zip(tokens, finished)]
-
-    weight_dtype = torch.float32  # the weights arrive exactly as trained
+        logprobs: list[list[float]] = []
+        tokens, finished = sample(self.model, prompts, sampling, stop_ids, row_seeds=row_seeds, logprobs=logprobs)
+        return [Completion(t, f, logprobs=lp) for t, f, lp in zip(tokens, finished, logprobs)]
 
     def update_weights(self, buckets: Iterable[list[tuple[str, torch.Tensor]]]) -> None:
-        received: dict[str, torch.Tensor] = {}
+        hf, largest = {}, 0
         for bucket in buckets:
-            received.update((name, tensor.clone()) for name, tensor in bucket)
-
-        def read(hf_name: str, indices: list[torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
-            tensor = received[hf_name]
-            for dim, index in enumerate(indices):
-                tensor = tensor.index_select(dim, index)
-            return tensor
-
-        names, config = names_for(self.model.config), self.model.config
+            largest = max(largest, sum(t.numel() * t.element_size() for _, t in bucket))
+            hf.update((name, tensor.clone()) for name, tensor in bucket)  # copies: no reference to the bucket
+        names = names_for(self.model.config)
         with torch.no_grad():
             for name, dest in self.model.state_dict().items():
-                if not (name == "lm_head.weight" and config.tie_word_embeddings):
-                    names.load_into(name, dest, read)
+                if not (name == "lm_head.weight" and self.model.config.tie_word_embeddings):
+                    names.load_into(name, dest, _read(hf))
         self.updates += 1
-        torch.save({"updates": self.updates, "state": self.model.state_dict()}, os.environ["FAKE_ENGINE_OUT"])
+        torch.save({"updates": self.updates, "state": self.model.state_dict(), "hf_names": sorted(hf),
+                    "largest_bucket": largest}, os.environ["FAKE_ENGINE_OUT"])

@@ -90,6 +90,7 @@ def test_external_rollout_engine_gets_every_weight_update(sft, tmp_path):
     run, out = tmp_path / "engine", tmp_path / "engine_weights.pt"
     polytrain("grpo", str(EXAMPLES / "grpo_tiny.toml"), "--set", f'init.from_run="{sft["student"]}"',
               "--set", f'run.output_dir="{run}"', "--set", 'grpo.engine="tests.e2e.fake_engine:FakeEngine"',
+              "--set", "grpo.sync_bucket_mb=4", "--set", 'grpo.mismatch_correction="token-tis"',
               "--set", "train.steps=4", "--set", "eval.every=0", "--set", "checkpoint.every=0",
               env={"FAKE_ENGINE_OUT": str(out)})
     received = torch.load(out, weights_only=True)
@@ -97,7 +98,12 @@ def test_external_rollout_engine_gets_every_weight_update(sft, tmp_path):
     trained = final_weights(run)
     for name, tensor in trained.items():
         assert torch.equal(received["state"][name], tensor), name
-    assert all("reward" in m for m in metrics(run) if m.get("step", 0) > 0 and "loss" in m)
+    assert any(".experts.0." in n for n in received["hf_names"])  # Hugging Face layout: one tensor per expert
+    assert 0 < received["largest_bucket"] <= 4 * 2**20  # grpo.sync_bucket_mb
+    steps = [m for m in metrics(run) if m.get("step", 0) > 0 and "loss" in m]
+    assert len(steps) == 4 and all("reward" in m for m in steps)
+    # the engine holds the policy's own weights: its log-probs match the trainer's up to rounding, nothing capped
+    assert all(abs(m["mismatch_kl"]) < 1e-6 and m["tis_capped"] == 0 for m in steps)
 
 
 def test_reward_failures_are_logged_with_the_sample_or_stop_the_run(sft, tmp_path):

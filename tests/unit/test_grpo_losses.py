@@ -8,7 +8,15 @@ import pytest
 import torch
 
 from polytrain.algorithms.distill import mean_teacher_logprobs, reverse_kl
-from polytrain.algorithms.grpo import PRESETS, aggregate, clipped_surrogate, group_advantages, grpo_table, kl_estimate
+from polytrain.algorithms.grpo import (
+    PRESETS,
+    aggregate,
+    clipped_surrogate,
+    group_advantages,
+    grpo_table,
+    kl_estimate,
+    mismatch_correction,
+)
 from polytrain.errors import ConfigError
 
 
@@ -131,3 +139,29 @@ def test_teacher_mean_is_the_normalised_geometric_mean():
     expected = [math.log(g / sum(geo)) for g in geo]
     got = mean_teacher_logprobs([torch.tensor(a).log(), torch.tensor(b).log()])
     assert got.tolist() == pytest.approx(expected, rel=1e-5)
+
+
+# two completions of 3 token slots; the second has 2 completion tokens. old - engine per token:
+MISMATCH_OLD = torch.tensor([[math.log(3.0), 0.0, math.log(0.5)], [math.log(1.5), math.log(4.0), 0.0]])
+MISMATCH_ENGINE = torch.zeros(2, 3)
+MISMATCH_MASK = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+
+
+def test_token_tis_truncates_each_tokens_ratio_at_the_cap():
+    weight, metrics = mismatch_correction(MISMATCH_OLD, MISMATCH_ENGINE, MISMATCH_MASK, "token-tis", 2.0, 0.5, 2.0)
+    # ratios 3, 1, 0.5 | 1.5, 4, (outside the mask: log-ratio zeroed) 1
+    assert torch.allclose(weight, torch.tensor([[2.0, 1.0, 0.5], [1.5, 2.0, 1.0]]))
+    assert float(metrics["capped_tokens"]) == 2.0
+    # k3 per token: r - 1 - log r
+    k3 = sum(r - 1 - math.log(r) for r in (3.0, 1.0, 0.5, 1.5, 4.0))
+    assert math.isclose(float(metrics["mismatch_k3"]), k3, rel_tol=1e-6)
+
+
+def test_sequence_mask_drops_completions_by_their_geometric_mean_ratio():
+    weight, metrics = mismatch_correction(MISMATCH_OLD, MISMATCH_ENGINE, MISMATCH_MASK, "sequence-mask", 2.0, 0.5,
+                                          2.0)
+    # geometric means: (3 x 1 x 0.5)^(1/3) = 1.145 (kept); (1.5 x 4)^(1/2) = 2.449 (dropped)
+    assert torch.equal(weight, torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]]))
+    assert float(metrics["masked_sequences"]) == 1.0
+    none, _ = mismatch_correction(MISMATCH_OLD, MISMATCH_ENGINE, MISMATCH_MASK, "none", 2.0, 0.5, 2.0)
+    assert torch.equal(none, torch.ones(2, 3))

@@ -88,8 +88,30 @@ class GRPOConfig:
         "restarting the engine, and a restart that is still above it stops the run. Set it a few times above the "
         "gap of the first sync (a fresh engine: the engine's numerics against the trainer's).", gt=0
     )
+    sampler_weights: Literal["auto", "gathered", "sharded"] = option(
+        "auto", "Built-in sampler under FSDP: gathered all-gathers the weights once per rollout and keeps them for "
+        "every decoding step (ranks then decode independently unless expert / tensor parallelism needs them "
+        "together); sharded gathers layer by layer at every step (least memory); auto: gathered when the whole "
+        "model fits in half the free memory."
+    )
+    sync_bucket_mb: int = option(
+        1024, "Weight sync to an external engine: MiB per bucket (a training rank's extra memory during a sync; a "
+        "tensor larger than this travels alone).", ge=1
+    )
+    mismatch_correction: Literal["none", "token-tis", "sequence-mask"] = option(
+        "none", "Correct for the rollout engine sampling from a slightly different distribution than the trainer "
+        "computes: token-tis weights each token's policy-gradient term by min(exp(old - engine), mismatch_cap) "
+        "(truncated importance sampling); sequence-mask drops completions whose geometric-mean ratio "
+        "exp(mean(old - engine)) is outside [mismatch_low, mismatch_high]. Needs an engine that reports log-probs."
+    )
+    mismatch_cap: float = option(2.0, "token-tis: the truncation C of the per-token weight.", gt=0)
+    mismatch_low: float = option(0.5, "sequence-mask: lowest geometric-mean ratio kept.", ge=0)
+    mismatch_high: float = option(2.0, "sequence-mask: highest geometric-mean ratio kept.", gt=0)
 
     def validate(self) -> None:
+        if self.mismatch_low >= self.mismatch_high:
+            raise ConfigError(f"grpo.mismatch_low = {self.mismatch_low} must be below grpo.mismatch_high = "
+                              f"{self.mismatch_high}")
         if self.reward_weights and len(self.reward_weights) != len(self.rewards):
             raise ConfigError(f"grpo.reward_weights has {len(self.reward_weights)} entries for "
                               f"{len(self.rewards)} reward functions")
@@ -166,3 +188,30 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, global_tok
     if mode == "seq-mean-token-mean":
         return (masked.sum(dim=1) / mask.sum(dim=1).clamp(min=1)).sum() / global_seqs
     return masked.sum() / (global_seqs * max_new_tokens)
+
+
+def mismatch_correction(old_logp: torch.Tensor, engine_logp: torch.Tensor, mask: torch.Tensor, mode: str,
+                        cap: float, low: float, high: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(per-token weight of the policy-gradient term, sums for the metrics) for the gap between the trainer's
+    behaviour log-probs `old_logp` and the engine's `engine_logp` of the same sampled tokens ([completions, T];
+    `mask` marks completion tokens).
+
+    token-tis: w = min(exp(old - engine), cap). sequence-mask: w = 1 for completions whose geometric-mean ratio
+    exp(mean over its tokens of (old - engine)) lies in [low, high], else 0. none: w = 1. The metrics are sums over
+    the micro-batch: `mismatch_k3` of the k3 estimate of KL(engine || trainer) per token, r - 1 - log r with
+    r = exp(old - engine); `capped_tokens` where token-tis truncated; `masked_sequences` dropped by sequence-mask."""
+    log_ratio = ((old_logp - engine_logp) * mask).clamp(-20, 20)
+    ratio = torch.exp(log_ratio)
+    metrics = {"mismatch_k3": ((torch.expm1(log_ratio) - log_ratio) * mask).sum(),  # accurate for tiny gaps
+               "capped_tokens": torch.zeros((), device=mask.device),
+               "masked_sequences": torch.zeros((), device=mask.device)}
+    if mode == "token-tis":
+        metrics["capped_tokens"] = ((ratio > cap).float() * mask).sum()
+        return ratio.clamp(max=cap), metrics
+    if mode == "sequence-mask":
+        tokens = mask.sum(dim=1)
+        geometric = torch.exp(log_ratio.sum(dim=1) / tokens.clamp(min=1))
+        keep = ((geometric >= low) & (geometric <= high)) | (tokens == 0)
+        metrics["masked_sequences"] = (~keep).float().sum()
+        return keep.float().unsqueeze(-1).expand_as(mask), metrics
+    return torch.ones_like(mask), metrics

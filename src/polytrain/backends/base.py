@@ -129,6 +129,17 @@ class Backend:
     def reset_peak_memory_stats(self) -> None:
         """Restart the device peak counter (the host peak RSS cannot be reset)."""
 
+    def free_memory(self) -> int:
+        """Bytes that can still be allocated where tensors live (the CPU: the host's available memory)."""
+        try:
+            with open("/proc/meminfo") as meminfo:
+                for line in meminfo:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return 0
+
     def manual_seed(self, seed: int) -> None:
         torch.manual_seed(seed)
 
@@ -191,6 +202,9 @@ class AcceleratorBackend(Backend):
 
     def reset_peak_memory_stats(self) -> None:
         self._module().reset_peak_memory_stats()
+
+    def free_memory(self) -> int:
+        return int(self._module().mem_get_info()[0])  # torch.cuda / torch.npu: (free, total) of the current device
 
     def manual_seed(self, seed: int) -> None:
         torch.manual_seed(seed)  # seeds every device's generator too

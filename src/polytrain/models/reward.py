@@ -29,7 +29,8 @@ class RewardHead:
                doc_ids: torch.Tensor | None = None, token_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Scalar reward [B] of each row, read at `last_index` [B] (the last real token). token_mask: False on
         padding (kept out of the expert load)."""
-        hidden = self.hidden_states(input_ids, position_ids, doc_ids, token_mask=token_mask)
+        # the class's method: `reward` is itself a sharding entry point (see DecoderLM.forward)
+        hidden = type(self).hidden_states(self, input_ids, position_ids, doc_ids, token_mask=token_mask)
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         return self.score_head(hidden[rows, last_index]).squeeze(-1).float()
 

@@ -8,7 +8,7 @@ through `collectives`, drives the pipeline (when the layout has one) with its ow
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +45,15 @@ class Collectives(Protocol):
 
     def gradient_sync(self, model: nn.Module, last: bool) -> None:
         """Before a micro-batch's backward: whether it is the step's last (data-parallel gradient reduction)."""
+
+    def decoding(self, model: nn.Module, weights: str = "auto") -> AbstractContextManager[Callable[[bool], bool]]:
+        """Around a rollout: FSDP weights gathered once for all its decoding steps (gathered; auto when they fit)
+        or layer by layer per step (sharded); yields the sampler's KeepGoing (rollout/generate.py)."""
+
+    def weight_buckets(self, model: nn.Module, dtype: torch.dtype, bucket_bytes: int,
+                       receives: bool) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        """The model's weights in Hugging Face names and layouts, one bucket of at most `bucket_bytes` at a time,
+        assembled on the ranks that pass `receives` (others get empty buckets); every rank iterates to the end."""
 
 
 @dataclass

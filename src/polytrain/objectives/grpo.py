@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from polytrain.algorithms.grpo import aggregate, clipped_surrogate, group_advantages, kl_estimate
+from polytrain.algorithms.grpo import aggregate, clipped_surrogate, group_advantages, kl_estimate, mismatch_correction
 from polytrain.config import JobConfig
 from polytrain.data.dataset import IGNORE
 from polytrain.data.prompts import PromptItem
@@ -40,7 +40,8 @@ class GRPOObjective(RolloutObjective):
                 Metric("completion_len", "response len", ".1f"), Metric("clip_fraction", "clip", ".3f"),
                 Metric("kl", "KL", ".4f"))
     loss_label = "clipped surrogate loss (+ KL)"
-    sum_keys = ("loss_sum", "pg_sum", "kl_sum", "clipped_tokens", "ratio_sum")
+    sum_keys = ("loss_sum", "pg_sum", "kl_sum", "clipped_tokens", "ratio_sum", "mismatch_k3", "capped_tokens",
+                "masked_sequences")
 
     def __init__(self, ctx: ObjectiveContext) -> None:
         cfg = ctx.config.section("grpo")
@@ -71,6 +72,12 @@ class GRPOObjective(RolloutObjective):
     def engine_spec(self) -> str:
         return self.cfg.engine
 
+    def sync_bucket_bytes(self) -> int:
+        return self.cfg.sync_bucket_mb * 2**20
+
+    def sampler_weights(self) -> str:
+        return self.cfg.sampler_weights
+
     def stop_strings(self) -> list[str]:
         return self.cfg.stop
 
@@ -94,6 +101,9 @@ class GRPOObjective(RolloutObjective):
                 raise ConfigError(f"grpo.routing_replay is on but the rollout engine ({self.cfg.engine}) returned no "
                                   "routing")
             rollouts.append(self.make_rollout(prompt, completion))
+        if self.cfg.mismatch_correction != "none" and any(r.engine_logp is None for r in rollouts):
+            raise ConfigError(f"grpo.mismatch_correction = \"{self.cfg.mismatch_correction}\" needs the engine's "
+                              f"log-probs, and the rollout engine ({self.cfg.engine}) returned none")
         failures = self.score(rollouts, step)
 
         # advantages over the global batch: every rank's rewards in its slot, summed
@@ -121,8 +131,7 @@ class GRPOObjective(RolloutObjective):
         }
         if self.steps_per_rollout > 1:
             self.store_logprobs(self.model, rollouts, "old_logp")
-            gaps = [(r.old_logp[: len(c.logprobs)] - torch.tensor(c.logprobs[: len(r.tokens)])).abs()
-                    for r, (_, c) in zip(rollouts, sampled) if c.logprobs is not None]
+            gaps = [(r.old_logp - r.engine_logp).abs() for r in rollouts if r.engine_logp is not None]
             if gaps:  # the engine's log-probs of its samples against the trainer's (mismatch, before correction)
                 gap = torch.cat(gaps)
                 self.rollout_stats.update(engine_logp_gap_mean=float(gap.mean()), engine_logp_gap_max=float(gap.max()))
@@ -154,6 +163,13 @@ class GRPOObjective(RolloutObjective):
         old = self.per_token(batch, micro, "old_logp") if micro[0].old_logp is not None else logp.detach()
         advantages = torch.tensor([r.advantage for r in micro], device=logp.device).unsqueeze(-1)
         pg, clipped = clipped_surrogate(logp, old, advantages, cfg.clip_low, cfg.clip_high, cfg.dual_clip)
+        zero = torch.zeros((), device=logp.device)
+        mismatch = {"mismatch_k3": zero, "capped_tokens": zero, "masked_sequences": zero}
+        if micro[0].engine_logp is not None:
+            weight, mismatch = mismatch_correction(old, self.per_token(batch, micro, "engine_logp"), mask,
+                                                   cfg.mismatch_correction, cfg.mismatch_cap, cfg.mismatch_low,
+                                                   cfg.mismatch_high)
+            pg = pg * weight
         per_token = pg
         kl = torch.zeros_like(pg)
         if self.reference is not None:
@@ -164,7 +180,7 @@ class GRPOObjective(RolloutObjective):
         with torch.no_grad():
             parts = {"loss_sum": loss.detach(), "pg_sum": aggregate(pg, mask, cfg.loss_aggregation, *norms),
                      "kl_sum": (kl * mask).sum() / ctx["tokens"], "clipped_tokens": (clipped * mask).sum(),
-                     "ratio_sum": (torch.exp(logp - old) * mask).sum()}
+                     "ratio_sum": (torch.exp(logp - old) * mask).sum(), **mismatch}
         return loss, parts, batch.num_tokens
 
     def stats(self, sums: dict[str, float], ctx: dict) -> dict[str, Any]:
@@ -174,6 +190,12 @@ class GRPOObjective(RolloutObjective):
                                  "completion_len": ctx["tokens"] / max(ctx["sequences"], 1.0)}
         if self.reference is not None:
             stats["kl"] = sums["kl_sum"]
+        if self.current and self.current[0].engine_logp is not None:
+            stats["mismatch_kl"] = sums["mismatch_k3"] / tokens
+            if self.cfg.mismatch_correction == "token-tis":
+                stats["tis_capped"] = sums["capped_tokens"] / tokens
+            if self.cfg.mismatch_correction == "sequence-mask":
+                stats["masked_sequences"] = sums["masked_sequences"] / max(ctx["sequences"], 1.0)
         if ctx["fresh"]:
             stats.update(self.rollout_stats)
             stats.update(self.sync_stats)
@@ -191,7 +213,7 @@ class GRPOObjective(RolloutObjective):
             items = items[: self.config.eval.max_batches * self.config.train.micro_batch_size]
         mine = items[collectives.dp_rank :: collectives.dp_size]
         greedy = SamplingConfig(self.cfg.max_new_tokens, 0.0)
-        engine = BuiltinEngine(model, keep_going=collectives.any_rank)
+        engine = BuiltinEngine(model, lambda: collectives.decoding(model, self.cfg.sampler_weights))
         prompts = mine or items[:1]  # a rank without prompts still joins every collective
         completions = engine.generate([p.ids for p in prompts], greedy, self.stop_ids)
         sums = torch.zeros(3, dtype=torch.float64)

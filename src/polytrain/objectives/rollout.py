@@ -12,6 +12,7 @@ rollouts, and therefore the gradients, are the same for any number of data-paral
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -26,9 +27,15 @@ from polytrain.data.prompts import PromptItem, load_prompts
 from polytrain.errors import ConfigError, PolytrainError
 from polytrain.objectives.base import Objective, chunks
 from polytrain.objectives.context import ObjectiveContext
-from polytrain.rollout.engine import BuiltinEngine, Completion, RolloutEngine
+from polytrain.rollout.engine import (
+    Bucket,
+    BuiltinEngine,
+    Completion,
+    RolloutEngine,
+    receives_weights,
+    weight_dtype,
+)
 from polytrain.rollout.generate import SamplingConfig
-from polytrain.rollout.hf_buckets import hf_buckets
 from polytrain.rollout.routing import batch_routing, replayed
 
 if TYPE_CHECKING:
@@ -48,6 +55,8 @@ class Rollout:
     advantage: float = 0.0
     old_logp: torch.Tensor | None = None
     ref_logp: torch.Tensor | None = None
+    engine_logp: torch.Tensor | None = None
+    """The rollout engine's log-probs of the completion's tokens, when it reports them."""
     routing: list[torch.Tensor] | None = field(default=None, repr=False)
 
     @property
@@ -61,11 +70,11 @@ def row_seed(seed: int, step: int, index: int) -> int:
     return ((seed * 1_000_003 + step) * 1_048_583 + index) % (2**63)
 
 
-def load_engine(spec: str, ctx: ObjectiveContext, model: nn.Module) -> RolloutEngine:
+def load_engine(spec: str, ctx: ObjectiveContext, model: nn.Module, sampler_weights: str = "auto") -> RolloutEngine:
     """`builtin`, `vllm` (polytrain.rollout.vllm_client), or 'module:Class' constructed with the job config (an
     external engine)."""
     if spec == "builtin":
-        return BuiltinEngine(model, keep_going=ctx.collectives.any_rank)
+        return BuiltinEngine(model, lambda: ctx.collectives.decoding(model, sampler_weights))
     if spec == "vllm":
         spec = "polytrain.rollout.vllm_client:VLLMEngine"
     import importlib
@@ -101,9 +110,9 @@ class RolloutObjective(Objective):
         self.buffer: list[Rollout] = []
         self.current: list[Rollout] = []
         self.rollout_stats: dict[str, float] = {}
+        self.sync_stats: dict[str, float] = {}
         self.engine: RolloutEngine | None = None
         self.model: nn.Module | None = None
-        self.sync_stats: dict[str, float] = {}
 
     @property
     def sampling(self) -> SamplingConfig:
@@ -161,11 +170,17 @@ class RolloutObjective(Objective):
 
     def after_parallelize(self, model: nn.Module) -> None:
         self.model = model
-        self.engine = load_engine(self.engine_spec(), self.ctx, model)
+        self.engine = load_engine(self.engine_spec(), self.ctx, model, self.sampler_weights())
         self.sync_weights()
 
     def engine_spec(self) -> str:
         return "builtin"
+
+    def sync_bucket_bytes(self) -> int:
+        return 2**30
+
+    def sampler_weights(self) -> str:
+        return "auto"
 
     def sync_check(self) -> tuple[int, float]:
         """(probe sequences scored after every weight sync, largest mean log-prob gap allowed); 0 rows: no check."""
@@ -181,8 +196,27 @@ class RolloutObjective(Objective):
         self.check_sync()
 
     def push_weights(self) -> None:
-        """The policy's weights to the engine, as buckets of Hugging Face tensors in its `weight_dtype`."""
-        self.engine.update_weights(hf_buckets(self.model, getattr(self.engine, "weight_dtype", torch.bfloat16)))
+        """Stream the policy's weights to an external engine, bucket by bucket, on the
+        ranks where it receives them; every rank takes part in every bucket's collective."""
+        import time
+
+        start, received = time.perf_counter(), 0
+        receives = receives_weights(self.engine)
+        buckets = self.ctx.collectives.weight_buckets(self.model, weight_dtype(self.engine), self.sync_bucket_bytes(),
+                                                      receives)
+
+        def counted() -> Iterator[Bucket]:
+            nonlocal received
+            for bucket in buckets:
+                received += sum(t.numel() * t.element_size() for _, t in bucket)
+                yield bucket
+
+        stream = counted()
+        if receives:
+            self.engine.update_weights(stream)
+        for _ in stream:  # the rest, whatever the engine consumed: every bucket is a collective
+            pass
+        self.sync_stats.update(weight_sync_s=time.perf_counter() - start, weight_sync_gib=received / 2**30)
 
     def check_sync(self) -> None:
         """The engine's log-probs of a fixed probe batch against the trainer's, after a sync (engines with
@@ -285,7 +319,13 @@ class RolloutObjective(Objective):
         routing = None
         if completion.routing is not None:
             routing = [r[: len(ids) - 1] for r in completion.routing]
-        return Rollout(prompt, tokens, finished, text, sample, routing=routing)
+        engine_logp = None
+        if completion.logprobs is not None:
+            if len(completion.logprobs) < len(tokens):
+                raise PolytrainError(f"the rollout engine returned {len(completion.logprobs)} log-probs for a "
+                                     f"completion of {len(tokens)} tokens")
+            engine_logp = torch.tensor(completion.logprobs[: len(tokens)], dtype=torch.float32)
+        return Rollout(prompt, tokens, finished, text, sample, routing=routing, engine_logp=engine_logp)
 
     def _text(self, tokens: list[int], finished: bool) -> str:
         body = tokens[:-1] if finished and tokens and tokens[-1] in self.stop_ids else tokens
@@ -315,7 +355,7 @@ class RolloutObjective(Objective):
 
     def dry_run_step(self, items: list[PromptItem], generator: torch.Generator) -> tuple[Any, list[Rollout]]:
         """The update step on made-up rollouts: every completion `max_new_tokens` long (no sampling, no scoring);
-        the log-probs a rollout stores (old policy, reference) are zeros of the right shape."""
+        the log-probs a rollout stores (old policy, reference, engine) are zeros of the right shape."""
         collectives, new = self.ctx.collectives, self.sampling.max_new_tokens
         per_rank = len(items) // collectives.dp_size
         mine = items[collectives.dp_rank * per_rank : (collectives.dp_rank + 1) * per_rank]
@@ -326,7 +366,7 @@ class RolloutObjective(Objective):
             sample = make_sample(ids, [False] * len(prompt.ids) + [True] * new, len(ids))
             old = torch.zeros(new) if self.steps_per_rollout > 1 else None
             self.buffer.append(Rollout(prompt, tokens, False, "", sample, advantage=1.0, old_logp=old,
-                                       ref_logp=torch.zeros(new)))
+                                       ref_logp=torch.zeros(new), engine_logp=torch.zeros(new)))
         return self.begin_step(0, None), self.my_share(None)
 
     # ------------------------------------------------------------------------------------------ log-probs

@@ -7,7 +7,10 @@ runs either way.
 
 from __future__ import annotations
 
+import atexit
 import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 
 import torch
@@ -28,6 +31,7 @@ from polytrain.parallel.mesh import Meshes, ParallelDims, build_meshes
 def init_process_group(dist_backend: str, timeout: timedelta) -> None:
     """torch.distributed from the launcher's environment. In a job torchrun restarted (--max-restarts), the
     rendezvous store can still hold the dead attempt's addresses, so the keys of each attempt get their own prefix."""
+    atexit.register(_destroy_at_exit)
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     if restart == 0:
         dist.init_process_group(dist_backend, timeout=timeout)
@@ -38,6 +42,18 @@ def init_process_group(dist_backend: str, timeout: timedelta) -> None:
                           is_master=not agent_store and rank == 0, timeout=timeout, multi_tenant=not agent_store)
     dist.init_process_group(dist_backend, store=dist.PrefixStore(f"polytrain/restart{restart}", store),
                             rank=rank, world_size=world, timeout=timeout)
+
+
+def _destroy_at_exit() -> None:
+    """A process that leaves with its process group alive can abort at interpreter shutdown (gloo's worker threads
+    still hold finished work whose tensors need the interpreter: "terminate called without an active exception"):
+    destroy it while the interpreter is whole, whatever path the process takes out."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _alone(any_left: bool) -> bool:
+    return any_left
 
 
 class ParallelRuntime:
@@ -111,6 +127,48 @@ class ParallelRuntime:
     def any_rank(self, flag: bool) -> bool:
         """True if any rank passes `flag` (e.g. still has rows to decode)."""
         return not self.all_agree(not flag)
+
+    @contextmanager
+    def decoding(self, model: nn.Module, weights: str = "auto") -> Iterator[Callable[[bool], bool]]:
+        """Around a rollout of many decoding steps; yields the KeepGoing its sampler should use.
+
+        `weights` = gathered (or auto, when the unsharded parameters fit in half the free memory): every FSDP module
+        is all-gathered once and kept until the rollout ends, instead of once per decoded token; with no other
+        collective in the forward (no expert or tensor parallelism), each rank then decodes alone, without a
+        per-token agreement. sharded: FSDP gathers layer by layer at every step, so every rank runs the same number
+        of forwards (an all-ranks 'any' per token)."""
+        groups = [m for m in model.modules() if isinstance(m, FSDPModule)]
+        lockstep = self.dims.ep > 1 or self.dims.tp > 1 or self.dims.cp > 1
+        if weights == "auto":
+            full = sum(p.numel() * p.element_size() for p in model.parameters())  # global sizes: an upper bound
+            weights = "gathered" if full <= self.backend.free_memory() // 2 else "sharded"
+        if not groups or weights == "sharded":
+            yield self.any_rank if self.world_size > 1 else _alone
+            return
+        # FSDP2 reshards after each forward per param group (`post_forward_mesh_info`; the root is specially
+        # exempt): switch that off for the rollout and restore each group's own setting afterwards.
+        if isinstance(model, FSDPModule):
+            model._get_fsdp_state()._lazy_init()  # where the root's own setting is made: make it first
+        saved = [(g, g.post_forward_mesh_info) for m in groups for g in m._get_fsdp_state()._fsdp_param_groups]
+        for module in groups:
+            module.set_reshard_after_forward(False, recurse=False)
+            module.unshard()
+        try:
+            yield self.any_rank if lockstep else _alone
+        finally:
+            for group, info in saved:
+                group.post_forward_mesh_info = info
+            for module in groups:
+                module.reshard()
+
+    def weight_buckets(self, model: nn.Module, dtype: torch.dtype, bucket_bytes: int,
+                       receives: bool) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        """`model`'s weights in Hugging Face names and layouts, one bucket at a time, assembled on the ranks that
+        pass `receives` (parallel/weight_sync.py); collective: every rank iterates to the end."""
+        from polytrain.parallel.weight_sync import hf_weight_buckets, receiving_ranks
+
+        device = self.backend.device()  # where the collectives run, also when the parameters live in host memory
+        return hf_weight_buckets(model, model.config, dtype, bucket_bytes, receiving_ranks(receives, device), device)
 
     # --------------------------------------------------------------------------------------------- model
     def parallelize(self, model: DecoderLM, n_microbatches: int = 1, rows: int = 1, width: int = 1,

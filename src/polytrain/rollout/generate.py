@@ -64,13 +64,15 @@ def alone(any_left: bool) -> bool:
 @torch.no_grad()
 def sample(
     model: DecoderLM, prompts: list[list[int]], cfg: SamplingConfig, stop_ids: set[int], pad_id: int = 0,
-    keep_going: KeepGoing = alone, row_seeds: list[int] | None = None,
+    keep_going: KeepGoing = alone, row_seeds: list[int] | None = None, logprobs: list[list[float]] | None = None,
 ) -> tuple[list[list[int]], list[bool]]:
     """(new tokens per prompt with the stop token included when one was sampled, whether each row stopped).
     Prompts are left-padded into one batch; finished rows keep decoding padding until every row is done.
-    `row_seeds`: one sampling seed per row (layout-independent sampling) instead of `cfg.seed` for the batch."""
+    `row_seeds`: one sampling seed per row (layout-independent sampling) instead of `cfg.seed` for the batch.
+    `logprobs`: an empty list to receive, per row, the log-probability of each sampled token under the model
+    (before temperature and top-p, as the trainer computes it)."""
     if not model.supports_kv_cache:
-        return _sample_without_cache(model, prompts, cfg, stop_ids, pad_id, keep_going, row_seeds)
+        return _sample_without_cache(model, prompts, cfg, stop_ids, pad_id, keep_going, row_seeds, logprobs)
     device = model.embed_tokens.weight.device
     batch, longest = len(prompts), max(len(p) for p in prompts)
     input_ids = torch.full((batch, longest), pad_id, dtype=torch.long, device=device)
@@ -87,12 +89,15 @@ def sample(
     logits = model(input_ids, position_ids=positions, cache=cache, valid=valid)[:, -1]
     next_pos = positions[:, -1] + 1
     outputs: list[list[int]] = [[] for _ in range(batch)]
+    record = _Recorder(logprobs, batch)
     done = [False] * batch
     for step in range(cfg.max_new_tokens):
         token = sample_next(logits, cfg, generator)
+        chosen = record.of(logits, token)
         for i, value in enumerate(token.tolist()):
             if not done[i]:
                 outputs[i].append(value)
+                record.add(i, chosen)
                 done[i] = value in stop_ids
         if step == cfg.max_new_tokens - 1 or not keep_going(not all(done)):
             break
@@ -101,6 +106,24 @@ def sample(
         next_pos = next_pos + 1
     model.train(was_training)
     return outputs, done
+
+
+class _Recorder:
+    """Collects the log-probability of each sampled token, row by row (a no-op without a list to fill)."""
+
+    def __init__(self, out: list[list[float]] | None, rows: int) -> None:
+        self.out = out
+        if out is not None:
+            out[:] = [[] for _ in range(rows)]
+
+    def of(self, logits: torch.Tensor, token: torch.Tensor) -> list[float] | None:
+        if self.out is None:
+            return None
+        return torch.log_softmax(logits.float(), dim=-1).gather(-1, token[:, None]).squeeze(-1).tolist()
+
+    def add(self, row: int, chosen: list[float] | None) -> None:
+        if self.out is not None and chosen is not None:
+            self.out[row].append(chosen[row])
 
 
 @torch.no_grad()
@@ -115,7 +138,7 @@ def generate(
 @torch.no_grad()
 def _sample_without_cache(
     model: DecoderLM, prompts: list[list[int]], cfg: SamplingConfig, stop_ids: set[int], pad_id: int,
-    keep_going: KeepGoing, row_seeds: list[int] | None,
+    keep_going: KeepGoing, row_seeds: list[int] | None, logprobs: list[list[float]] | None = None,
 ) -> tuple[list[list[int]], list[bool]]:
     """Recompute the whole sequence for every new token (models without a KV cache; for those with one, the
     oracle their cached decoding is tested against).
@@ -124,6 +147,7 @@ def _sample_without_cache(
     generator = generators(cfg, device, row_seeds)
     sequences = [list(p) for p in prompts]
     outputs: list[list[int]] = [[] for _ in prompts]
+    record = _Recorder(logprobs, len(prompts))
     done = [False] * len(prompts)
     was_training = model.training
     model.eval()
@@ -135,9 +159,11 @@ def _sample_without_cache(
         last = torch.tensor([len(s) - 1 for s in sequences], device=device)
         logits = model(batch)[torch.arange(len(sequences), device=device), last]
         token = sample_next(logits, cfg, generator)
+        chosen = record.of(logits, token)
         for i, value in enumerate(token.tolist()):
             if not done[i]:
                 outputs[i].append(value)
+                record.add(i, chosen)
                 sequences[i].append(value)
                 done[i] = value in stop_ids
         if not keep_going(not all(done)):

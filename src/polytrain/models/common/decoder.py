@@ -167,7 +167,11 @@ class DecoderLM(nn.Module):
         cache / valid [B, T]: incremental decoding; `valid` marks real tokens (False = left padding).
         token_mask [B, T]: False on padding, which then never counts in the expert load (training).
         """
-        return self.lm_head(self.hidden_states(input_ids, position_ids, doc_ids, cache, valid, token_mask))
+        # the class's method, not the instance's: a sharding wrapper that gathers parameters around the entry point
+        # `hidden_states` would otherwise run a second time inside this forward, and on leaving it mark the
+        # outer forward finished (FSDP then frees the root's parameters after every forward)
+        hidden = type(self).hidden_states(self, input_ids, position_ids, doc_ids, cache, valid, token_mask)
+        return self.lm_head(hidden)
 
     def hidden_states(
         self,

@@ -33,18 +33,19 @@ class StackedExperts:
     def _expert_prefix(self, name: str) -> tuple[str, str] | None:
         raise NotImplementedError
 
-    def _per_expert(self, prefix: str, kind: str, stacked: torch.Tensor,
-                    first_expert: int) -> Iterator[tuple[str, torch.Tensor]]:
-        """(release name, view of `stacked`) for every expert in the stack, numbered from first_expert."""
+    def _per_expert(self, prefix: str, kind: str, experts: int,
+                    first_expert: int) -> Iterator[tuple[str, tuple[int | slice, ...]]]:
+        """(release name, region of the stack) for every expert in a stack of `experts`, numbered from
+        first_expert; a region indexes the stack's leading dimensions (expert, then gate / up rows)."""
         hidden = self.config.moe_intermediate_size
         gate, up, down = self.EXPERT_PROJ
-        for local in range(stacked.shape[0]):
+        for local in range(experts):
             expert = first_expert + local
             if kind == "down_proj":
-                yield f"{prefix}.{expert}.{down}.weight", stacked[local]
+                yield f"{prefix}.{expert}.{down}.weight", (local,)
             else:
-                yield f"{prefix}.{expert}.{gate}.weight", stacked[local, :hidden]
-                yield f"{prefix}.{expert}.{up}.weight", stacked[local, hidden:]
+                yield f"{prefix}.{expert}.{gate}.weight", (local, slice(0, hidden))
+                yield f"{prefix}.{expert}.{up}.weight", (local, slice(hidden, 2 * hidden))
 
     def load_into(self, name: str, dest: torch.Tensor, read: Read, indices: list[torch.Tensor] | None = None,
                   shape: tuple[int, ...] | None = None) -> None:
@@ -73,13 +74,19 @@ class StackedExperts:
                                                                [rows[selected] - offset, columns],
                                                                (hidden, shape[2])).to(dest.device, dest.dtype)
 
-    def to_hf(self, name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
-        """The HF tensors of one polytrain tensor (views where possible; no copy of the whole stack)."""
+    def hf_regions(self, name: str, shape: tuple[int, ...]) -> Iterator[tuple[str, tuple[int | slice, ...]]]:
+        """(HF name, region) of each HF tensor that polytrain tensor `name` (global `shape`) holds: the region
+        indexes its leading dimensions (empty: the whole tensor)."""
         expert = self._expert_prefix(name)
         if expert is None:
-            yield self.hf_name(name), tensor
+            yield self.hf_name(name), ()
         else:
-            yield from self._per_expert(*expert, tensor, 0)
+            yield from self._per_expert(*expert, shape[0], 0)
+
+    def to_hf(self, name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+        """The HF tensors of one polytrain tensor (views where possible; no copy of the whole stack)."""
+        for hf, region in self.hf_regions(name, tuple(tensor.shape)):
+            yield hf, tensor[region]
 
     def candidates(self, hf_name: str) -> list[str]:
         """Names under which a checkpoint may hold `hf_name`, the release name first."""

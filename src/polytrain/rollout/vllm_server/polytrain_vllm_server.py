@@ -128,7 +128,9 @@ class Server:
 
         self.files += 1
         name = f"model-{self.files:05d}.safetensors"
-        save_file({n: t.contiguous() for n, t in bucket}, str(self.checkpoint / name), metadata={"format": "pt"})
+        # a bucket's tensors are views of one buffer; safetensors wants each in storage of its own
+        save_file({n: t.clone(memory_format=torch.contiguous_format) for n, t in bucket}, str(self.checkpoint / name),
+                  metadata={"format": "pt"})
         self.weight_map.update({n: name for n, _ in bucket})
         return len(bucket)
 
