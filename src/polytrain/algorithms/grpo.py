@@ -57,8 +57,38 @@ class GRPOConfig:
         False, "MoE routing replay (R3): record the experts chosen while sampling and use them when computing the "
         "training log-probs, so trainer and sampler agree on the routing."
     )
-    engine: str = option("builtin", "Rollout engine: builtin (the policy's KV-cache sampler) or 'module:Class' "
-                         "implementing polytrain.rollout.engine.RolloutEngine (e.g. a vLLM client).")
+    engine: str = option("builtin", "Rollout engine: builtin (the policy's KV-cache sampler), vllm (vLLM / "
+                         "vllm-ascend in its own environment: `make vllm-env`), or 'module:Class' implementing "
+                         "polytrain.rollout.engine.RolloutEngine.")
+    vllm_python: str = option("", "engine = vllm, colocated: the Python of vLLM's environment that runs the server "
+                              "(default: $POLYTRAIN_VLLM_PYTHON, else the repository's .venv-vllm).")
+    vllm_address: str = option("", "engine = vllm, server mode: host:port of a running polytrain vLLM server "
+                               "(secret in $POLYTRAIN_VLLM_AUTHKEY); empty: start one next to the trainer.")
+    vllm_sync: Literal["reload", "restart"] = option(
+        "reload", "engine = vllm, how weights reach the engine after a step: reload (each bucket loaded into the "
+        "running engine) or restart (written as a Hugging Face directory, the engine restarted from it)."
+    )
+    vllm_dtype: Literal["bfloat16", "float16", "float32"] = option("bfloat16", "engine = vllm: the dtype it serves "
+                                                                   "(and that weights are synced in).")
+    vllm_sleep: bool = option(False, "engine = vllm, colocated: put the engine to sleep between rollouts so it "
+                              "holds no memory while the trainer works (where vLLM supports sleep mode).")
+    vllm_max_num_seqs: int = option(0, "engine = vllm: most sequences per engine step (0: vLLM's default).", ge=0)
+    vllm_kv_cache_gib: float = option(0.0, "engine = vllm: KV-cache size in GiB (0: vLLM sizes it from "
+                                      "vllm_memory_utilization).", ge=0)
+    vllm_memory_utilization: float = option(0.0, "engine = vllm: fraction of the device's memory (on CPU: of host "
+                                            "memory) the engine may take (0: vLLM's default, 0.92 on CPU).",
+                                            ge=0, le=1)
+    vllm_enforce_eager: bool = option(False, "engine = vllm: no graph compilation or capture (faster start, slower "
+                                      "decoding).")
+    sync_check_rows: int = option(
+        4, "External engines: after every weight sync, score this many fixed sequences (the first train prompts "
+        "and their answers) on the engine and with the trainer, and compare the log-probs (0: no check).", ge=0
+    )
+    sync_check_tolerance: float = option(
+        0.02, "Largest mean |engine - trainer| log-prob gap a sync may leave. Above it a reload sync is redone by "
+        "restarting the engine, and a restart that is still above it stops the run. Set it a few times above the "
+        "gap of the first sync (a fresh engine: the engine's numerics against the trainer's).", gt=0
+    )
     sampler_weights: Literal["auto", "gathered", "sharded"] = option(
         "auto", "Built-in sampler under FSDP: gathered all-gathers the weights once per rollout and keeps them for "
         "every decoding step (ranks then decode independently unless expert / tensor parallelism needs them "

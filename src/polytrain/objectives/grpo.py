@@ -59,6 +59,9 @@ class GRPOObjective(RolloutObjective):
                 raise ConfigError("grpo.routing_replay does not support parallel.sequence_parallel yet")
             if ctx.config.parallel.cp > 1:
                 raise ConfigError("grpo.routing_replay does not support parallel.cp > 1 yet")
+            if cfg.engine == "vllm":
+                raise ConfigError("grpo.routing_replay is not available with grpo.engine = \"vllm\": the adapter "
+                                  "does not take vLLM's routed experts (only its V2 model runner reports them)")
 
     @classmethod
     def rollout_shape(cls, config: JobConfig) -> tuple[int, int, int]:
@@ -80,6 +83,9 @@ class GRPOObjective(RolloutObjective):
 
     def stop_strings(self) -> list[str]:
         return self.cfg.stop
+
+    def sync_check(self) -> tuple[int, float]:
+        return self.cfg.sync_check_rows, self.cfg.sync_check_tolerance
 
     def after_parallelize(self, model: nn.Module) -> None:
         super().after_parallelize(model)
@@ -128,6 +134,10 @@ class GRPOObjective(RolloutObjective):
         }
         if self.steps_per_rollout > 1:
             self.store_logprobs(self.model, rollouts, "old_logp")
+            gaps = [(r.old_logp - r.engine_logp).abs() for r in rollouts if r.engine_logp is not None]
+            if gaps:  # the engine's log-probs of its samples against the trainer's (mismatch, before correction)
+                gap = torch.cat(gaps)
+                self.rollout_stats.update(engine_logp_gap_mean=float(gap.mean()), engine_logp_gap_max=float(gap.max()))
         if self.reference is not None:
             self.store_logprobs(self.reference, rollouts, "ref_logp")
         return rollouts

@@ -71,13 +71,16 @@ def row_seed(seed: int, step: int, index: int) -> int:
 
 
 def load_engine(spec: str, ctx: ObjectiveContext, model: nn.Module, sampler_weights: str = "auto") -> RolloutEngine:
-    """`builtin`, or 'module:Class' constructed with the job config (an external engine, e.g. a vLLM client)."""
+    """`builtin`, `vllm` (polytrain.rollout.vllm_client), or 'module:Class' constructed with the job config (an
+    external engine)."""
     if spec == "builtin":
         return BuiltinEngine(model, lambda: ctx.collectives.decoding(model, sampler_weights))
+    if spec == "vllm":
+        spec = "polytrain.rollout.vllm_client:VLLMEngine"
     import importlib
 
     if ":" not in spec:
-        raise ConfigError(f"grpo.engine = \"{spec}\": expected builtin or 'module:Class'")
+        raise ConfigError(f"grpo.engine = \"{spec}\": expected builtin, vllm or 'module:Class'")
     module_name, attr = spec.split(":", 1)
     try:
         cls = getattr(importlib.import_module(module_name), attr)
@@ -88,6 +91,10 @@ def load_engine(spec: str, ctx: ObjectiveContext, model: nn.Module, sampler_weig
         if not callable(getattr(engine, method, None)):
             raise ConfigError(f"grpo.engine {spec} has no `{method}` method (see polytrain.rollout.engine)")
     return engine
+
+
+class SyncCheckError(PolytrainError):
+    """After a weight sync, the engine's log-probs are further from the trainer's than grpo.sync_check_tolerance."""
 
 
 class RolloutObjective(Objective):
@@ -175,11 +182,22 @@ class RolloutObjective(Objective):
     def sampler_weights(self) -> str:
         return "auto"
 
+    def sync_check(self) -> tuple[int, float]:
+        """(probe sequences scored after every weight sync, largest mean log-prob gap allowed); 0 rows: no check."""
+        return 0, 0.0
+
+    # ------------------------------------------------------------------------------------------ weight sync
     def sync_weights(self) -> None:
-        """Stream the policy's weights to an external engine, bucket by bucket, on the
-        ranks where it receives them; every rank takes part in every bucket's collective."""
+        """Hand the policy's weights to an external engine, then check the sync (`check_sync`)."""
         if isinstance(self.engine, BuiltinEngine):
             return
+        self.sync_stats = {}
+        self.push_weights()
+        self.check_sync()
+
+    def push_weights(self) -> None:
+        """Stream the policy's weights to an external engine, bucket by bucket, on the
+        ranks where it receives them; every rank takes part in every bucket's collective."""
         import time
 
         start, received = time.perf_counter(), 0
@@ -198,7 +216,66 @@ class RolloutObjective(Objective):
             self.engine.update_weights(stream)
         for _ in stream:  # the rest, whatever the engine consumed: every bucket is a collective
             pass
-        self.sync_stats = {"weight_sync_s": time.perf_counter() - start, "weight_sync_gib": received / 2**30}
+        self.sync_stats.update(weight_sync_s=time.perf_counter() - start, weight_sync_gib=received / 2**30)
+
+    def check_sync(self) -> None:
+        """The engine's log-probs of a fixed probe batch against the trainer's, after a sync (engines with
+        `probe_logprobs`). Above the tolerance an engine that can restart (`restart_next_sync`) is restarted from the
+        weights and checked again; a gap that remains stops the run (SyncCheckError)."""
+        engine = self.engine
+        rows, tolerance = self.sync_check()
+        if not rows or not callable(getattr(engine, "probe_logprobs", None)):
+            return
+        gap_mean, gap_max = self.probe_gap(rows)
+        self.sync_stats.update(sync_gap_mean=gap_mean, sync_gap_max=gap_max, sync_fallback=0.0,
+                               **self._engine_timings())
+        if gap_mean <= tolerance:
+            return
+        if callable(getattr(engine, "restart_next_sync", None)) and not self._engine_timings().get(
+                "engine_sync_restarted"):
+            self.ctx.warn(f"weight sync check: mean |engine - trainer| log-prob gap {gap_mean:.4f} (max "
+                          f"{gap_max:.4f}) > grpo.sync_check_tolerance = {tolerance}: restarting the engine from the "
+                          "weights")
+            engine.restart_next_sync()
+            self.push_weights()
+            first = {"sync_gap_reload_mean": gap_mean, "sync_gap_reload_max": gap_max}
+            gap_mean, gap_max = self.probe_gap(rows)
+            self.sync_stats.update(sync_gap_mean=gap_mean, sync_gap_max=gap_max, sync_fallback=1.0, **first,
+                                   **self._engine_timings())
+            if gap_mean <= tolerance:
+                return
+        raise SyncCheckError(f"weight sync check: the engine's log-probs are {gap_mean:.4f} (mean) / {gap_max:.4f} "
+                             f"(max) from the trainer's on the probe batch, above grpo.sync_check_tolerance = "
+                             f"{tolerance}, after starting the engine from the exported weights: it does not serve "
+                             "the trained model, or its numerics differ by that much (then raise the tolerance)")
+
+    def _engine_timings(self) -> dict[str, float]:
+        return {f"engine_{k}": float(v) for k, v in getattr(self.engine, "timings", {}).items() if k != "generate_s"}
+
+    def probe_sequences(self, rows: int) -> list[list[int]]:
+        """Fixed probe batch: the first train prompts followed by their answers (when they have one)."""
+        out = []
+        for item in self.train_items[:rows]:
+            answer = self.ctx.tokenizer.encode(item.answer) if item.answer else []
+            out.append((item.ids + answer)[: self.config.data.max_seq_len])
+        return out
+
+    @torch.no_grad()
+    def probe_gap(self, rows: int) -> tuple[float, float]:
+        """(mean, max) |engine - trainer| log-prob over every token of the probe batch after its first."""
+        sequences = self.probe_sequences(rows)
+        engine_logp = self.engine.probe_logprobs(sequences)
+        samples = [make_sample(s, [True] * len(s), len(s)) for s in sequences]
+        model = self.model
+        was_training = model.training
+        model.eval()
+        batch = self.ctx.batches.micro(samples, packing=False)
+        with self.ctx.autocast():
+            trainer_logp = batch.whole_rows(batch_logprobs(model, batch)).float().cpu()
+        model.train(was_training)
+        gaps = torch.cat([(trainer_logp[row, : len(s) - 1] - torch.tensor(e, dtype=torch.float32)).abs()
+                          for row, (s, e) in enumerate(zip(sequences, engine_logp))])
+        return float(gaps.mean()), float(gaps.max())
 
     def can_stop_after(self, step: int) -> bool:
         return step % self.steps_per_rollout == 0
