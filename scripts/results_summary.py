@@ -24,11 +24,10 @@ def _vs_transformers(d: dict[str, Any]) -> str:
 
 
 def _vs_trl(d: dict[str, Any]) -> str:
-    names = {"sft": "SFT tokens/s", "dpo": "DPO pairs/s", "dpo_precomputed": "DPO (precomputed reference) pairs/s",
-             "grpo": "GRPO prompts/s"}
-    cells = [f"{names[task]} x{r['speedup']:.2f}, peak memory x{r['memory_ratio']:.2f}"
+    names = {"sft": "SFT", "dpo": "DPO", "dpo_precomputed": "DPO (precomputed reference)", "grpo": "GRPO"}
+    cells = [f"{names[task]} x{r['speedup']:.2f} at x{r['memory_ratio']:.2f} memory"
              for task, r in d["polytrain_vs_trl"].items()]
-    return "vs TRL, same model and data: " + "; ".join(cells)
+    return "vs TRL, same model and data, throughput: " + "; ".join(cells)
 
 
 def _gemm_shapes(d: dict[str, Any]) -> str:
