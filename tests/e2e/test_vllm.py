@@ -42,6 +42,9 @@ def checked_syncs(run: Path) -> list[dict]:
         print({k: round(v, 4) for k, v in r.items() if k.startswith(("sync_", "engine_"))})
         assert r["sync_gap_mean"] < 0.02, r  # the probe check (grpo.sync_check_tolerance) passed
         assert r["engine_logp_gap_mean"] < 0.02, r  # the engine's log-probs of its own samples vs the trainer's
+    trained = [r for r in rows if "loss" in r]
+    # the token-tis correction ran on the engine's log-probs: a small but non-zero mismatch, few tokens capped
+    assert trained and all(0 < r["mismatch_kl"] < 0.01 and r["tis_capped"] < 0.1 for r in trained), trained
     assert any(r.get("grad_norm", 0) > 0 for r in rows), rows  # the weights did change between syncs
     return fresh
 
