@@ -90,6 +90,20 @@ CHAT_TEMPLATE = (
 STEP0_TOLERANCE = {"sft": 1e-4, "dpo": 1e-3, "grpo": 1e-3}
 
 
+
+def time_calls(owner: object, method: str, seconds: list[float]) -> None:
+    """Wrap `owner.method` so that each call's wall time is appended to `seconds` (generation time of a step)."""
+    original = getattr(owner, method)
+
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            seconds.append(time.perf_counter() - start)
+
+    setattr(owner, method, timed)
+
 def reward_e_share(completion: str, answer=None, prompt=None, finished=None) -> float:
     """The GRPO reward of both sides: the share of the letter `e` in the completion's text."""
     return completion.count("e") / max(len(completion), 1)
@@ -214,17 +228,7 @@ def run_polytrain(task: str, assets: dict, steps: int, profile: bool) -> dict:
         trainer = build_polytrain(task, assets, run_dir, steps)
         generation: list[float] = []
         if task == "grpo":
-            engine = trainer.objective.engine
-            generate = engine.generate
-
-            def timed_generate(*a, **k):
-                start = time.perf_counter()
-                try:
-                    return generate(*a, **k)
-                finally:
-                    generation.append(time.perf_counter() - start)
-
-            engine.generate = timed_generate
+            time_calls(trainer.objective.engine, "generate", generation)
         step_fn = trainer.train_step
         state = {"peak": 0, "profile": None, "formula": None}
 
@@ -320,16 +324,7 @@ def run_trl(task: str, assets: dict, steps: int, profile: bool) -> dict:
 
     generation: list[float] = []
     if task == "grpo":
-        generate = trainer.model.generate
-
-        def timed_generate(*a, **k):
-            start = time.perf_counter()
-            try:
-                return generate(*a, **k)
-            finally:
-                generation.append(time.perf_counter() - start)
-
-        trainer.model.generate = timed_generate
+        time_calls(trainer.model, "generate", generation)
 
     losses: list[float] = []
     checks: list[dict] = []
