@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from polytrain.config import JobConfig, read_run_config
 from polytrain.errors import CheckpointError, ConfigError
@@ -30,7 +31,8 @@ def frozen_layout(model: nn.Module, config: JobConfig, runtime: ParallelRuntime,
     for param in model.parameters():
         param.requires_grad_(False)
     layout = replace(config.parallel, activation_checkpointing="none", cpu_offload=False)
-    sharded, _ = apply_parallelism(model, runtime.meshes, layout, device=device)
+    with unset_fake_temporarily():  # laying out a meta skeleton, as for the policy (DeviceMesh reads real tensors)
+        sharded, _ = apply_parallelism(model, runtime.meshes, layout, device=device)
     materialize(sharded, model, device, seed, only)
     return sharded.eval()
 
