@@ -28,6 +28,7 @@ from polytrain.plan.layout import Job, Layout
 
 GiB = 2**30
 HEAD_CHUNK_BYTES = 256 * 2**20  # models/output_head.py CHUNK_BYTES
+SYNC_BUCKET_BYTES = 1024 * 2**20  # grpo.sync_bucket_mb's default (parallel/weight_sync.py)
 
 
 @dataclass(frozen=True)
@@ -45,15 +46,20 @@ class Memory:
     (activations, logits, buffers) and the end-of-backward one (gradients, the last layer's recomputation,
     buffers); gradients held in persistent buffers (ZeRO-1 / 2) count in both."""
     rl: float
-    """DPO: the reference model; GRPO: reference model, rollout KV cache and weight-sync buffer."""
+    """DPO and GRPO: the frozen reference model (on the device through the update step, counted in `peak`)."""
     host: float
     """Host memory per device holding offloaded state."""
     stage: int
     """The pipeline stage this is (the most loaded one)."""
+    rollout: float = 0.0
+    """GRPO, outside the update step: device bytes while sampling (the state kept on the device, the reference
+    model, the KV cache of this device's samples, one gathered layer at a time) or while syncing weights to an
+    engine (one bucket instead of the KV cache), whichever is more; 0 for other algorithms."""
 
     @property
     def device(self) -> float:
-        return self.peak
+        """The device's peak over the whole step: the update step's, or for GRPO the rollout's if larger."""
+        return max(self.peak, self.rollout)
 
     def as_dict(self) -> dict[str, float]:
         return {**{k: v for k, v in asdict(self).items()}, "device": self.device}
@@ -294,10 +300,8 @@ def _stage_memory(job: Job, layout: Layout, stage: int) -> Memory:
     elif layout.pp > 1:  # ZeRO-1 pipelines (Megatron-style engines): one send and one receive buffer
         buffers += 2 * tokens * width * b
     rl = 0.0
-    if job.algorithm == "grpo":
-        rl = _rl_memory(job, layout, local_dense + local_experts)
-    elif job.algorithm == "dpo":  # the frozen reference model, bf16, sharded like the policy under ZeRO-3
-        rl = 2 * (local_dense + local_experts) / (layout.dp * layout.cp if layout.zero == 3 else 1)
+    if job.algorithm in ("dpo", "grpo"):
+        rl = _reference_memory(groups)
     forward_end = activations + logits + gathered_forward
     if fsdp_pipeline and holds_first:
         # the embedding's backward: a dense [vocab, hidden] gradient per use (the MTP modules share the
@@ -342,18 +346,25 @@ def _stage_memory(job: Job, layout: Layout, stage: int) -> Memory:
         dynamic = max(forward_end, grads + backward_end)
     peak = params + optim + rl + buffers + dynamic
     transient = working + logits + buffers + gathered + max(gathered_forward, layer_grads)
-    return Memory(params, grads, optim, activations, transient, peak, rl, host, stage)
+    rollout = 0.0
+    if job.algorithm == "grpo":  # outside the update step: the rollout, the weight sync (gradients are freed)
+        kept = params + optim + rl + w * job.shape.embedding / layout.tp  # + the gathered root unit
+        one_layer = 2 * w * sum(_largest_layer(job, layout)) if layout.zero == 3 else 0.0
+        rollout = kept + one_layer + max(_kv_cache(job, layout), SYNC_BUCKET_BYTES)
+    return Memory(params, grads, optim, activations, transient, peak, rl, host, stage, rollout)
 
 
-def _rl_memory(job: Job, layout: Layout, local_params: float) -> float:
-    """GRPO extras on a device: a bf16 reference model laid out like the policy (sharded as ZeRO-3 would: it is
-    only read), the rollout KV cache of this device's share of the samples, and one weight-sync bucket."""
+def _reference_memory(groups: tuple[tuple[float, int], ...]) -> float:
+    """A frozen reference model (train/frozen.py): laid out like the policy, its parameters sharded by FSDP as
+    the policy's are (dense over the data-parallel ranks, experts over the expert-data-parallel ones), on the
+    device even when the policy is offloaded, in the training weights' dtype (fp32)."""
+    return sum(4.0 * count / group for count, group in groups)
+
+
+def _kv_cache(job: Job, layout: Layout) -> float:
+    """The built-in sampler's KV cache (bf16) of this device's share of the rollout's samples, to full length."""
     c = job.model
-    reference = 2 * local_params / (layout.dp * layout.cp if layout.zero == 3 else 1)
     samples = max(1, job.global_batch_tokens // (job.prompt_len + job.response_len)) / layout.dp
     length = job.prompt_len + job.response_len
     per_token_layer = spec_for(c).planner.kv_width(c) * 2  # bf16
-    layers = c.num_hidden_layers / layout.pp
-    kv_cache = samples * length * per_token_layer * layers
-    sync_bucket = 512 * 2**20
-    return reference + kv_cache + sync_bucket
+    return samples * length * per_token_layer * c.num_hidden_layers / layout.pp
