@@ -101,8 +101,9 @@ def breakdown(job: Job, chip: Chip, plan: Plan) -> str:
              f"{plan.layout.recompute}, micro-batch {plan.layout.micro_batch}",
              f"  memory/device (stage {m.stage}): parameters {m.parameters / GiB:.1f}, gradients "
              f"{m.gradients / GiB:.1f}, optimizer {m.optimizer / GiB:.1f}, activations {m.activations / GiB:.1f}, "
-             f"transient {m.transient / GiB:.1f}" + (f", RL {m.rl / GiB:.1f}" if m.rl else "")
-             + f" -> peak {m.device / GiB:.1f} GiB" + (f"; host {m.host / GiB:.1f} GiB/device" if m.host else ""),
+             f"transient {m.transient / GiB:.1f}" + (f", reference model {m.rl / GiB:.1f}" if m.rl else "")
+             + f" -> peak {m.peak / GiB:.1f} GiB" + (f"; host {m.host / GiB:.1f} GiB/device" if m.host else "")
+             + (f"; rollout phase (KV cache or weight-sync bucket) {m.rollout / GiB:.1f} GiB" if m.rollout else ""),
              f"  step {t.step:.2f} s: compute {t.compute:.2f}, recompute {t.recompute:.2f}, bubble {t.bubble:.2f}, "
              f"all-to-all {t.expert_all_to_all:.2f}, TP/CP {t.tensor_parallel:.2f}, PP p2p {t.pipeline_p2p:.2f}, "
              f"DP {t.data_parallel:.2f}, offload {t.offload:.2f}, optimizer {t.optimizer:.2f} (exposed)"]
