@@ -72,7 +72,9 @@ def test_grpo_adds_reference_model_to_the_update_step_and_kv_cache_to_the_rollou
     layout = Layout(dp=64, pp=8, ep=64, zero=3, recompute="full")
     grpo, plain = evaluate(job, layout, load_chip("h800")).memory, evaluate(sft, layout, load_chip("h800")).memory
     assert grpo.rl > 0 and plain.rl == 0 and plain.rollout == 0
-    assert grpo.peak == pytest.approx(plain.peak + grpo.rl, rel=0.01)  # the update step: the policy's + the reference
+    # the update step: the policy's step (without the MTP modules' activations: GRPO scores the main head) + the
+    # reference model
+    assert grpo.rl < grpo.peak <= plain.peak + grpo.rl
     longer = evaluate(Job(preset("deepseek-v3-671b"), 3072 + 4096, 256 * 8 * (3072 + 4096), algorithm="grpo",
                           response_len=2048 + 4096), layout, load_chip("h800")).memory
     assert longer.rollout > grpo.rollout  # the KV cache grows with the completions, in the rollout only

@@ -139,16 +139,22 @@ def _largest_layer(job: Job, layout: Layout) -> tuple[float, float]:
     return job.stage_params[key]
 
 
+def _runs_mtp(job: Job) -> bool:
+    """Whether the step runs the MTP modules: SFT's does; the preference and RL objectives score the main head only
+    (the modules' weights and optimizer state are still held)."""
+    return job.mtp and job.algorithm == "sft"
+
+
 def _stage_activations(job: Job, layout: Layout, stage: int, stages: int) -> tuple[float, float, int]:
     """(bytes kept per token by the layers of stage `stage` of `stages` under the layout's recompute choice,
     excluding the layer inputs kept by checkpointed blocks; the largest layer's bytes per token (its recomputation
     working set); number of layers). Cached: the search evaluates thousands of layouts over the same few stage
     splits."""
     c = job.model
-    key = (job.key, stages, stage, layout.tp, layout.ep > 1, layout.cp, layout.recompute, job.mtp)
+    key = (job.key, stages, stage, layout.tp, layout.ep > 1, layout.cp, layout.recompute, _runs_mtp(job))
     if key not in _CACHE:
         layers = list(job.shape.stage_layers(stages)[stage])
-        if stage == stages - 1 and job.mtp:
+        if stage == stages - 1 and _runs_mtp(job):
             layers += range(c.num_hidden_layers, c.num_hidden_layers + c.num_nextn_predict_layers)
         seq = job.seq_len // layout.cp
 
@@ -242,7 +248,7 @@ def _stage_memory(job: Job, layout: Layout, stage: int) -> Memory:
     tokens = layout.micro_batch * job.seq_len / layout.cp
     seq_tokens = tokens / (layout.tp if layout.tp > 1 else 1)  # sequence parallel splits the residual stream
     stream = spec_for(c).planner.residual_width(c) * b  # a layer's input, kept under full recompute
-    mtp_layers = c.num_nextn_predict_layers if job.mtp else 0
+    mtp_layers = c.num_nextn_predict_layers if _runs_mtp(job) else 0
     fsdp_pipeline = layout.pp > 1 and layout.zero in (2, 3)
     activations = working = 0.0
     in_flight = 0.0
@@ -267,13 +273,16 @@ def _stage_memory(job: Job, layout: Layout, stage: int) -> Memory:
     logits = 0.0
     buffers = 0.0
     if holds_last:
-        heads = 1 + (c.num_nextn_predict_layers if job.mtp else 0)
+        heads = 1 + mtp_layers
         if layout.tp > 1:  # plain head: logits (b) and their fp32 copy kept for the loss, the fp32 gradient
             logits = tokens * c.vocab_size / layout.tp * ((b + 4) * heads + 4)
         else:  # fused, chunked head (models/output_head.py): one chunk of fp32 logits (and its cast) at a time,
             # each head's input gradient kept, and the head's weight gradient allocated in forward
             chunk = min(HEAD_CHUNK_BYTES, tokens * c.vocab_size * 4) * (1 + (b / 4 if b < 4 else 0))
-            logits = chunk + heads * tokens * c.hidden_size * b + 4 * c.vocab_size * c.hidden_size
+            # (preference and RL objectives: per-token log-probs, each chunk recomputed in backward, whose weight
+            # gradient autograd makes there, counted with the head's backward unit below)
+            weight_grad = 4 * c.vocab_size * c.hidden_size if job.algorithm == "sft" else 0.0
+            logits = chunk + heads * tokens * c.hidden_size * b + weight_grad
     gathered = gathered_forward = 0.0
     if layout.zero == 3 and layout.dp * layout.cp > 1:
         if fsdp_pipeline:
