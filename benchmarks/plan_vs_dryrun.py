@@ -17,13 +17,19 @@ through the engine, on tensors without storage). The categories are matched as f
 The dry run reports the categories at the moment its total peaks; with everything offloaded the device's peak can
 fall at another moment, so the categories of those rows add up to more than the peak.
 
-Usage (writes benchmarks/results/plan_vs_dryrun.json, prints a Markdown table; one to a few minutes per rank):
+GRPO's update step (made-up rollouts, a reference model) is compared the same way, with the reference model a
+category of its own (the planner's `rl`, the dry run's frozen models); the planner's peak there is the update
+step's, without what only the rollout holds (the KV cache, a weight-sync bucket).
+
+Usage (writes benchmarks/results/plan_vs_dryrun.json, prints Markdown tables; one to a few minutes per rank):
     python benchmarks/plan_vs_dryrun.py
+    python benchmarks/plan_vs_dryrun.py --grpo-only   # the GRPO rows, the SFT rows kept from the last run
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -48,9 +54,20 @@ JOBS = [  # (model, layout, sequences per step: the fewest the layout's schedule
     ("deepseek-v4-pro", Layout(dp=256, pp=4, ep=128, zero=2, recompute="full", schedule="dualpipev"), 2048),
 ]
 
+# GRPO's update step (prompts of 1,024 tokens, completions of 2,048, 256 prompts x 8 a rollout: `polytrain plan
+# --algorithm grpo`'s default job), at the planner's best runnable layouts (`polytrain plan --algorithm grpo
+# --hardware ascend-910c --devices 256 / 1024 --emit-config`; the emitted config keeps a reference model)
+GRPO_JOBS = [
+    ("deepseek-v3-671b", Layout(dp=256, ep=2, offload="all", recompute="selective"), 2048),
+    ("deepseek-v4-flash", Layout(dp=256, ep=256, recompute="selective"), 2048),
+    ("deepseek-v4-flash", Layout(dp=256, ep=2, offload="all", recompute="selective"), 2048),
+    ("deepseek-v4-pro", Layout(dp=1024, ep=128, recompute="full", micro_batch=2), 2048),
+]
 
-def compare(model: str, layout: Layout, sequences: int) -> list[dict]:
-    job = Job(preset(model), 4096, 4096 * sequences)
+
+def compare(model: str, layout: Layout, sequences: int, algorithm: str = "sft") -> list[dict]:
+    seq_len = 3072 if algorithm == "grpo" else 4096
+    job = Job(preset(model), seq_len, seq_len * sequences, algorithm=algorithm)
     config = build_config(job_config(job, layout))
     rows = []
     for report in dry_run(config, layout.devices):
@@ -66,13 +83,16 @@ def compare(model: str, layout: Layout, sequences: int) -> list[dict]:
             "gradients": (plan.gradients, dry["gradients"] - host_grads),
             "working set": (plan.activations + plan.transient,
                             dry["activations"] + dry["temporaries"] + dry["communication buffers"]),
-            "peak": (plan.peak, report.peak_bytes if report.device_peak_bytes is None else report.device_peak_bytes),
         }
+        if algorithm == "grpo":  # the reference model; the planner's peak is the update step's (no rollout)
+            pairs["reference model"] = (plan.rl, dry["frozen models"])
+        pairs["peak"] = (plan.peak, report.peak_bytes if report.device_peak_bytes is None
+                         else report.device_peak_bytes)
         name = f"{layout.short()} {layout.schedule if layout.pp > 1 else ''}".strip()
         name += f", ZeRO-{layout.zero}" if layout.zero != 3 else ""
         name += ", offload all" if layout.offload == "all" else ""
-        rows.append({"model": model, "layout": name + f", recompute {layout.recompute}", "rank": report.rank,
-                     "stage": stage,
+        rows.append({"model": model, "algorithm": algorithm, "layout": name + f", recompute {layout.recompute}",
+                     "rank": report.rank, "stage": stage,
                      "gib": {name: {"planner": round(p / GiB, 2), "dryrun": round(d / GiB, 2),
                                     "ratio": round(p / d, 2) if d else None} for name, (p, d) in pairs.items()}})
     return rows
@@ -81,15 +101,27 @@ def compare(model: str, layout: Layout, sequences: int) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "plan_vs_dryrun.json"))
+    parser.add_argument("--grpo-only", action="store_true",
+                        help="run only the GRPO rows (the SFT rows are kept from the existing --out file)")
     args = parser.parse_args()
-    rows = [row for model, layout, sequences in JOBS for row in compare(model, layout, sequences)]
+    if args.grpo_only:
+        rows = [r for r in json.loads(Path(args.out).read_text())["rows"] if r.get("algorithm", "sft") == "sft"]
+    else:
+        rows = [row for model, layout, n in JOBS for row in compare(model, layout, n)]
+    grpo = [row for model, layout, n in GRPO_JOBS for row in compare(model, layout, n, "grpo")]
     print("| model, layout (SFT, 4K tokens) | stage | weights + optimizer | gradients | working set | peak |")
     print("|---|---|---|---|---|---|")
     for row in rows:
         cells = [f"{v['planner']:.1f} / {v['dryrun']:.1f}" for v in row["gib"].values()]
         print(f"| {row['model']}, {row['layout']} | {row['stage']} | " + " | ".join(cells) + " |")
+    print("\n| model, layout (GRPO update, 3K tokens) | weights + optimizer | gradients | working set | reference "
+          "model | peak |")
+    print("|---|---|---|---|---|---|")
+    for row in grpo:
+        cells = [f"{v['planner']:.1f} / {v['dryrun']:.1f}" for v in row["gib"].values()]
+        print(f"| {row['model']}, {row['layout']} | " + " | ".join(cells) + " |")
     print("(GiB per device: planner / dry run)")
-    write_results(args.out, {"benchmark": "plan_vs_dryrun", "unit": "GiB per device", "rows": rows})
+    write_results(args.out, {"benchmark": "plan_vs_dryrun", "unit": "GiB per device", "rows": rows + grpo})
 
 
 if __name__ == "__main__":

@@ -66,12 +66,19 @@ def test_invalid_layout_says_why():
         evaluate(job, Layout(dp=96, ep=96), load_chip("h800"))
 
 
-def test_grpo_adds_reference_model_and_kv_cache():
+def test_grpo_adds_reference_model_to_the_update_step_and_kv_cache_to_the_rollout():
     job = Job(preset("deepseek-v3-671b"), 3072, 256 * 8 * 3072, algorithm="grpo")
     sft = Job(preset("deepseek-v3-671b"), 3072, 256 * 8 * 3072)
     layout = Layout(dp=64, pp=8, ep=64, zero=3, recompute="full")
-    assert evaluate(job, layout, load_chip("h800")).memory.rl > 0
-    assert evaluate(sft, layout, load_chip("h800")).memory.rl == 0
+    grpo, plain = evaluate(job, layout, load_chip("h800")).memory, evaluate(sft, layout, load_chip("h800")).memory
+    assert grpo.rl > 0 and plain.rl == 0 and plain.rollout == 0
+    # the update step: the policy's step (without the MTP modules' activations: GRPO scores the main head) + the
+    # reference model
+    assert grpo.rl < grpo.peak <= plain.peak + grpo.rl
+    longer = evaluate(Job(preset("deepseek-v3-671b"), 3072 + 4096, 256 * 8 * (3072 + 4096), algorithm="grpo",
+                          response_len=2048 + 4096), layout, load_chip("h800")).memory
+    assert longer.rollout > grpo.rollout  # the KV cache grows with the completions, in the rollout only
+    assert grpo.device == max(grpo.peak, grpo.rollout)
 
 
 def test_calibrate_from_bench_json_sets_the_efficiency(tmp_path):

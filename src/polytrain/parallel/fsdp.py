@@ -25,6 +25,31 @@ from polytrain.parallel.config import ParallelConfig
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
+def _skip_units_that_never_ran() -> None:
+    """FSDP2 (a private class of torch 2.9 - 2.13, looked up defensively), after a backward without gradient
+    reduction (micro-batches accumulating), upcasts every parameter's unsharded gradient, reading the unsharded
+    parameter FSDP makes at its first all-gather: a unit that has not run forward yet (the MTP modules under RL
+    objectives, which score the main head only) has none. Its reducing backward skips such parameters; make the
+    accumulating one skip them too."""
+    try:
+        from torch.distributed.fsdp._fully_shard._fsdp_param import FSDPParam
+    except ImportError:
+        return
+    original = getattr(FSDPParam, "to_accumulated_grad_if_needed", None)
+    if original is None or getattr(original, "skips_unused", False):
+        return
+
+    def to_accumulated_grad_if_needed(self) -> None:
+        if hasattr(self, "_unsharded_param"):
+            original(self)
+
+    to_accumulated_grad_if_needed.skips_unused = True
+    FSDPParam.to_accumulated_grad_if_needed = to_accumulated_grad_if_needed
+
+
+_skip_units_that_never_ran()
+
+
 def blocks_of(model: nn.Module) -> list[nn.Module]:
     """The units FSDP and activation checkpointing wrap: decoder blocks and MTP modules."""
     return [*model.layers, *getattr(model, "mtp", [])]

@@ -28,6 +28,7 @@ from polytrain.plan.layout import Job, Layout
 
 GiB = 2**30
 HEAD_CHUNK_BYTES = 256 * 2**20  # models/output_head.py CHUNK_BYTES
+SYNC_BUCKET_BYTES = 1024 * 2**20  # grpo.sync_bucket_mb's default (parallel/weight_sync.py)
 
 
 @dataclass(frozen=True)
@@ -45,15 +46,20 @@ class Memory:
     (activations, logits, buffers) and the end-of-backward one (gradients, the last layer's recomputation,
     buffers); gradients held in persistent buffers (ZeRO-1 / 2) count in both."""
     rl: float
-    """DPO: the reference model; GRPO: reference model, rollout KV cache and weight-sync buffer."""
+    """DPO and GRPO: the frozen reference model (on the device through the update step, counted in `peak`)."""
     host: float
     """Host memory per device holding offloaded state."""
     stage: int
     """The pipeline stage this is (the most loaded one)."""
+    rollout: float = 0.0
+    """GRPO, outside the update step: device bytes while sampling (the state kept on the device, the reference
+    model, the KV cache of this device's samples, one gathered layer at a time) or while syncing weights to an
+    engine (one bucket instead of the KV cache), whichever is more; 0 for other algorithms."""
 
     @property
     def device(self) -> float:
-        return self.peak
+        """The device's peak over the whole step: the update step's, or for GRPO the rollout's if larger."""
+        return max(self.peak, self.rollout)
 
     def as_dict(self) -> dict[str, float]:
         return {**{k: v for k, v in asdict(self).items()}, "device": self.device}
@@ -133,16 +139,22 @@ def _largest_layer(job: Job, layout: Layout) -> tuple[float, float]:
     return job.stage_params[key]
 
 
+def _runs_mtp(job: Job) -> bool:
+    """Whether the step runs the MTP modules: SFT's does; the preference and RL objectives score the main head only
+    (the modules' weights and optimizer state are still held)."""
+    return job.mtp and job.algorithm == "sft"
+
+
 def _stage_activations(job: Job, layout: Layout, stage: int, stages: int) -> tuple[float, float, int]:
     """(bytes kept per token by the layers of stage `stage` of `stages` under the layout's recompute choice,
     excluding the layer inputs kept by checkpointed blocks; the largest layer's bytes per token (its recomputation
     working set); number of layers). Cached: the search evaluates thousands of layouts over the same few stage
     splits."""
     c = job.model
-    key = (job.key, stages, stage, layout.tp, layout.ep > 1, layout.cp, layout.recompute, job.mtp)
+    key = (job.key, stages, stage, layout.tp, layout.ep > 1, layout.cp, layout.recompute, _runs_mtp(job))
     if key not in _CACHE:
         layers = list(job.shape.stage_layers(stages)[stage])
-        if stage == stages - 1 and job.mtp:
+        if stage == stages - 1 and _runs_mtp(job):
             layers += range(c.num_hidden_layers, c.num_hidden_layers + c.num_nextn_predict_layers)
         seq = job.seq_len // layout.cp
 
@@ -236,7 +248,7 @@ def _stage_memory(job: Job, layout: Layout, stage: int) -> Memory:
     tokens = layout.micro_batch * job.seq_len / layout.cp
     seq_tokens = tokens / (layout.tp if layout.tp > 1 else 1)  # sequence parallel splits the residual stream
     stream = spec_for(c).planner.residual_width(c) * b  # a layer's input, kept under full recompute
-    mtp_layers = c.num_nextn_predict_layers if job.mtp else 0
+    mtp_layers = c.num_nextn_predict_layers if _runs_mtp(job) else 0
     fsdp_pipeline = layout.pp > 1 and layout.zero in (2, 3)
     activations = working = 0.0
     in_flight = 0.0
@@ -261,13 +273,16 @@ def _stage_memory(job: Job, layout: Layout, stage: int) -> Memory:
     logits = 0.0
     buffers = 0.0
     if holds_last:
-        heads = 1 + (c.num_nextn_predict_layers if job.mtp else 0)
+        heads = 1 + mtp_layers
         if layout.tp > 1:  # plain head: logits (b) and their fp32 copy kept for the loss, the fp32 gradient
             logits = tokens * c.vocab_size / layout.tp * ((b + 4) * heads + 4)
         else:  # fused, chunked head (models/output_head.py): one chunk of fp32 logits (and its cast) at a time,
             # each head's input gradient kept, and the head's weight gradient allocated in forward
             chunk = min(HEAD_CHUNK_BYTES, tokens * c.vocab_size * 4) * (1 + (b / 4 if b < 4 else 0))
-            logits = chunk + heads * tokens * c.hidden_size * b + 4 * c.vocab_size * c.hidden_size
+            # (preference and RL objectives: per-token log-probs, each chunk recomputed in backward, whose weight
+            # gradient autograd makes there, counted with the head's backward unit below)
+            weight_grad = 4 * c.vocab_size * c.hidden_size if job.algorithm == "sft" else 0.0
+            logits = chunk + heads * tokens * c.hidden_size * b + weight_grad
     gathered = gathered_forward = 0.0
     if layout.zero == 3 and layout.dp * layout.cp > 1:
         if fsdp_pipeline:
@@ -294,10 +309,8 @@ def _stage_memory(job: Job, layout: Layout, stage: int) -> Memory:
     elif layout.pp > 1:  # ZeRO-1 pipelines (Megatron-style engines): one send and one receive buffer
         buffers += 2 * tokens * width * b
     rl = 0.0
-    if job.algorithm == "grpo":
-        rl = _rl_memory(job, layout, local_dense + local_experts)
-    elif job.algorithm == "dpo":  # the frozen reference model, bf16, sharded like the policy under ZeRO-3
-        rl = 2 * (local_dense + local_experts) / (layout.dp * layout.cp if layout.zero == 3 else 1)
+    if job.algorithm in ("dpo", "grpo"):
+        rl = _reference_memory(groups)
     forward_end = activations + logits + gathered_forward
     if fsdp_pipeline and holds_first:
         # the embedding's backward: a dense [vocab, hidden] gradient per use (the MTP modules share the
@@ -342,18 +355,25 @@ def _stage_memory(job: Job, layout: Layout, stage: int) -> Memory:
         dynamic = max(forward_end, grads + backward_end)
     peak = params + optim + rl + buffers + dynamic
     transient = working + logits + buffers + gathered + max(gathered_forward, layer_grads)
-    return Memory(params, grads, optim, activations, transient, peak, rl, host, stage)
+    rollout = 0.0
+    if job.algorithm == "grpo":  # outside the update step: the rollout, the weight sync (gradients are freed)
+        kept = params + optim + rl + w * job.shape.embedding / layout.tp  # + the gathered root unit
+        one_layer = 2 * w * sum(_largest_layer(job, layout)) if layout.zero == 3 else 0.0
+        rollout = kept + one_layer + max(_kv_cache(job, layout), SYNC_BUCKET_BYTES)
+    return Memory(params, grads, optim, activations, transient, peak, rl, host, stage, rollout)
 
 
-def _rl_memory(job: Job, layout: Layout, local_params: float) -> float:
-    """GRPO extras on a device: a bf16 reference model laid out like the policy (sharded as ZeRO-3 would: it is
-    only read), the rollout KV cache of this device's share of the samples, and one weight-sync bucket."""
+def _reference_memory(groups: tuple[tuple[float, int], ...]) -> float:
+    """A frozen reference model (train/frozen.py): laid out like the policy, its parameters sharded by FSDP as
+    the policy's are (dense over the data-parallel ranks, experts over the expert-data-parallel ones), on the
+    device even when the policy is offloaded, in the training weights' dtype (fp32)."""
+    return sum(4.0 * count / group for count, group in groups)
+
+
+def _kv_cache(job: Job, layout: Layout) -> float:
+    """The built-in sampler's KV cache (bf16) of this device's share of the rollout's samples, to full length."""
     c = job.model
-    reference = 2 * local_params / (layout.dp * layout.cp if layout.zero == 3 else 1)
     samples = max(1, job.global_batch_tokens // (job.prompt_len + job.response_len)) / layout.dp
     length = job.prompt_len + job.response_len
     per_token_layer = spec_for(c).planner.kv_width(c) * 2  # bf16
-    layers = c.num_hidden_layers / layout.pp
-    kv_cache = samples * length * per_token_layer * layers
-    sync_bucket = 512 * 2**20
-    return reference + kv_cache + sync_bucket
+    return samples * length * per_token_layer * c.num_hidden_layers / layout.pp

@@ -16,6 +16,9 @@ from polytrain.plan.search import USABLE_FRACTION, Plan, SearchResult
 from polytrain.plan.timing import grpo_phases
 from polytrain.schema import to_dict
 
+GRPO_GROUP = 8  # completions per prompt in an emitted GRPO config (the default batch: 256 prompts x 8)
+GRPO_KL_COEF = 0.04  # an emitted GRPO config keeps a reference model, as the planner counts one (DeepSeekMath's)
+
 
 def _human(n: float) -> str:
     for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
@@ -98,8 +101,9 @@ def breakdown(job: Job, chip: Chip, plan: Plan) -> str:
              f"{plan.layout.recompute}, micro-batch {plan.layout.micro_batch}",
              f"  memory/device (stage {m.stage}): parameters {m.parameters / GiB:.1f}, gradients "
              f"{m.gradients / GiB:.1f}, optimizer {m.optimizer / GiB:.1f}, activations {m.activations / GiB:.1f}, "
-             f"transient {m.transient / GiB:.1f}" + (f", RL {m.rl / GiB:.1f}" if m.rl else "")
-             + f" -> peak {m.device / GiB:.1f} GiB" + (f"; host {m.host / GiB:.1f} GiB/device" if m.host else ""),
+             f"transient {m.transient / GiB:.1f}" + (f", reference model {m.rl / GiB:.1f}" if m.rl else "")
+             + f" -> peak {m.peak / GiB:.1f} GiB" + (f"; host {m.host / GiB:.1f} GiB/device" if m.host else "")
+             + (f"; rollout phase (KV cache or weight-sync bucket) {m.rollout / GiB:.1f} GiB" if m.rollout else ""),
              f"  step {t.step:.2f} s: compute {t.compute:.2f}, recompute {t.recompute:.2f}, bubble {t.bubble:.2f}, "
              f"all-to-all {t.expert_all_to_all:.2f}, TP/CP {t.tensor_parallel:.2f}, PP p2p {t.pipeline_p2p:.2f}, "
              f"DP {t.data_parallel:.2f}, offload {t.offload:.2f}, optimizer {t.optimizer:.2f} (exposed)"]
@@ -115,8 +119,8 @@ def breakdown(job: Job, chip: Chip, plan: Plan) -> str:
 def job_config(job: Job, lay: Layout, chip: Chip | None = None) -> dict[str, Any]:
     """The job config (a TOML table) that runs `job` under `lay` on `chip` (data paths are placeholders to fill
     in). On the CPU stand-in chip it trains in fp32, as polytrain does on a CPU."""
-    if job.algorithm not in ("sft", "dpo"):
-        raise ConfigError(f"--emit-config writes sft and dpo jobs; for {job.algorithm}, copy the layout into "
+    if job.algorithm not in ("sft", "dpo", "grpo"):
+        raise ConfigError(f"--emit-config writes sft, dpo and grpo jobs; for {job.algorithm}, copy the layout into "
                           f"examples/{job.algorithm}_tiny.toml's [parallel] section")
     precision = "fp32" if chip is not None and chip.name == "cpu" else "bf16"
     model: dict[str, Any] = ({"preset": job.model.preset} if job.model.preset in PRESETS
@@ -132,14 +136,24 @@ def job_config(job: Job, lay: Layout, chip: Chip | None = None) -> dict[str, Any
         parallel["pp_schedule"] = lay.schedule
     if lay.recompute == "selective":
         parallel.update(ac_every=2, ac_modules=["mla_up_proj", "norm"])
+    sequences = lay.step_sequences(job)
+    train: dict[str, Any] = {"global_batch_size": sequences, "micro_batch_size": lay.micro_batch}
+    sections: dict[str, Any] = {}
+    if job.algorithm == "grpo":
+        # the step's sequences are completions: GRPO_GROUP per prompt, at least one prompt per data-parallel rank
+        prompts = max(lay.dp, sequences // GRPO_GROUP // lay.dp * lay.dp)
+        train["global_batch_size"] = prompts
+        sections["grpo"] = {"group_size": max(2, sequences // prompts), "max_new_tokens": job.response_len,
+                            "kl_coef": GRPO_KL_COEF}  # the planner counts a reference model
     return {
         "run": {"algorithm": job.algorithm, "output_dir": f"runs/{job.model.preset}-{lay.devices}x",
                 "precision": precision},
         "model": model,
         "data": {"train_path": "data/train.jsonl", "tokenizer": "path/to/tokenizer.json", "max_seq_len": job.seq_len,
                  "packing": job.algorithm == "sft" and spec_for(job.model).supports_packing},
-        "train": {"global_batch_size": lay.step_sequences(job), "micro_batch_size": lay.micro_batch},
+        "train": train,
         "parallel": parallel,
+        **sections,
     }
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import _disable_current_modes
 
 from polytrain.config import JobConfig, read_run_config
 from polytrain.errors import CheckpointError, ConfigError
@@ -30,7 +31,10 @@ def frozen_layout(model: nn.Module, config: JobConfig, runtime: ParallelRuntime,
     for param in model.parameters():
         param.requires_grad_(False)
     layout = replace(config.parallel, activation_checkpointing="none", cpu_offload=False)
-    sharded, _ = apply_parallelism(model, runtime.meshes, layout, device=device)
+    # laying out a meta skeleton, as for the policy, outside any dispatch mode: under a dry run's fake tensors and
+    # observer, DeviceMesh's lookup of this rank's coordinates would read placeholders (and shard it to nothing)
+    with _disable_current_modes():
+        sharded, _ = apply_parallelism(model, runtime.meshes, layout, device=device)
     materialize(sharded, model, device, seed, only)
     return sharded.eval()
 
