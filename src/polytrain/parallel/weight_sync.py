@@ -60,13 +60,12 @@ def _region_shape(shape: tuple[int, ...], region: tuple[int | slice, ...]) -> tu
     return tuple(kept) + tuple(shape[len(region):])
 
 
-def plan_buckets(model: nn.Module, config: ModelConfig, dtype: torch.dtype,
+def plan_buckets(state: dict[str, torch.Tensor], config: ModelConfig, dtype: torch.dtype,
                  bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> list[list[Piece]]:
-    """The sync's buckets: every HF tensor of the model's export, in the engine's `dtype` (the release's fp32
-    tensors and integer buffers keep theirs), grouped by dtype, each bucket at most `bucket_bytes` unless one
-    tensor alone is larger."""
+    """The sync's buckets: every HF tensor of the model's export (`state`: its state dict), in the engine's
+    `dtype` (the release's fp32 tensors and integer buffers keep theirs), grouped by dtype, each bucket at most
+    `bucket_bytes` unless one tensor alone is larger."""
     names = names_for(config)
-    state = model.state_dict()
     pieces: list[tuple[str, str, tuple[int | slice, ...], tuple[int, ...], torch.dtype]] = []
     for name, tensor in state.items():
         if name == "lm_head.weight" and config.tie_word_embeddings:
@@ -174,7 +173,7 @@ def hf_weight_buckets(model: nn.Module, config: ModelConfig, dtype: torch.dtype 
     where = device or (first.device if first.device.type != "meta" else torch.device("cpu"))
     owned = _owned(state, where)
     indices = {}
-    for bucket in plan_buckets(model, config, dtype, bucket_bytes):
+    for bucket in plan_buckets(state, config, dtype, bucket_bytes):
         total = bucket[-1].offset + bucket[-1].numel
         flat = torch.zeros(total, dtype=bucket[0].dtype, device=where)
         for piece in bucket:
