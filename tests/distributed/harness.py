@@ -59,7 +59,7 @@ progress = false
 
 def run(job: Path, out: Path, world: int, *overrides: str, timeout: int = TIMEOUT_S, flags: tuple[str, ...] = (),
         extra_env: dict[str, str] | None = None, command: str = "sft") -> None:
-    """One run of the job in `out` with `world` processes; raises with every rank's stderr on failure."""
+    """One run of the job in `out` with `world` processes; raises with every rank's output on failure."""
     args = [sys.executable, "-m", "polytrain", command, str(job), "--set", f'run.output_dir="{out}"',
             "--set", "parallel.collective_timeout_s=60", *[a for o in overrides for a in ("--set", o)], *flags]
     port = free_port()
@@ -74,13 +74,14 @@ def run(job: Path, out: Path, world: int, *overrides: str, timeout: int = TIMEOU
     failures = []
     for rank, proc in enumerate(procs):
         try:
-            _, err = proc.communicate(timeout=timeout)
+            out_text, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             for p in procs:
                 p.kill()
             raise AssertionError(f"rank {rank} timed out after {timeout} s") from None
         if proc.returncode != 0:
-            failures.append(f"--- rank {rank} exited {proc.returncode}:\n{err[-2500:]}")
+            failures.append(f"--- rank {rank} exited {proc.returncode}; stdout ends:\n{out_text[-1000:]}\n"
+                            f"stderr ends:\n{err[-2500:]}")
     if failures:
         raise AssertionError("\n".join(failures))
 

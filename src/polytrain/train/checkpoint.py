@@ -215,6 +215,17 @@ class Checkpointer:
             ok, cause = False, self._cause(err)
         return self._commit(step, tmp, ok, cause)
 
+    def close(self) -> None:
+        """End of the run: a background save still pending is abandoned uncommitted (its `.tmp` directory is never
+        loaded), then the save's own process group goes, before the default group it was split from. A gloo group
+        left to interpreter shutdown can abort the process ("terminate called without an active exception")."""
+        if self._pending is not None:
+            self._pending[2].exception()  # wait for the writer thread: it is using the group
+            self._pending = None
+        if self._group is not None and dist.is_initialized():
+            dist.destroy_process_group(self._group)
+        self._group = None
+
     def _commit(self, step: int, tmp: Path, ok: bool, cause: str) -> bool:
         final = step_dir(self.root, step)
         sums: dict[str, dict[str, Any]] = {}

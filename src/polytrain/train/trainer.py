@@ -338,6 +338,7 @@ class Trainer:
             return self._run()
         finally:
             self.watchdog.close()
+            self.checkpointer.close()
             self.runtime.close()
 
     def _banner(self) -> str:
