@@ -177,13 +177,13 @@ def v4_single(tmp_path_factory):
 
 
 @pytest.mark.parametrize(("world", "packing", "overrides"),
-                         [(2, False, ()), (4, True, ("parallel.ep=2",))],
-                         ids=["tp2-unpacked", "tp2ep2"])
+                         [(2, False, ("parallel.sequence_parallel=false",)), (4, True, ("parallel.ep=2",))],
+                         ids=["tp2-unpacked", "tp2ep2-sp"])
 def test_tensor_parallel_tp2_runs_deepseek_v4(v4_single, tmp_path, world, packing, overrides):
     """Heads (with their sinks and output groups) split over 2 ranks; the shared key/value head, the compressed
-    entries, the indexer and the hyper-connections replicated; with 4 processes the experts over dp_shard 2 = ep 2.
-    V4 has no sequence parallelism: it is turned off."""
+    entries, the indexer and the hyper-connections replicated. Without sequence parallelism every rank runs the
+    hyper-connections on whole rows; with it (4 processes: the experts over dp_shard 2 = ep 2, packed rows) each rank
+    runs them on its slice of the sequence, gathered into attention and the MoE."""
     job, single = v4_single(packing)
-    run(job, tmp_path / "tp2", world, f"data.packing={str(packing).lower()}", "parallel.tp=2",
-        "parallel.sequence_parallel=false", *overrides)
+    run(job, tmp_path / "tp2", world, f"data.packing={str(packing).lower()}", "parallel.tp=2", *overrides)
     assert_parity(single, tmp_path / "tp2")

@@ -35,8 +35,7 @@ def test_dp_shard_fills_the_rest_of_the_world():
         (16, {"ep": 16}, "parallel.ep = 16 must divide model.n_routed_experts = 8"),
         (6, {"tp": 3}, "parallel.tp = 3 must divide model.num_attention_heads = 4"),
         (8, {"pp": 8}, "parallel.pp = 8 exceeds model.num_hidden_layers = 4"),
-        (2, {"tp": 2, "model": "tiny-v4"},
-         "not supported yet: sequence parallel for deepseek_v4 models (set parallel.sequence_parallel = false)"),
+        (2, {"tp": 2, "model": "tiny-v4"}, None),
         (2, {"tp": 2, "sequence_parallel": False, "model": "tiny-v4"}, None),
         (4, {"tp": 4, "sequence_parallel": False, "model": "tiny-v4"},
          "parallel.tp = 4 must divide model.o_groups = 2"),
@@ -79,3 +78,25 @@ def test_v_schedules_put_first_and_last_stage_on_rank_zero():
     assert stages_of_rank(0, 4, "zbv") == [0, 7]
     assert stages_of_rank(1, 4, "interleaved_1f1b") == [1, 5]
     assert stages_of_rank(2, 4, "1f1b") == [2]
+
+
+@pytest.mark.parametrize(("algorithm", "extra", "refused"), [
+    ("grpo", {}, True), ("grpo", {"grpo": {"engine": "vllm"}}, False), ("distill", {}, True), ("sft", {}, False)])
+def test_sequence_parallelism_is_refused_where_the_built_in_engine_decodes(algorithm, extra, refused):
+    """Cached decoding runs one token per forward: it cannot be split by sequence position over tp ranks."""
+    from polytrain.config import build_config
+    from polytrain.objectives import registry
+    from polytrain.train.trainer import check_job
+
+    config = build_config({"data": {"train_path": "x", "tokenizer": "y"}, "parallel": {"tp": 2},
+                           "run": {"algorithm": algorithm}, "train": {"global_batch_size": 16, "micro_batch_size": 1},
+                           **extra})
+    objective, dims = registry.objective_class(algorithm), resolve(2, tp=2)
+    if not refused:
+        check_job(objective, config, dims)
+        return
+    with pytest.raises(ConfigError, match="cannot be split by sequence position over parallel.tp = 2 ranks: set "
+                                          "parallel.sequence_parallel = false"):
+        check_job(objective, config, dims)
+    config.parallel.sequence_parallel = False
+    check_job(objective, config, dims)

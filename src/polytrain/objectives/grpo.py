@@ -72,8 +72,9 @@ class GRPOObjective(RolloutObjective):
     def sampling(self) -> SamplingConfig:
         return SamplingConfig(self.cfg.max_new_tokens, self.cfg.temperature, self.cfg.top_p, self.config.run.seed)
 
-    def engine_spec(self) -> str:
-        return self.cfg.engine
+    @classmethod
+    def engine_of(cls, config: JobConfig) -> str:
+        return config.section("grpo").engine
 
     def sync_bucket_bytes(self) -> int:
         return self.cfg.sync_bucket_mb * 2**20

@@ -125,6 +125,14 @@ class RolloutObjective(Objective):
         return 1, 1, 1
 
     @classmethod
+    def decodes_in_process(cls, config: JobConfig | None) -> bool:
+        return config is None or cls.engine_of(config) == "builtin"
+
+    @classmethod
+    def engine_of(cls, config: JobConfig) -> str:
+        return "builtin"
+
+    @classmethod
     def check_config(cls, config: JobConfig, dp: int) -> None:
         train, name = config.train, cls.name
         group_size, epochs, minibatches = cls.rollout_shape(config)
@@ -174,7 +182,7 @@ class RolloutObjective(Objective):
         self.sync_weights()
 
     def engine_spec(self) -> str:
-        return "builtin"
+        return self.engine_of(self.config)
 
     def sync_bucket_bytes(self) -> int:
         return 2**30

@@ -38,7 +38,9 @@ class _SumGrad(torch.autograd.Function):
 
 def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool = True) -> None:
     """Parallelise `model` in place over `tp_mesh`. Modules with a `tp_sum_grad` attribute (a tensor every local
-    head reads, whose gradient therefore sums over the ranks) get a `SumGradOver` the tensor-parallel group."""
+    head reads, whose gradient therefore sums over the ranks) get a `SumGradOver` the tensor-parallel group; under
+    sequence parallelism so do modules with a `sequence_sum_grad` attribute (replicated weights applied per token
+    to each rank's slice of the sequence, outside DTensor)."""
     spec = spec_for(model.config)
     if spec.tensor_parallel is None:
         raise ConfigError(f"parallel.tp > 1: the {spec.architecture} family has no tensor-parallel plan yet")
@@ -47,3 +49,5 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parall
     for module in model.modules():
         if hasattr(module, "tp_sum_grad"):
             module.tp_sum_grad = SumGradOver(tp_mesh.get_group())
+        if sequence_parallel and hasattr(module, "sequence_sum_grad"):
+            module.sequence_sum_grad = SumGradOver(tp_mesh.get_group())

@@ -179,6 +179,8 @@ class Layout:
             gaps.append(f"pipeline parallelism for {job.algorithm}")
         if self.cp > 1 and not objective.supports_context_parallel:
             gaps.append(f"context parallelism for {job.algorithm}")
+        if self.tp > 1 and objective.decodes_in_process(None):  # the planner's tp splits the sequence too
+            gaps.append(f"sequence parallelism while {job.algorithm} samples with the built-in engine")
         if objective.items_split_into_micro_batches:
             gaps += step_problems(self.degrees(), self.step_sequences(job), self.micro_batch)
         return gaps

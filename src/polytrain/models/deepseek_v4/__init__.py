@@ -29,7 +29,6 @@ SPEC = ModelSpec(
     hf=V4Format(),
     planner=V4Planner(),
     tensor_parallel=tensor_parallel_plan,
-    sequence_parallel=False,
 )
 
 __all__ = ["SPEC", "DeepSeekV4Config", "DeepSeekV4LM"]

@@ -4,15 +4,27 @@ Before a sub-layer (attention or MoE), the streams are collapsed into its input 
 output is spread back with weights `post`, and the streams are mixed by `comb`, a matrix made doubly stochastic by
 Sinkhorn-Knopp iterations (so mixing cannot blow the residual up). All three come from one linear map of the
 RMS-normalised, flattened streams, computed in fp32.
+
+Everything here is per token, so under sequence parallelism each tensor-parallel rank runs it on its own slice of
+the sequence with the (replicated) weights; each rank's weight gradient then covers only its slice, and
+`sequence_sum_grad` (set by parallel.tp) sums it over the ranks as the weights are read.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from polytrain.models.deepseek_v4.config import DeepSeekV4Config
+
+
+def _read(module: nn.Module, name: str) -> torch.Tensor:
+    """A weight as the forward reads it: through the sequence-parallel gradient sum when there is one."""
+    weight = getattr(module, name)
+    return weight if module.sequence_sum_grad is None else module.sequence_sum_grad(weight)
 
 
 def _normalised_flat(streams: torch.Tensor, eps: float) -> torch.Tensor:
@@ -22,6 +34,7 @@ def _normalised_flat(streams: torch.Tensor, eps: float) -> torch.Tensor:
 
 class HyperConnection(nn.Module):
     component = "hyper_connections"
+    sequence_sum_grad: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def __init__(self, config: DeepSeekV4Config) -> None:
         super().__init__()
@@ -34,10 +47,10 @@ class HyperConnection(nn.Module):
     def forward(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """streams [B, S, n, D] -> (post [B, S, n], comb [B, S, n, n], collapsed sub-layer input [B, S, D])."""
         n = self.n
-        mixes = F.linear(_normalised_flat(streams, self.norm_eps), self.fn.float())
+        mixes = F.linear(_normalised_flat(streams, self.norm_eps), _read(self, "fn").float())
         pre_w, post_w, comb_w = mixes.split([n, n, n * n], dim=-1)
-        pre_b, post_b, comb_b = self.base.float().split([n, n, n * n])
-        pre_s, post_s, comb_s = self.scale.float().unbind(0)
+        pre_b, post_b, comb_b = _read(self, "base").float().split([n, n, n * n])
+        pre_s, post_s, comb_s = _read(self, "scale").float().unbind(0)
         pre = torch.sigmoid(pre_w * pre_s + pre_b) + self.hc_eps
         post = 2 * torch.sigmoid(post_w * post_s + post_b)
         comb = torch.softmax(comb_w.unflatten(-1, (n, n)) * comb_s + comb_b.view(n, n), dim=-1) + self.hc_eps
@@ -59,6 +72,7 @@ class HyperHead(nn.Module):
     """Collapse the streams into one hidden state before the final norm (sigmoid weights, no mixing)."""
 
     component = "hyper_connections"
+    sequence_sum_grad: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def __init__(self, config: DeepSeekV4Config) -> None:
         super().__init__()
@@ -69,6 +83,6 @@ class HyperHead(nn.Module):
         self.hc_scale = nn.Parameter(torch.ones(1))
 
     def forward(self, streams: torch.Tensor) -> torch.Tensor:
-        mixes = F.linear(_normalised_flat(streams, self.norm_eps), self.hc_fn.float())
-        pre = torch.sigmoid(mixes * self.hc_scale.float() + self.hc_base.float()) + self.hc_eps
+        mixes = F.linear(_normalised_flat(streams, self.norm_eps), _read(self, "hc_fn").float())
+        pre = torch.sigmoid(mixes * _read(self, "hc_scale").float() + _read(self, "hc_base").float()) + self.hc_eps
         return (pre.unsqueeze(-1) * streams).sum(dim=2).to(streams.dtype)
