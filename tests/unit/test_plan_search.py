@@ -133,3 +133,17 @@ def test_model_from_a_toml_file_and_context_parallel_costs_time(tmp_path):
     plain = evaluate(job, Layout(dp=64, ep=64, recompute="full"), load_chip("h100"))
     split = evaluate(job, Layout(dp=16, cp=4, ep=64, recompute="full"), load_chip("h100"))
     assert split.time.tensor_parallel > 0 and split.memory.activations < plain.memory.activations
+
+
+def test_when_the_fastest_layout_is_not_runnable_the_report_also_breaks_down_the_best_runnable_one():
+    """GRPO on V3-671B: the fastest layouts are pipelines GRPO does not run; the report says so and then gives the
+    layout --emit-config writes."""
+    from polytrain.plan.report import layout_cell, render
+
+    job, chip = Job(preset("deepseek-v3-671b"), 3072, 256 * 8 * 3072, algorithm="grpo"), load_chip("ascend-910c")
+    result = search(job, 256, chip)
+    assert result.plans[0].engine_gaps
+    runnable = next(p for p in result.plans if not p.engine_gaps)
+    text = render(job, chip, 256, result, top=3)
+    assert "not yet in polytrain's engine: pipeline parallelism for grpo" in text
+    assert f"best that polytrain runs: {layout_cell(runnable.layout)}," in text

@@ -92,12 +92,16 @@ def render(job: Job, chip: Chip, devices: int, result: SearchResult, top: int) -
             table.add_row(*row)
         console.print(table)
         console.print(breakdown(job, chip, result.plans[0]))
+        if result.plans[0].engine_gaps:  # and the one --emit-config writes
+            runnable = next((p for p in result.plans if not p.engine_gaps), None)
+            console.print(breakdown(job, chip, runnable, "best that polytrain runs") if runnable else
+                          "none of the layouts that fit runs on polytrain's engine yet")
     return buffer.getvalue()
 
 
-def breakdown(job: Job, chip: Chip, plan: Plan) -> str:
+def breakdown(job: Job, chip: Chip, plan: Plan, label: str = "best") -> str:
     m, t = plan.memory, plan.time
-    lines = [f"best: {layout_cell(plan.layout)}, ZeRO-{plan.layout.zero}, offload {plan.layout.offload}, recompute "
+    lines = [f"{label}: {layout_cell(plan.layout)}, ZeRO-{plan.layout.zero}, offload {plan.layout.offload}, recompute "
              f"{plan.layout.recompute}, micro-batch {plan.layout.micro_batch}",
              f"  memory/device (stage {m.stage}): parameters {m.parameters / GiB:.1f}, gradients "
              f"{m.gradients / GiB:.1f}, optimizer {m.optimizer / GiB:.1f}, activations {m.activations / GiB:.1f}, "
