@@ -50,6 +50,8 @@ JOBS = [  # (model, layout, sequences per step: the fewest the layout's schedule
     ("deepseek-v3-671b", Layout(dp=256, ep=2, offload="all", recompute="selective"), 512),
     ("deepseek-v4-flash", Layout(dp=256, ep=2, offload="all", recompute="selective"), 256),
     ("deepseek-v4-pro", Layout(dp=1024, ep=128, offload="all", recompute="full"), 1024),
+    # the V4-Pro pick since V4 runs tensor parallelism with sequence parallelism
+    ("deepseek-v4-pro", Layout(dp=128, tp=2, pp=4, ep=128, zero=2, recompute="full", schedule="dualpipev"), 1024),
     # DualPipeV: 2 pp micro-batches, 2 pp + 1 half-stages in flight on every pipeline rank
     ("deepseek-v4-pro", Layout(dp=256, pp=4, ep=128, zero=2, recompute="full", schedule="dualpipev"), 2048),
 ]

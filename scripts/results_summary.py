@@ -57,10 +57,10 @@ def _v4_attention(d: dict[str, Any]) -> str:
     for row in d["rows"]:
         block, dense = row["block"], row["dense"]
         vs = (f" (dense {dense['peak_mib']:,.0f} MiB, {dense['seconds']:.1f} s)" if "peak_mib" in dense
-              else " (dense: not run)")
+              else "")
         cells.append(f"{row['layer'].split(' ')[0]} {row['tokens'] // 1024}K: {block['peak_mib']:,.0f} MiB, "
                      f"{block['seconds']:.1f} s{vs}")
-    return "DeepSeek-V4 attention layer forward + backward, block-wise: " + "; ".join(cells)
+    return "DeepSeek-V4 attention layer forward + backward, block-wise (dense only where it fits): " + "; ".join(cells)
 
 
 def _context_parallel(d: dict[str, Any]) -> str:
