@@ -26,6 +26,21 @@ def test_rows_respect_max_len_and_keep_order():
     assert [len(row) for row in pack_rows(samples, 16, packing=False)] == [1] * 5
 
 
+def test_a_micro_batch_packs_into_the_rows_its_longest_sample_bounds():
+    """The pipeline's micro-batch shape (SFTObjective.pipeline_rows) relies on it: with samples of at most L tokens,
+    every row but the last holds at least max_len // L of them. Random lengths, worst orders included."""
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(300):
+        max_len, longest = 64, int(torch.randint(1, 65, (1,), generator=generator))
+        count = int(torch.randint(1, 40, (1,), generator=generator))
+        lengths = torch.randint(1, longest + 1, (count,), generator=generator).tolist()
+        if trial % 3 == 0:  # alternating long and short: the order that wastes the most room
+            lengths = sorted(lengths)[::2] + sorted(lengths)[1::2][::-1]
+        rows = pack_rows([random_sample(n) for n in lengths], max_len, packing=True)
+        per_row = max_len // max(lengths)
+        assert len(rows) <= -(-count // per_row), (lengths, [len(r) for r in rows])
+
+
 def test_positions_restart_and_documents_are_numbered_per_row():
     batch = collate([random_sample(3), random_sample(2), random_sample(4)], max_len=5, packing=True)
     assert batch.position_ids.tolist() == [[0, 1, 2, 0, 1], [0, 1, 2, 3, 0]]

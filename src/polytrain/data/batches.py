@@ -38,8 +38,9 @@ class BatchMaker:
         return batch.to(self.device)
 
     def pipeline(self, micro_batches: list[list[Sample]]) -> Batch:
-        """Every micro-batch padded to the same [micro_batch_size, max_len] shape, stacked (pipelines need one
-        shape); `Batch.rows` takes micro-batch i back out."""
+        """Every micro-batch padded to the same [rows, max_len] shape, stacked (pipelines need one shape; `rows`:
+        micro_batch_size, or fewer where the objective's data bounds its packed rows: `Objective.pipeline_rows`);
+        `Batch.rows` takes micro-batch i back out."""
         parts = [collate(m, self.max_len, self.packing, fixed_rows=self.rows) for m in micro_batches]
         batch = concat(parts)
         if self.split is not None:

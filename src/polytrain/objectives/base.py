@@ -98,6 +98,11 @@ class Objective:
         eval_part = f", {len(self.eval_items)} eval" if self.eval_items else ""
         return f"{len(self.train_items)} train items{eval_part}"
 
+    def pipeline_rows(self) -> int:
+        """Rows of every pipeline micro-batch (pipelines need one shape): one per item, unless the loaded data
+        bounds how many rows a micro-batch of packed items can fill (`SFTObjective`)."""
+        return self.config.train.micro_batch_size
+
     def dry_run_items(self, count: int, generator: torch.Generator) -> list[Any]:
         """`count` made-up training items of the longest allowed length (`polytrain dryrun`: no data is read)."""
         raise ConfigError(f"polytrain dryrun does not cover {self.name} yet")
@@ -160,7 +165,7 @@ class Objective:
         `keys`, default `sum_keys`), which are then summed over the stages. Returns the stacked batch."""
         keys = keys or self.sum_keys
         batch = self.ctx.batches.pipeline([self.samples(m) for m in micro_batches])
-        rows = self.config.train.micro_batch_size
+        rows = self.ctx.batches.rows
 
         def loss_fn(output: TrainOutput, index: int) -> torch.Tensor:
             micro = batch.rows(index * rows, (index + 1) * rows)

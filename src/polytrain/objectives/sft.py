@@ -43,6 +43,18 @@ class SFTObjective(Objective):
         eval_part = f", {len(self.eval_items)} eval" if self.eval_items else ""
         return f"{len(self.train_items)} train conversations ({self.train_set.num_tokens} tokens){eval_part}"
 
+    def pipeline_rows(self) -> int:
+        """Packing fills rows one after the other and starts a row only when the next sample does not fit, so every
+        row but the last holds at least max_seq_len // (the longest sample) samples: a micro-batch needs at most
+        ceil(micro_batch_size / that) rows. Short chat samples then run through a pipeline in a few packed rows
+        instead of micro_batch_size mostly padded ones. Every rank loads the same data, so all agree."""
+        mbs, data = self.config.train.micro_batch_size, self.config.data
+        samples = [*self.train_items, *(self.eval_items or [])]
+        if not data.packing or not samples:
+            return mbs
+        per_row = data.max_seq_len // max(len(s) for s in samples)
+        return min(mbs, -(-mbs // per_row))
+
     def dry_run_items(self, count: int, generator: torch.Generator) -> list[Sample]:
         return [full_sample(self.config.data.max_seq_len, self.config.model.vocab_size, generator)
                 for _ in range(count)]

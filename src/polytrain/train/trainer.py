@@ -109,8 +109,8 @@ def lay_out(objective: Objective, runtime: ParallelRuntime) -> tuple[torch.nn.Mo
     per_rank = train.global_batch_size // runtime.dp_size
     full_model = objective.build_model("meta")
     width = config.data.max_seq_len // runtime.dims.cp  # a pipeline stage's rows hold this rank's chunks
-    model = runtime.parallelize(full_model, per_rank // train.micro_batch_size, train.micro_batch_size, width,
-                                objective.train_outputs)
+    rows = objective.ctx.batches.rows = objective.pipeline_rows()
+    model = runtime.parallelize(full_model, per_rank // train.micro_batch_size, rows, width, objective.train_outputs)
     return model, full_model
 
 
