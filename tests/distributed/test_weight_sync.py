@@ -17,7 +17,7 @@ from tests.conftest import ROOT
 sys.path.insert(0, str(ROOT / "benchmarks"))
 startup_memory = importlib.import_module("startup_memory")
 
-BUCKET_BYTES = 64 * 1024
+BUCKET_BYTES = 256 * 1024
 
 SYNC = """
 import gc, json, sys, weakref, torch
