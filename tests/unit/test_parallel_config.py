@@ -81,16 +81,19 @@ def test_v_schedules_put_first_and_last_stage_on_rank_zero():
 
 
 @pytest.mark.parametrize(("algorithm", "extra", "refused"), [
-    ("grpo", {}, True), ("grpo", {"grpo": {"engine": "vllm"}}, False), ("distill", {}, True), ("sft", {}, False)])
+    ("grpo", {}, True), ("grpo", {"grpo": {"engine": "vllm"}}, False), ("distill", {}, True), ("sft", {}, False),
+    ("grpo", {"grpo": {"engine": "vllm"}, "eval_path": "e"}, True)])  # evaluation samples with the built-in engine
 def test_sequence_parallelism_is_refused_where_the_built_in_engine_decodes(algorithm, extra, refused):
     """Cached decoding runs one token per forward: it cannot be split by sequence position over tp ranks."""
     from polytrain.config import build_config
     from polytrain.objectives import registry
     from polytrain.train.trainer import check_job
 
-    config = build_config({"data": {"train_path": "x", "tokenizer": "y"}, "parallel": {"tp": 2},
+    data = {"train_path": "x", "tokenizer": "y", "eval_path": extra.get("eval_path", "")}
+    sections = {k: v for k, v in extra.items() if k != "eval_path"}
+    config = build_config({"data": data, "parallel": {"tp": 2},
                            "run": {"algorithm": algorithm}, "train": {"global_batch_size": 16, "micro_batch_size": 1},
-                           **extra})
+                           **sections})
     objective, dims = registry.objective_class(algorithm), resolve(2, tp=2)
     if not refused:
         check_job(objective, config, dims)

@@ -88,6 +88,11 @@ class SampleSequence(StoredSequence[Sample]):
         """Input tokens of all samples (a sample has one fewer than its sequence)."""
         return self.store.num_tokens - len(self.store)
 
+    @property
+    def longest(self) -> int:
+        """Input tokens of the longest sample."""
+        return max(self.store.longest() - 1, 0)
+
     def item(self, i: int) -> Sample:
         return stored_sample(self.store, i)
 
@@ -107,6 +112,13 @@ class SFTDataset:
         if isinstance(self.samples, SampleSequence):
             return self.samples.num_tokens
         return sum(len(s) for s in self.samples)
+
+    @property
+    def longest(self) -> int:
+        """Input tokens of the longest sample (without building the samples of a stored set)."""
+        if isinstance(self.samples, SampleSequence):
+            return self.samples.longest
+        return max((len(s) for s in self.samples), default=0)
 
 
 def load_sft_dataset(

@@ -97,6 +97,10 @@ class TokenStore:
     def length(self, i: int) -> int:
         return self._offsets[i + 1] - self._offsets[i]
 
+    def longest(self) -> int:
+        """The length of the longest sequence (0 for an empty store), from the offsets alone."""
+        return int(np.diff(np.asarray(self._offsets, dtype=np.int64)).max()) if len(self) else 0
+
     def tokens(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """(ids, mask) of sequence i."""
         if self._ids is None:

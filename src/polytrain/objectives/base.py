@@ -56,12 +56,6 @@ class Objective:
     supports_context_parallel = False
     """Whether every sum the objective makes is a sum over tokens, so rows split over context-parallel ranks (each
     holding some of every row's tokens) give the same step."""
-
-    @classmethod
-    def decodes_in_process(cls, config: JobConfig | None) -> bool:
-        """Whether the job samples from the policy with the built-in engine (cached decoding, one token per forward:
-        its rows cannot be split by sequence position). `config` None: the objective's default engine."""
-        return False
     train_outputs = False
     """Whether the loss reads the MTP hidden states and the balance loss (`DecoderLM.forward_train`), not just the
     final hidden states: pipeline stages then carry them to the last stage."""
@@ -97,6 +91,12 @@ class Objective:
     def describe_data(self) -> str:
         eval_part = f", {len(self.eval_items)} eval" if self.eval_items else ""
         return f"{len(self.train_items)} train items{eval_part}"
+
+    @classmethod
+    def decodes_in_process(cls, config: JobConfig | None) -> bool:
+        """Whether the job samples from the policy with the built-in engine (cached decoding, one token per forward:
+        its rows cannot be split by sequence position). `config` None: the objective's default engine."""
+        return False
 
     def pipeline_rows(self) -> int:
         """Rows of every pipeline micro-batch (pipelines need one shape): one per item, unless the loaded data

@@ -126,7 +126,8 @@ class RolloutObjective(Objective):
 
     @classmethod
     def decodes_in_process(cls, config: JobConfig | None) -> bool:
-        return config is None or cls.engine_of(config) == "builtin"
+        """Sampling with the built-in engine, or evaluating (evaluation always samples with it)."""
+        return config is None or cls.engine_of(config) == "builtin" or bool(config.data.eval_path)
 
     @classmethod
     def engine_of(cls, config: JobConfig) -> str:

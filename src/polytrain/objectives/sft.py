@@ -49,10 +49,10 @@ class SFTObjective(Objective):
         ceil(micro_batch_size / that) rows. Short chat samples then run through a pipeline in a few packed rows
         instead of micro_batch_size mostly padded ones. Every rank loads the same data, so all agree."""
         mbs, data = self.config.train.micro_batch_size, self.config.data
-        samples = [*self.train_items, *(self.eval_items or [])]
-        if not data.packing or not samples:
+        sets = [ds for ds in (getattr(self, "train_set", None), self.eval_set if self.eval_items else None) if ds]
+        if self.config.parallel.pp == 1 or not data.packing or not sets:
             return mbs
-        per_row = data.max_seq_len // max(len(s) for s in samples)
+        per_row = data.max_seq_len // max(max(ds.longest for ds in sets), 1)
         return min(mbs, -(-mbs // per_row))
 
     def dry_run_items(self, count: int, generator: torch.Generator) -> list[Sample]:

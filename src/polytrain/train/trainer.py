@@ -77,10 +77,9 @@ def check_job(objective: type[Objective] | Objective, config: JobConfig, dims: P
     if dims.cp > 1 and not objective.supports_context_parallel:
         raise ConfigError(f"parallel.cp > 1 is not supported for {objective.name} yet")
     if dims.tp > 1 and parallel.sequence_parallel and objective.decodes_in_process(config):
-        raise ConfigError(f"{objective.name} samples with the built-in engine, whose one-token decoding steps cannot "
-                          f"be split by sequence position over parallel.tp = {dims.tp} ranks: set "
-                          "parallel.sequence_parallel = false" + (" (or sample with an external grpo.engine)"
-                                                                  if objective.name == "grpo" else ""))
+        raise ConfigError(f"{objective.name} samples with the built-in engine (rollouts, or evaluation with "
+                          f"data.eval_path), whose one-token decoding steps cannot be split by sequence position over "
+                          f"parallel.tp = {dims.tp} ranks: set parallel.sequence_parallel = false")
     if dims.pp > 1:
         if not objective.supports_pipeline:
             raise ConfigError(f"parallel.pp > 1 is not supported for {objective.name} yet")
@@ -343,8 +342,10 @@ class Trainer:
             return self._run()
         finally:
             self.watchdog.close()
-            self.checkpointer.close()
-            self.runtime.close()
+            try:
+                self.checkpointer.close()
+            finally:
+                self.runtime.close()
 
     def _banner(self) -> str:
         cfg = self.config

@@ -66,15 +66,19 @@ def _block_plan(block: nn.Module, sequence_parallel: bool) -> list[tuple[nn.Modu
     return [(block, plan), *outputs]
 
 
-def tensor_parallel_plan(model: DeepSeekV3LM, sequence_parallel: bool) -> list[tuple[nn.Module, Any]]:
+def top_plan(sequence_parallel: bool) -> dict[str, Any]:
+    """The model-level modules: the embedding split by vocabulary row, the head by vocabulary column (logits
+    gathered); with sequence parallelism the embedding's output and the final norm split by position."""
     if sequence_parallel:
-        top = {"embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=SEQ),
-               "norm": SequenceParallel(use_local_output=True),
-               "lm_head": ColwiseParallel(input_layouts=SEQ, output_layouts=Replicate())}
-    else:
-        top = {"embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
-               "lm_head": ColwiseParallel(output_layouts=Replicate())}
-    plans: list[tuple[nn.Module, Any]] = [(model, top)]
+        return {"embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=SEQ),
+                "norm": SequenceParallel(use_local_output=True),
+                "lm_head": ColwiseParallel(input_layouts=SEQ, output_layouts=Replicate())}
+    return {"embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
+            "lm_head": ColwiseParallel(output_layouts=Replicate())}
+
+
+def tensor_parallel_plan(model: DeepSeekV3LM, sequence_parallel: bool) -> list[tuple[nn.Module, Any]]:
+    plans: list[tuple[nn.Module, Any]] = [(model, top_plan(sequence_parallel))]
     for mtp in model.mtp:
         if sequence_parallel:
             plans.append((mtp, {

@@ -22,8 +22,9 @@ from polytrain.models.deepseek_v4.config import DeepSeekV4Config
 
 
 def _read(module: nn.Module, name: str) -> torch.Tensor:
-    """A weight as the forward reads it: through the sequence-parallel gradient sum when there is one."""
-    weight = getattr(module, name)
+    """A weight as the forward reads it, in fp32: through the sequence-parallel gradient sum when there is one
+    (summed in fp32 whatever the parameters' dtype)."""
+    weight = getattr(module, name).float()
     return weight if module.sequence_sum_grad is None else module.sequence_sum_grad(weight)
 
 
@@ -47,10 +48,10 @@ class HyperConnection(nn.Module):
     def forward(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """streams [B, S, n, D] -> (post [B, S, n], comb [B, S, n, n], collapsed sub-layer input [B, S, D])."""
         n = self.n
-        mixes = F.linear(_normalised_flat(streams, self.norm_eps), _read(self, "fn").float())
+        mixes = F.linear(_normalised_flat(streams, self.norm_eps), _read(self, "fn"))
         pre_w, post_w, comb_w = mixes.split([n, n, n * n], dim=-1)
-        pre_b, post_b, comb_b = _read(self, "base").float().split([n, n, n * n])
-        pre_s, post_s, comb_s = _read(self, "scale").float().unbind(0)
+        pre_b, post_b, comb_b = _read(self, "base").split([n, n, n * n])
+        pre_s, post_s, comb_s = _read(self, "scale").unbind(0)
         pre = torch.sigmoid(pre_w * pre_s + pre_b) + self.hc_eps
         post = 2 * torch.sigmoid(post_w * post_s + post_b)
         comb = torch.softmax(comb_w.unflatten(-1, (n, n)) * comb_s + comb_b.view(n, n), dim=-1) + self.hc_eps
@@ -83,6 +84,6 @@ class HyperHead(nn.Module):
         self.hc_scale = nn.Parameter(torch.ones(1))
 
     def forward(self, streams: torch.Tensor) -> torch.Tensor:
-        mixes = F.linear(_normalised_flat(streams, self.norm_eps), _read(self, "hc_fn").float())
-        pre = torch.sigmoid(mixes * _read(self, "hc_scale").float() + _read(self, "hc_base").float()) + self.hc_eps
+        mixes = F.linear(_normalised_flat(streams, self.norm_eps), _read(self, "hc_fn"))
+        pre = torch.sigmoid(mixes * _read(self, "hc_scale") + _read(self, "hc_base")) + self.hc_eps
         return (pre.unsqueeze(-1) * streams).sum(dim=2).to(streams.dtype)

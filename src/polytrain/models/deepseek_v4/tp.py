@@ -37,7 +37,7 @@ from torch.distributed.tensor.parallel import (
 
 from polytrain.models.common.layers import SwiGLU
 from polytrain.models.common.moe import MoE
-from polytrain.models.deepseek_v3.tp import SEQ, _mlp_plan
+from polytrain.models.deepseek_v3.tp import SEQ, _mlp_plan, top_plan
 from polytrain.models.deepseek_v4.attention import HybridAttention
 from polytrain.models.deepseek_v4.model import DeepSeekV4LM
 
@@ -87,14 +87,7 @@ def _sequence_plan(block: nn.Module) -> list[tuple[nn.Module, Any]]:
 
 
 def tensor_parallel_plan(model: DeepSeekV4LM, sequence_parallel: bool) -> list[tuple[nn.Module, Any]]:
-    if sequence_parallel:
-        top = {"embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=SEQ),
-               "norm": SequenceParallel(use_local_output=True),
-               "lm_head": ColwiseParallel(input_layouts=SEQ, output_layouts=Replicate())}
-    else:
-        top = {"embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
-               "lm_head": ColwiseParallel(output_layouts=Replicate())}
-    plans: list[tuple[nn.Module, Any]] = [(model, top)]
+    plans: list[tuple[nn.Module, Any]] = [(model, top_plan(sequence_parallel))]
     if sequence_parallel:
         for mtp in model.mtp:  # replicated projections of split inputs: computed on the gathered input instead
             plans.append((mtp, {
