@@ -30,8 +30,10 @@ demo: $(VENV)/.test
 	$(PY) scripts/demo_report.py runs/tiny
 	@echo "loss curves: runs/tiny/loss.png   metrics: runs/tiny/metrics.jsonl   summary: runs/tiny/summary.json"
 
+# Two test files at a time (each file's tests stay together, sharing its fixtures): the multi-process tests leave
+# cores idle while ranks start, wait on each other or write files.
 test: $(VENV)/.test
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m pytest -q --durations=25
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q --durations=25 -n 2 --dist loadfile
 
 # Each benchmark rewrites its one results file, benchmarks/results/<name>.json, stamped with commit, date and machine.
 bench: $(VENV)/.test
