@@ -131,6 +131,7 @@ class RolloutObjective(Objective):
 
     @classmethod
     def engine_of(cls, config: JobConfig) -> str:
+        """The rollout engine the job samples with (`load_engine`'s spec)."""
         return "builtin"
 
     @classmethod
@@ -179,11 +180,8 @@ class RolloutObjective(Objective):
 
     def after_parallelize(self, model: nn.Module) -> None:
         self.model = model
-        self.engine = load_engine(self.engine_spec(), self.ctx, model, self.sampler_weights())
+        self.engine = load_engine(self.engine_of(self.config), self.ctx, model, self.sampler_weights())
         self.sync_weights()
-
-    def engine_spec(self) -> str:
-        return self.engine_of(self.config)
 
     def sync_bucket_bytes(self) -> int:
         return 2**30
