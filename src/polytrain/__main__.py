@@ -1,3 +1,3 @@
-from polytrain.cli import main
+from polytrain.cli import entry
 
-raise SystemExit(main())
+entry()

@@ -8,6 +8,7 @@ import os
 import sys
 import textwrap
 from collections.abc import Sequence
+from typing import NoReturn
 
 from polytrain import __version__
 from polytrain.audit import cli as audit_cli
@@ -311,6 +312,16 @@ def _cmd_export(args: argparse.Namespace) -> int:
 TOOLS = {"bench": _cmd_bench, "generate": _cmd_generate, "plot": _cmd_plot, "model": _cmd_model,
          "convert": _cmd_convert, "export": _cmd_export, "plan": plan_cli.run, "dryrun": dryrun_cli.run,
          "audit": audit_cli.run}
+
+
+def entry() -> NoReturn:
+    """The `polytrain` command and `python -m polytrain`: `main`, then out of the process; a process that ran
+    collectives leaves through `parallel.runtime.exit_process` (imported only then: it imports torch)."""
+    code = main()
+    runtime = sys.modules.get("polytrain.parallel.runtime")
+    if runtime is None:
+        raise SystemExit(code)
+    runtime.exit_process(code)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

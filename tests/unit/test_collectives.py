@@ -71,3 +71,34 @@ def test_accelerator_process_groups_take_host_tensors_through_gloo():
 
     groups = {cls: Backend.process_group_backend.fget(cls) for cls in (CPUBackend, CUDABackend, NPUBackend)}
     assert groups == {CPUBackend: "gloo", CUDABackend: "cpu:gloo,cuda:nccl", NPUBackend: "cpu:gloo,npu:hccl"}
+
+
+EXIT_SCRIPT = """
+import atexit, os, sys
+from datetime import timedelta
+import torch, torch.distributed as dist
+from polytrain.parallel.runtime import exit_process, init_process_group
+if sys.argv[1] == "joined":
+    init_process_group("gloo", timedelta(seconds=30))
+    dist.all_reduce(torch.ones(3))
+atexit.register(lambda: print("atexit ran, group alive:", dist.is_initialized(), flush=True))
+print("unflushed line", end="")
+exit_process(3)
+"""
+
+
+@pytest.mark.parametrize("joined", [True, False])
+def test_exit_process_runs_the_atexit_handlers_flushes_and_keeps_the_exit_status(joined):
+    """A process that joined a process group leaves through os._exit after its atexit handlers (polytrain's own
+    destroys the group first: registered first, it runs last) and a flush; one that did not exits normally."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    env = {"PATH": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src"), "RANK": "0", "WORLD_SIZE": "1",
+           "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    done = subprocess.run([sys.executable, "-c", EXIT_SCRIPT, "joined" if joined else "alone"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3, done.stderr[-2000:]
+    assert done.stdout == "unflushed lineatexit ran, group alive: " + str(joined) + "\n", done.stdout
