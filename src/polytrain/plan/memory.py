@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from polytrain.algorithms.grpo import GRPOConfig
 from polytrain.models.common.config import ModelConfig
 from polytrain.models.registry import spec_for
 from polytrain.parallel.validate import MULTI_STAGE
@@ -28,7 +29,7 @@ from polytrain.plan.layout import Job, Layout
 
 GiB = 2**30
 HEAD_CHUNK_BYTES = 256 * 2**20  # models/output_head.py CHUNK_BYTES
-SYNC_BUCKET_BYTES = 1024 * 2**20  # grpo.sync_bucket_mb's default (parallel/weight_sync.py)
+SYNC_BUCKET_BYTES = GRPOConfig().sync_bucket_mb * 2**20  # one weight-sync bucket (parallel/weight_sync.py)
 
 
 @dataclass(frozen=True)
@@ -352,7 +353,10 @@ def _stage_memory(job: Job, layout: Layout, stage: int) -> Memory:
     elif persistent:
         dynamic = grads + max(forward_end, backward_end)
     else:
-        dynamic = max(forward_end, grads + backward_end)
+        # ZeRO-3 in one micro-batch: a unit's sharded gradients appear as backward reaches it, while the
+        # activations of the layers behind it are freed; the peak is at backward's start (no sharded gradients
+        # yet) or at its end (all of them, beside the last unit's working set)
+        dynamic = max(forward_end, backward_end, grads + working + layer_grads)
     peak = params + optim + rl + buffers + dynamic
     transient = working + logits + buffers + gathered + max(gathered_forward, layer_grads)
     rollout = 0.0
