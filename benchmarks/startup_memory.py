@@ -75,6 +75,9 @@ def worker(spec: str, report: str) -> None:
         {"rank": trainer.runtime.rank, "baseline_mib": baseline / 2**20, "peak_mib": peak / 2**20,
          "over_baseline_mib": (peak - baseline) / 2**20, "local_parameters_mib": local / 2**20}))
     trainer.runtime.close()
+    from polytrain.parallel.runtime import exit_process
+
+    exit_process(0)  # not through the interpreter's shutdown (see there)
 
 
 def launch(world: int, argv: list[str], timeout: float = 600) -> None:

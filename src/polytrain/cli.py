@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import textwrap
+import traceback
 from collections.abc import Sequence
 from typing import NoReturn
 
@@ -316,8 +317,18 @@ TOOLS = {"bench": _cmd_bench, "generate": _cmd_generate, "plot": _cmd_plot, "mod
 
 def entry() -> NoReturn:
     """The `polytrain` command and `python -m polytrain`: `main`, then out of the process; a process that ran
-    collectives leaves through `parallel.runtime.exit_process` (imported only then: it imports torch)."""
-    code = main()
+    collectives leaves through `parallel.runtime.exit_process` (imported only then: it imports torch), also after
+    an error `main` does not turn into an exit status (printed with its traceback: exit status 1)."""
+    try:
+        code = main()
+    except SystemExit:
+        raise
+    except KeyboardInterrupt:  # a second Ctrl-C while the first one's checkpoint is written
+        print("interrupted", file=sys.stderr)
+        code = 130
+    except BaseException:
+        traceback.print_exc()
+        code = 1
     runtime = sys.modules.get("polytrain.parallel.runtime")
     if runtime is None:
         raise SystemExit(code)

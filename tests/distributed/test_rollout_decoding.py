@@ -49,6 +49,8 @@ if trainer.runtime.rank == 0:
     json.dump({"tokens": [c.tokens for c in completions], "logprobs": [c.logprobs for c in completions],
                "collectives": counts, "sharded_after": sharded_after}, open(sys.argv[2], "w"))
 trainer.runtime.close()
+from polytrain.parallel.runtime import exit_process
+exit_process(0)  # not through the interpreter's shutdown (see there)
 """
 
 

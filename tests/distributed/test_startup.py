@@ -28,6 +28,8 @@ for name, tensor in trainer.model.state_dict().items():
 if trainer.runtime.rank == 0:
     torch.save(state, sys.argv[2])
 trainer.runtime.close()
+from polytrain.parallel.runtime import exit_process
+exit_process(0)  # not through the interpreter's shutdown (see there)
 """
 
 

@@ -40,6 +40,8 @@ if trainer.runtime.rank == int(sys.argv[4]):
 else:
     assert not received and not any(sizes), "a rank that hosts no engine received weights"
 trainer.runtime.close()
+from polytrain.parallel.runtime import exit_process
+exit_process(0)  # not through the interpreter's shutdown (see there)
 """
 
 

@@ -45,12 +45,14 @@ print(json.dumps(outputs))
 
 
 def torch_gloo_exit_abort(out: str, err: str) -> bool:
-    """A torchrun job of these plain-torch scripts whose rank aborted at interpreter exit, after the run printed its
-    result: the DDP module keeps the gloo process group, and its worker threads, alive past destroy_process_group
-    into the interpreter's shutdown, where a worker still letting go of the last all_reduce's tensor needs the
-    interpreter and aborts the process (torch 2.13; about 1 run in 60 on a loaded 2-core machine). polytrain's own
-    processes leave before that shutdown (parallel/runtime.py exit_process); a user's script is left as written."""
-    return "terminate called without an active exception" in err and "over 2 ranks" in out
+    """A torchrun job of these plain-torch scripts whose rank aborted (SIGABRT) at interpreter exit, after the run
+    printed its last line: the DDP module keeps the gloo process group, and its worker threads, alive past
+    destroy_process_group into the interpreter's shutdown, where a worker still letting go of the last all_reduce's
+    tensor needs the interpreter and aborts the process (torch 2.13; about 1 run in 60 on a loaded 2-core machine).
+    polytrain's own processes leave before that shutdown (parallel/runtime.py exit_process); a user's script is left
+    as written."""
+    finished = "over 2 ranks" in out and re.search(r"^\d+ steps in ", out, flags=re.MULTILINE)  # after destroy
+    return bool(finished) and "terminate called without an active exception" in err and "(SIGABRT)" in err
 
 
 def losses(output: str) -> list[str]:

@@ -8,6 +8,7 @@ runs either way.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -70,7 +71,8 @@ def exit_process(code: int) -> NoReturn:
         raise SystemExit(code)
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
-        stream.flush()
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe (`polytrain ... | head`), a closed stream
+            stream.flush()
     os._exit(code)
 
 

@@ -353,9 +353,11 @@ def _stage_memory(job: Job, layout: Layout, stage: int) -> Memory:
     elif persistent:
         dynamic = grads + max(forward_end, backward_end)
     else:
-        # ZeRO-3 in one micro-batch: a unit's sharded gradients appear as backward reaches it, while the
-        # activations of the layers behind it are freed; the peak is at backward's start (no sharded gradients
-        # yet) or at its end (all of them, beside the last unit's working set)
+        # gradients made during backward and not kept unsharded (ZeRO-3 in one micro-batch; a single process;
+        # with everything offloaded `grads` is 0): a unit's gradients appear as backward reaches it while the
+        # activations behind it are freed, so the peak is at backward's start (`backward_end`: the state when the
+        # first layer is differentiated, no sharded gradients yet) or at its end (all of them beside the last
+        # unit's working set), not at their sum
         dynamic = max(forward_end, backward_end, grads + working + layer_grads)
     peak = params + optim + rl + buffers + dynamic
     transient = working + logits + buffers + gathered + max(gathered_forward, layer_grads)
