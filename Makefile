@@ -50,6 +50,8 @@ bench: $(VENV)/.test
 	$(PY) benchmarks/plan_vs_dryrun.py
 	$(PY) benchmarks/vs_transformers.py --profile
 	$(PY) benchmarks/vs_trl.py --profile
+	$(MAKE) vllm-env
+	$(PY) benchmarks/grpo_engines.py
 	$(PY) benchmarks/gemm_shapes.py
 	$(PY) benchmarks/audit_speed.py
 
