@@ -158,6 +158,9 @@ def run_rank(config: JobConfig, world: int, rank: int, role: str, fake_tensors: 
                       device_peak_bytes=memory.device_peak if memory.offload else None)
 
 
+_ran_here = False  # a fake world ran in this process (`dry_run` runs a lone rank here only the first time)
+
+
 def dry_run(config: JobConfig, world: int, ranks: list[int] | None = None,
             progress: Any = None) -> list[RankReport]:
     """Reports for `ranks` (default: one per distinct role) of `config` on `world` ranks."""
@@ -166,11 +169,14 @@ def dry_run(config: JobConfig, world: int, ranks: list[int] | None = None,
     for rank, _ in chosen:
         if not 0 <= rank < world:
             raise ConfigError(f"--rank {rank} is outside the world of {world} ranks")
-    if len(chosen) == 1:
+    global _ran_here
+    if len(chosen) == 1 and not _ran_here:
+        _ran_here = True
         if progress is not None:
             progress(f"rank {chosen[0][0]} ({chosen[0][1]}) ...")
         return [run_rank(config, world, *chosen[0])]
-    # one process per rank: torch keeps process groups and meshes of a destroyed world in module-level caches
+    # one process per rank: torch keeps process groups and meshes of a destroyed world in module-level caches (a
+    # second fake world in one process saw the first one's rank in its meshes' coordinates)
     reports = []
     context = multiprocessing.get_context("spawn")
     for rank, role in chosen:
