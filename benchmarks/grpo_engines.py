@@ -28,10 +28,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from provenance import write_results  # benchmarks/provenance.py
+from vs_trl import time_calls
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "examples" / "grpo_vllm_tiny.toml"
@@ -52,17 +52,7 @@ def run_engine(engine: str, args: argparse.Namespace) -> dict:
                      f"train.steps={args.steps + 1}", "log.tensorboard=false", "log.progress=false"]
         trainer = Trainer(load_config(JOB, overrides), overwrite=True)
         generation: list[float] = []
-        engine_object = trainer.objective.engine
-        original = engine_object.generate
-
-        def timed(*call_args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return original(*call_args, **kwargs)
-            finally:
-                generation.append(time.perf_counter() - start)
-
-        engine_object.generate = timed
+        time_calls(trainer.objective.engine, "generate", generation)
         trainer.run()
         records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "elapsed_s" in r]
