@@ -21,9 +21,14 @@ GRPO's update step (made-up rollouts, a reference model) is compared the same wa
 category of its own (the planner's `rl`, the dry run's frozen models); the planner's peak there is the update
 step's, without what only the rollout holds (the KV cache, a weight-sync bucket).
 
+Context parallelism (long rows; 4 of the model's layers, so that a whole row's attention runs in minutes) is
+compared the same way, with the same layout without context parallelism beside the V3 row that has no
+recomputation, to separate what CP adds from the rest of the model.
+
 Usage (writes benchmarks/results/plan_vs_dryrun.json, prints Markdown tables; one to a few minutes per rank):
     python benchmarks/plan_vs_dryrun.py
-    python benchmarks/plan_vs_dryrun.py --grpo-only   # the GRPO rows, the SFT rows kept from the last run
+    python benchmarks/plan_vs_dryrun.py --grpo-only   # the GRPO rows, the other rows kept from the last run
+    python benchmarks/plan_vs_dryrun.py --cp-only     # the context-parallel rows, the other rows kept
 """
 
 from __future__ import annotations
@@ -66,11 +71,25 @@ GRPO_JOBS = [
     ("deepseek-v4-pro", Layout(dp=1024, ep=128, recompute="full", micro_batch=2), 2048),
 ]
 
+# context parallelism at the planner's picks for long rows (`polytrain plan --model ... --hardware ascend-910c
+# --devices 1024 --seq-len 32768 / 65536`) and beside them; (model, layout, tokens per row), one row per data rank
+CP_JOBS = [
+    ("deepseek-v4-pro", Layout(dp=128, ep=128, cp=8, offload="all", recompute="full"), 65536),
+    ("deepseek-v3-671b", Layout(dp=128, ep=64, cp=8, offload="all", recompute="full"), 32768),
+    ("deepseek-v3-671b", Layout(dp=64, tp=2, ep=256, cp=8, offload="all", recompute="none"), 32768),
+    ("deepseek-v3-671b", Layout(dp=512, tp=2, ep=256, offload="all", recompute="none"), 4096),
+]
+CP_LAYERS = 4
 
-def compare(model: str, layout: Layout, sequences: int, algorithm: str = "sft") -> list[dict]:
-    seq_len = 3072 if algorithm == "grpo" else 4096
-    job = Job(preset(model), seq_len, seq_len * sequences, algorithm=algorithm)
-    config = build_config(job_config(job, layout))
+
+def compare(model: str, layout: Layout, sequences: int, algorithm: str = "sft", seq_len: int | None = None,
+            layers: int | None = None) -> list[dict]:
+    seq_len = seq_len or (3072 if algorithm == "grpo" else 4096)
+    overrides = {} if layers is None else {"num_hidden_layers": layers}
+    job = Job(preset(model, **overrides), seq_len, seq_len * sequences, algorithm=algorithm)
+    spec = job_config(job, layout)
+    spec["model"].update(overrides)
+    config = build_config(spec)
     rows = []
     for report in dry_run(config, layout.devices):
         stage = report.rank // (layout.devices // layout.pp)
@@ -93,6 +112,8 @@ def compare(model: str, layout: Layout, sequences: int, algorithm: str = "sft") 
         name = f"{layout.short()} {layout.schedule if layout.pp > 1 else ''}".strip()
         name += f", ZeRO-{layout.zero}" if layout.zero != 3 else ""
         name += ", offload all" if layout.offload == "all" else ""
+        if layers is not None:
+            name += f", {seq_len // 1024}K tokens, {layers} layers"
         rows.append({"model": model, "algorithm": algorithm, "layout": name + f", recompute {layout.recompute}",
                      "rank": report.rank, "stage": stage,
                      "gib": {name: {"planner": round(p / GiB, 2), "dryrun": round(d / GiB, 2),
@@ -104,13 +125,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "plan_vs_dryrun.json"))
     parser.add_argument("--grpo-only", action="store_true",
-                        help="run only the GRPO rows (the SFT rows are kept from the existing --out file)")
+                        help="run only the GRPO rows (the other rows are kept from the existing --out file)")
+    parser.add_argument("--cp-only", action="store_true",
+                        help="run only the context-parallel rows (the others are kept from the existing --out file)")
     args = parser.parse_args()
-    if args.grpo_only:
-        rows = [r for r in json.loads(Path(args.out).read_text())["rows"] if r.get("algorithm", "sft") == "sft"]
+    kept = json.loads(Path(args.out).read_text())["rows"] if args.grpo_only or args.cp_only else []
+    if args.grpo_only or args.cp_only:
+        rows = [r for r in kept if r.get("algorithm", "sft") == "sft" and not r.get("context")]
     else:
         rows = [row for model, layout, n in JOBS for row in compare(model, layout, n)]
-    grpo = [row for model, layout, n in GRPO_JOBS for row in compare(model, layout, n, "grpo")]
+    if args.cp_only:
+        grpo = [r for r in kept if r.get("algorithm") == "grpo"]
+    else:
+        grpo = [row for model, layout, n in GRPO_JOBS for row in compare(model, layout, n, "grpo")]
+    if args.grpo_only:
+        long_rows = [r for r in kept if r.get("context")]
+    else:
+        long_rows = [{**row, "context": True} for model, layout, tokens in CP_JOBS
+                     for row in compare(model, layout, layout.dp, seq_len=tokens, layers=CP_LAYERS)]
     print("| model, layout (SFT, 4K tokens) | stage | weights + optimizer | gradients | working set | peak |")
     print("|---|---|---|---|---|---|")
     for row in rows:
@@ -122,8 +154,15 @@ def main() -> None:
     for row in grpo:
         cells = [f"{v['planner']:.1f} / {v['dryrun']:.1f}" for v in row["gib"].values()]
         print(f"| {row['model']}, {row['layout']} | " + " | ".join(cells) + " |")
+    print(f"\n| model, layout (SFT, long rows, {CP_LAYERS} layers) | weights + optimizer | gradients | working set | "
+          "peak |")
+    print("|---|---|---|---|---|")
+    for row in long_rows:
+        cells = [f"{v['planner']:.1f} / {v['dryrun']:.1f}" for v in row["gib"].values()]
+        print(f"| {row['model']}, {row['layout']} | " + " | ".join(cells) + " |")
     print("(GiB per device: planner / dry run)")
-    write_results(args.out, {"benchmark": "plan_vs_dryrun", "unit": "GiB per device", "rows": rows + grpo})
+    write_results(args.out, {"benchmark": "plan_vs_dryrun", "unit": "GiB per device",
+                             "rows": rows + grpo + long_rows})
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Context parallelism reproduces the single-process run (gloo, fp32, 5 optimizer steps; loss per step within
 1e-5 relative, final parameters within 1e-5): tiny-v3 (MLA, MTP, YaRN, sequence-wise balance loss, aux-loss-free
-bias updates) on rows of about 900 packed tokens (32 conversations of 19-36 tokens per micro-batch, max_seq_len
-1,024), so with cp = 4 each of the 8 chunks of a row holds several documents and many documents cross a chunk
-boundary."""
+bias updates) and tiny-v4 (sliding window, CSA with its indexer, HCA, hash routing, hyper-connections, MTP) on rows
+of about 900 packed tokens (32 conversations of 19-36 tokens per micro-batch, max_seq_len 1,024), so with cp = 4
+each of the 8 chunks of a row holds several documents and many documents, windows and compressed blocks cross a
+chunk boundary."""
 
 from __future__ import annotations
 
@@ -11,13 +12,21 @@ import pytest
 from tests.distributed.harness import assert_parity, run, write_job
 
 
-@pytest.fixture(scope="module")
-def long_rows(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cp")
-    job = write_job(root, model='preset = "tiny-v3"', samples=96, max_seq_len=1024, global_batch_size=64,
+def long_rows_job(root, preset: str):
+    job = write_job(root, model=f'preset = "{preset}"', samples=96, max_seq_len=1024, global_batch_size=64,
                     micro_batch_size=32)
     run(job, root / "single", 1)
     return job, root / "single"
+
+
+@pytest.fixture(scope="module")
+def long_rows(tmp_path_factory):
+    return long_rows_job(tmp_path_factory.mktemp("cp"), "tiny-v3")
+
+
+@pytest.fixture(scope="module")
+def long_v4_rows(tmp_path_factory):
+    return long_rows_job(tmp_path_factory.mktemp("cp-v4"), "tiny-v4")
 
 
 @pytest.mark.parametrize(("world", "overrides"), [
@@ -31,6 +40,18 @@ def long_rows(tmp_path_factory):
 ], ids=["cp4", "cp2-dp2-ep2", "cp2-pp2", "cp2-tp2"])
 def test_context_parallel_matches_single_process(long_rows, tmp_path, world, overrides):
     job, single = long_rows
+    run(job, tmp_path / "cp", world, *overrides)
+    assert_parity(single, tmp_path / "cp")
+
+
+@pytest.mark.parametrize(("world", "overrides"), [
+    (4, ("parallel.cp=4",)),
+    (4, ("parallel.cp=2", "parallel.ep=2")),
+], ids=["cp4", "cp2-dp2-ep2"])
+def test_context_parallel_runs_deepseek_v4(long_v4_rows, tmp_path, world, overrides):
+    """Each rank gathers the row's shared keys and its compressors' per-token series, pools the whole row's entries,
+    and attends its own chunks (models/deepseek_v4/context.py)."""
+    job, single = long_v4_rows
     run(job, tmp_path / "cp", world, *overrides)
     assert_parity(single, tmp_path / "cp")
 

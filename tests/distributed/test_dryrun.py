@@ -193,6 +193,30 @@ def test_zero_bubble_schedule_with_recomputation_peaks_like_1f1b():
 
 
 @pytest.mark.timeout(600)
+def test_context_parallel_peaks_where_the_planner_says():
+    """DeepSeek-V4-Pro at 64K tokens on 1,024 ranks, the planner's pick (`polytrain plan --model deepseek-v4-pro
+    --hardware ascend-910c --devices 1024 --seq-len 65536`: DP128 EP128 CP8, everything offloaded, full
+    recomputation) with 4 of its layers: each rank holds 8K tokens of every row and gathers the whole row's key
+    series; the planner's device peak against the dry run's."""
+    from polytrain.config import build_config
+    from polytrain.dryrun.run import dry_run
+    from polytrain.models import preset
+    from polytrain.plan.layout import Job, Layout
+    from polytrain.plan.memory import _stage_memory
+    from polytrain.plan.report import job_config
+
+    lay = Layout(dp=128, ep=128, cp=8, offload="all", recompute="full")
+    job = Job(preset("deepseek-v4-pro", num_hidden_layers=4), 65536, 65536 * lay.dp)
+    spec = job_config(job, lay)
+    spec["model"]["num_hidden_layers"] = 4
+    [report] = dry_run(build_config(spec), lay.devices, [0])
+    gathered = [c for c in report.collectives if c["group"] == "cp"]  # the key series travel over the cp group
+    assert gathered and all(c["count"] > 0 for c in gathered), report.collectives
+    plan = _stage_memory(job, lay, 0)
+    assert abs(plan.device / report.device_peak_bytes - 1) <= 0.10, (plan.device / 2**30,
+                                                                     report.device_peak_bytes / 2**30)
+
+
 @pytest.mark.parametrize(("model", "layout", "devices"), [
     # `polytrain plan --algorithm grpo --hardware ascend-910c --emit-config`'s picks (256 prompts x 8 completions of
     # 2,048 tokens after 1,024 of prompt): V3-671B on 256 devices, V4-Pro on 1,024

@@ -146,20 +146,28 @@ def test_pipeline_pp2_with_tensor_parallel_tp2_and_sequence_parallelism(v3_featu
     assert_parity(single, tmp_path / "pp2tp2")
 
 
+@pytest.fixture(scope="module")
+def v4_unpacked(tmp_path_factory):
+    """tiny-v4 with an index_topk that covers every compressed entry, unpacked rows, and its single-process run."""
+    root = tmp_path_factory.mktemp("v4pp")
+    job = write_job(root, model='preset = "tiny-v4"\nindex_topk = 16')
+    run(job, root / "single", 1, "data.packing=false")
+    return job, root / "single"
+
+
 @pytest.mark.parametrize(("schedule", "tp"), [("1f1b", 1), ("zbv", 1), ("dualpipev", 2)],
                          ids=["1f1b", "zbv", "dualpipev-tp2"])
-def test_pipeline_pp2_runs_deepseek_v4_through_the_family_hooks(tmp_path, schedule, tp):
+def test_pipeline_pp2_runs_deepseek_v4_through_the_family_hooks(v4_unpacked, tmp_path, schedule, tp):
     """Hyper-connection streams between stages, token ids carried for hash routing, MTP on the last stage; with
     tp = 2 (4 processes, the layout the planner picks for V4-Pro: DualPipeV over tensor parallelism with sequence
     parallelism) the stages pass each rank's slice of the streams. index_topk covers every compressed entry: with
     fewer, the indexer's choice among equal (zero) scores follows torch.topk's tie order, which depends on the padded
     width (as in the Hugging Face reference), and pipeline micro-batches are padded to data.max_seq_len while
     single-process ones are not."""
-    job = write_job(tmp_path, model='preset = "tiny-v4"\nindex_topk = 16')
-    run(job, tmp_path / "single", 1, "data.packing=false")
+    job, single = v4_unpacked
     run(job, tmp_path / "pp2", 2 * tp, "data.packing=false", "parallel.pp=2", f'parallel.pp_schedule="{schedule}"',
         f"parallel.tp={tp}")
-    assert_parity(tmp_path / "single", tmp_path / "pp2")
+    assert_parity(single, tmp_path / "pp2")
 
 
 

@@ -151,3 +151,26 @@ def test_v_schedule_in_flight_micro_batches_are_torchs(schedule, pp, microbatche
                 if sum(live.values()) > sum(peak.values()):
                     peak = dict(live)
         assert tuple(peak.values()) == v_in_flight(schedule, pp, rank, microbatches), (rank, peak)
+
+
+@pytest.mark.parametrize("cp", [2, 4])
+def test_context_parallel_attention_memory_against_the_benchmark(cp):
+    """The planner's MLA under context parallelism against benchmarks/context_parallel.py's measured bytes per rank
+    (V3 architecture, fp32, its longest row): what the attention keeps for backward (the whole row's gathered
+    latents instead of per-head keys; the benchmark's `attention` tag, which leaves the input norm to `other`) and
+    what its backward adds at the step's peak (the recomputed expansion of the whole row and SDPA's additive mask:
+    the `backward` tag), both within 15%."""
+    from polytrain.models import model_config_from_table
+    from polytrain.plan.memory import _norm
+
+    results = json.loads((ROOT / "benchmarks" / "results" / "context_parallel.json").read_text())
+    config = model_config_from_table(results["config"]["model"])
+    row = max((r for r in results["rows"] if r["case"] == f"cp={cp}"), key=lambda r: r["tokens"])
+    rank = max(row["ranks"], key=lambda r: r["peak_bytes"])
+    hooks, seq = spec_for(config).planner, row["local_tokens"]
+    layers = range(config.num_hidden_layers)
+    kept = seq * sum(hooks.attention_activation_bytes(config, i, seq, 4, True, 1, lambda d: _norm(d, 4), cp)
+                     - _norm(config.hidden_size, 4) for i in layers)
+    backward = seq * max(hooks.attention_backward_bytes(config, i, seq, 4, True, 1, cp) for i in layers)
+    assert kept == pytest.approx(rank["activation_bytes"]["attention"], rel=0.15)
+    assert backward == pytest.approx(rank["peak_by_tag"]["backward"], rel=0.15)

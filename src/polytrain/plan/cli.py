@@ -61,7 +61,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    "tp=2,pp=8,ep=64,zero=1,offload=optimizer,recompute=full,micro_batch=1,schedule=1f1b "
                    "(dp is what the devices leave)")
     p.add_argument("--any-framework", action="store_true", help="also search layouts polytrain's engine does not "
-                   "run yet (ZeRO-1, optimizer-only offload, DualPipe, CP, TP for V4)")
+                   "run yet (ZeRO-1, optimizer-only offload, DualPipe)")
     p.add_argument("--top", type=int, default=10, help="layouts shown (default 10)")
     p.add_argument("--compare-hardware", metavar="CHIP", help="the same job on a second chip, side by side")
     p.add_argument("--emit-config", metavar="OUT.toml", help="write the best layout polytrain runs as a job config")

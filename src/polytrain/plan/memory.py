@@ -72,21 +72,23 @@ def _norm(d: float, b: int) -> float:
 
 
 def layer_activation_bytes(config: ModelConfig, layer: int, seq_len: int, b: int, *, fused: bool = True,
-                           tp: int = 1, recompute_norms: bool = False, rows_kept: bool = False) -> float:
+                           tp: int = 1, recompute_norms: bool = False, rows_kept: bool = False,
+                           cp: int = 1) -> float:
     """Bytes autograd keeps per token of one decoder layer without recomputation.
 
     b: bytes per activation element. fused: flash-style attention (keeps q, k, v, output, log-sum-exp); otherwise
     the reference attention keeps the seq x seq probabilities. tp divides the per-head tensors.
     recompute_norms: RMSNorm internals are recomputed (only input and output kept). rows_kept: the routed experts
     keep their [tokens x top-k, hidden] input rows, as under expert parallelism (the rows they received) and inside
-    a checkpointed region; otherwise backward gathers them again from the layer's tokens.
+    a checkpointed region; otherwise backward gathers them again from the layer's tokens. cp: seq_len is a
+    context-parallel rank's share of rows cp times as long (the attention keeps what it gathers of them).
     """
     c, h = config, config.hidden_size
 
     def norm(d: float) -> float:
         return 2 * b * d if recompute_norms else _norm(d, b)
 
-    attn = spec_for(c).planner.attention_activation_bytes(c, layer, seq_len, b, fused, tp, norm)
+    attn = spec_for(c).planner.attention_activation_bytes(c, layer, seq_len, b, fused, tp, norm, cp)
     if not c.is_moe_layer(layer):
         return attn + norm(h) + 4 * b * c.intermediate_size / tp
     k, moe_i = c.num_experts_per_tok, c.moe_intermediate_size
@@ -161,13 +163,13 @@ def _stage_activations(job: Job, layout: Layout, stage: int, stages: int) -> tup
 
         def per_layer(i: int, norms: bool = False, recomputed: bool = False) -> float:
             return layer_activation_bytes(c, i, seq, job.activation_bytes, fused=job.attention_fused, tp=layout.tp,
-                                          recompute_norms=norms, rows_kept=layout.ep > 1 or recomputed)
+                                          recompute_norms=norms, rows_kept=layout.ep > 1 or recomputed, cp=layout.cp)
 
         # a checkpointed block's recomputation keeps its experts' token rows (polytrain.parallel.checkpointing)
         full = [per_layer(i, recomputed=layout.recompute != "none") for i in layers]
         hooks = spec_for(c).planner
-        backward = [hooks.attention_backward_bytes(c, i, seq, job.activation_bytes, job.attention_fused, layout.tp)
-                    for i in layers]
+        backward = [hooks.attention_backward_bytes(c, i, seq, job.activation_bytes, job.attention_fused, layout.tp,
+                                                   layout.cp) for i in layers]
         if layout.recompute == "none":
             kept = sum(full)
         elif layout.recompute == "selective":

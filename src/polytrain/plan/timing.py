@@ -145,11 +145,12 @@ def step_time(job: Job, layout: Layout, chip: Chip) -> StepTime:
     if layout.tp > 1:  # 2 all-gathers + 2 reduce-scatters per layer forward, the same backward
         per_layer = 8 * _collective(mb_tokens * c.hidden_size * b, layout.tp, _bandwidth(chip, layout.tp, 1))
         tp_time = per_layer * layers_per_stage * m
-    if layout.cp > 1:  # context parallel: all-gather the compact keys / values forward, reduce-scatter their grads
-        kv_width = spec_for(c).planner.kv_width(c)
+    if layout.cp > 1:  # context parallel: all-gather each layer's key series forward, reduce-scatter their grads
+        hooks = spec_for(c).planner
+        layers = range(c.num_hidden_layers + (c.num_nextn_predict_layers if job.mtp else 0))
+        width = sum(hooks.context_gather_width(c, i) for i in layers) / layout.pp  # per layer of a stage, summed
         sequence = layout.micro_batch * job.seq_len
-        per_layer = 2 * _collective(sequence * kv_width * b, layout.cp, _bandwidth(chip, layout.cp, layout.tp))
-        tp_time += per_layer * layers_per_stage * m
+        tp_time += 2 * _collective(sequence * width * b, layout.cp, _bandwidth(chip, layout.cp, layout.tp)) * m
     p2p = 0.0
     if layout.pp > 1:
         width = spec_for(c).planner.residual_width(c)

@@ -67,14 +67,21 @@ class PlannerHooks(Protocol):
         """Forward FLOPs per token with which one MTP module joins the state and the next token's embedding."""
 
     def attention_activation_bytes(self, config: ModelConfig, layer: int, seq_len: int, b: int, fused: bool,
-                                   tp: int, norm: Callable[[float], float]) -> float:
+                                   tp: int, norm: Callable[[float], float], cp: int = 1) -> float:
         """Bytes per token autograd keeps in layer `layer` besides its MLP / MoE (attention, its norms, and
-        anything around the residual stream), with `b` bytes per element; `norm(d)`: one RMSNorm of width d."""
+        anything around the residual stream), with `b` bytes per element; `norm(d)`: one RMSNorm of width d.
+        seq_len: the tokens a rank holds of each row; cp > 1: of a row cp times as long (context parallelism: what
+        the family gathers of the whole row and keeps)."""
 
     def attention_backward_bytes(self, config: ModelConfig, layer: int, seq_len: int, b: int, fused: bool,
-                                 tp: int) -> float:
+                                 tp: int, cp: int = 1) -> float:
         """Bytes per token layer `layer`'s attention backward allocates beyond what its forward keeps (the
-        gradients of materialised scores); 0 for a fused kernel."""
+        gradients of materialised scores; under context parallelism what it recomputes of the whole row); 0 for a
+        fused kernel without context parallelism."""
+
+    def context_gather_width(self, config: ModelConfig, layer: int) -> int:
+        """Elements per token layer `layer` all-gathers under context parallelism (its gradient is reduce-scattered
+        back)."""
 
     def residual_width(self, config: ModelConfig) -> int:
         """Elements per token of the residual state between layers (what pipeline stages send)."""

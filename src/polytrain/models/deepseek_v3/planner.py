@@ -34,23 +34,36 @@ class V3Planner:
         return 2 * 2 * c.hidden_size * c.hidden_size  # eh_proj [2h -> h]
 
     def attention_activation_bytes(self, c: DeepSeekV3Config, layer: int, seq_len: int, b: int, fused: bool,
-                                   tp: int, norm: Callable[[float], float]) -> float:
+                                   tp: int, norm: Callable[[float], float], cp: int = 1) -> float:
         """MLA (models/deepseek_v3/attention.py): its norms, q / k / v (values zero-padded to the query head size so
         SDPA can use its fused kernel) and the output projection's input; without a fused kernel the softmax
-        probabilities instead of the output and log-sum-exp."""
+        probabilities instead of the output and log-sum-exp. Under context parallelism the attention over the
+        whole row is checkpointed: it keeps q and the whole row's gathered latent and rotary key instead."""
         heads = c.num_attention_heads / tp
         qk, dv = c.qk_head_dim, c.v_head_dim
         attn = norm(c.hidden_size) + norm(c.kv_lora_rank) + (norm(c.q_lora_rank) if c.q_lora_rank else 0)
-        if fused:
+        if cp > 1:
+            attn += b * heads * qk + cp * b * self.kv_width(c)
+        elif fused:
             attn += 4 * b * heads * qk + 4 * heads  # q, k, padded v, padded output, log-sum-exp
         else:
             attn += 3 * b * heads * qk + b * heads * seq_len  # scaled q, k, padded v; softmax probabilities
         return attn + b * heads * dv  # o_proj input
 
     def attention_backward_bytes(self, c: DeepSeekV3Config, layer: int, seq_len: int, b: int, fused: bool,
-                                 tp: int) -> float:
-        """Without a fused kernel, the softmax backward's gradients of the probabilities and of the scores."""
-        return 0.0 if fused else 2 * b * c.num_attention_heads / tp * seq_len
+                                 tp: int, cp: int = 1) -> float:
+        """Without a fused kernel, the softmax backward's gradients of the probabilities and of the scores. Under
+        context parallelism, the recomputed expansion of the whole row (kv_b_proj's output, k, padded v), the
+        gradients of k and v, and the additive mask [local, whole row] SDPA makes of the boolean one."""
+        heads = c.num_attention_heads / tp
+        scores = 0.0 if fused else 2 * b * heads * seq_len * cp
+        if cp == 1:
+            return scores
+        expanded = heads * (c.qk_nope_head_dim + c.v_head_dim + 4 * c.qk_head_dim)
+        return scores + cp * b * (expanded + seq_len)
+
+    def context_gather_width(self, c: DeepSeekV3Config, layer: int) -> int:
+        return self.kv_width(c)
 
     def residual_width(self, c: DeepSeekV3Config) -> int:
         return c.hidden_size

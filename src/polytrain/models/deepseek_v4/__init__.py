@@ -29,6 +29,7 @@ SPEC = ModelSpec(
     hf=V4Format(),
     planner=V4Planner(),
     tensor_parallel=tensor_parallel_plan,
+    context_parallel=True,
 )
 
 __all__ = ["SPEC", "DeepSeekV4Config", "DeepSeekV4LM"]

@@ -26,6 +26,7 @@ from polytrain.models.deepseek_v4.blockwise import QUERY_BLOCK, attend, entry_ma
 from polytrain.models.deepseek_v4.config import DeepSeekV4Config
 
 if TYPE_CHECKING:
+    from polytrain.models.deepseek_v4.context import WholeRows
     from polytrain.models.deepseek_v4.kv_cache import V4KVCache
     from polytrain.models.deepseek_v4.packing import PackedEntries, PackedRows
 
@@ -74,23 +75,39 @@ class Compressor(nn.Module):
     def forward(self, x: torch.Tensor, rope: RotaryEmbedding, packed: PackedEntries | None = None) -> torch.Tensor:
         """x [B, S, dim] -> compressed entries [B, S // ratio, head_dim]: one per whole window of `ratio` tokens
         (per document of packed rows), rotated at its window's first position."""
-        batch, seq, _ = x.shape
-        m = self.ratio
-        windows = seq // m
-        if windows == 0:
-            return x.new_zeros(batch, 0, self.head_dim)
+        if x.shape[1] < self.ratio:
+            return x.new_zeros(x.shape[0], 0, self.head_dim)
+        tokens, index, has_before = self._windows(x, packed)
+        return self._pool_windows(*self.project(tokens), index, has_before, rope)
+
+    def pool_row(self, kv: torch.Tensor, gate: torch.Tensor, rope: RotaryEmbedding,
+                 packed: PackedEntries | None = None) -> torch.Tensor:
+        """`forward` from the row's per-token projections kv / gate [B, S, width] (`project`): under context
+        parallelism each rank projects its own tokens and the row's projections are gathered."""
+        if kv.shape[1] < self.ratio:
+            return kv.new_zeros(kv.shape[0], 0, self.head_dim)
+        kv, index, has_before = self._windows(kv, packed)
+        gate = self._windows(gate, packed)[0]
+        return self._pool_windows(kv, gate, index, has_before, rope)
+
+    def _windows(self, t: torch.Tensor, packed: PackedEntries | None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-token t [B, S, ...] -> (its windows' tokens [B, W, ratio, ...], the windows' indices [B, W], whether
+        each window's previous window exists [B, W])."""
+        batch, seq, m = t.shape[0], t.shape[1], self.ratio
         if packed is None:
-            tokens = x[:, : windows * m].view(batch, windows, m, -1)
-            index = torch.arange(windows, device=x.device).expand(batch, windows)
-            has_before = index > 0
-        else:
-            columns = packed.starts.unsqueeze(-1) + torch.arange(m, device=x.device)  # [B, T, m]
-            tokens = x[torch.arange(batch, device=x.device).view(-1, 1, 1), columns]
-            index, has_before = packed.windows, packed.has_before
-        kv, gate = self.project(tokens)
+            windows = seq // m
+            index = torch.arange(windows, device=t.device).expand(batch, windows)
+            return t[:, : windows * m].view(batch, windows, m, *t.shape[2:]), index, index > 0
+        columns = packed.starts.unsqueeze(-1) + torch.arange(m, device=t.device)  # [B, W, m]
+        return t[torch.arange(batch, device=t.device).view(-1, 1, 1), columns], packed.windows, packed.has_before
+
+    def _pool_windows(self, kv: torch.Tensor, gate: torch.Tensor, index: torch.Tensor, has_before: torch.Tensor,
+                      rope: RotaryEmbedding) -> torch.Tensor:
         gate = gate + self.position_bias
         if not self.overlap:
             return self.pool(kv, gate, index, rope)
+        batch, windows = index.shape
         kv_before = torch.cat([torch.zeros_like(kv[:, :1]), kv[:, :-1]], dim=1)
         gate_before = torch.cat([gate[:, :1], gate[:, :-1]], dim=1)
         gate_before = gate_before.masked_fill(~has_before.view(batch, windows, 1, 1), float("-inf"))
@@ -245,11 +262,15 @@ class HybridAttention(nn.Module):
         position_ids: torch.Tensor,
         cache: V4KVCache | None = None,
         packed: PackedRows | None = None,
+        whole: WholeRows | None = None,
     ) -> torch.Tensor:
         """x [B, S, hidden] -> [B, S, hidden]. With `cache`: S > 1 prefills it (rows right-aligned), S == 1 is a
-        decode step at position_ids [B, 1]. `packed`: the rows' document layout (packing.py)."""
+        decode step at position_ids [B, 1]. `packed`: the rows' document layout (packing.py). `whole`: under
+        context parallelism, x holds this rank's chunks of the rows `whole` describes (context.py)."""
         q, kv, q_latent = self.project(x, tables)
         rope = ropes["compress"]
+        if whole is not None:
+            return self.output(self._attend_whole_rows(x, q, kv, q_latent, rope, position_ids, whole), tables)
         if cache is not None and x.shape[1] == 1:
             return self.output(self._decode(x, q, kv, q_latent, rope, position_ids[:, 0], cache), tables)
         entries = chosen = visible_count = entry_first = index_keys = None
@@ -276,6 +297,41 @@ class HybridAttention(nn.Module):
             if layer.index is not None:
                 layer.index.prefill(self.indexer.compressor, x, index_keys, lengths)
         return self.output(out, tables)
+
+    def _attend_whole_rows(self, x: torch.Tensor, q: torch.Tensor, kv: torch.Tensor, q_latent: torch.Tensor,
+                           rope: RotaryEmbedding, position_ids: torch.Tensor, whole: WholeRows) -> torch.Tensor:
+        """This rank's queries (its two chunks of each row) over the whole rows' keys, gathered as context.py
+        describes: [B, S, H, D]."""
+        split = whole.split
+        kv = split.gather(kv)
+        entries = chosen = visible_count = entry_first = doc_start = layout = None
+        if whole.packed is not None:
+            doc_start = split.local(whole.packed.doc_start)
+        if self.compressor is not None:
+            layout = None if whole.packed is None else whole.packed.entries[self.ratio]
+            series = [split.gather(t) for t in self.compressor.project(x)]
+            entries = self.compressor.pool_row(*series, rope, layout)
+            if self.tp_sum_grad is not None:
+                entries = self.tp_sum_grad(entries)
+            local = None if layout is None else whole.local_entries(self.ratio)
+            if self.indexer is not None:
+                with torch.no_grad():
+                    index_series = [split.gather(t) for t in self.indexer.compressor.project(x)]
+                    index_keys = self.indexer.compressor.pool_row(*index_series, rope, layout)
+                chosen = self.indexer.choose(index_keys, x, q_latent, position_ids, rope, local)
+            elif local is None:
+                visible_count = (position_ids + 1) // self.ratio
+            else:
+                entry_first, visible_count = local.first, local.limit
+        width = q.shape[1] // 2
+        outputs = []
+        for part, chunk in enumerate(split.chunks()):
+            mine = slice(part * width, (part + 1) * width)
+            outputs.append(hybrid_attention(
+                q[:, mine], kv, self.sliding_window, local_part(self.sinks), entries,
+                *(None if t is None else t[:, mine] for t in (chosen, visible_count)), self.query_block,
+                *(None if t is None else t[:, mine] for t in (entry_first, doc_start)), query_start=chunk * width))
+        return torch.cat(outputs, dim=1)
 
     def _decode(self, x: torch.Tensor, q: torch.Tensor, kv: torch.Tensor, q_latent: torch.Tensor,
                 rope: RotaryEmbedding, positions: torch.Tensor, cache: V4KVCache) -> torch.Tensor:

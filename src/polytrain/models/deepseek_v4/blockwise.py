@@ -106,13 +106,15 @@ def hybrid_attention(
     block: int = QUERY_BLOCK,
     entry_first: torch.Tensor | None = None,
     doc_start: torch.Tensor | None = None,
+    query_start: int = 0,
 ) -> torch.Tensor:
-    """Attention output [B, S, H, D] of queries q [B, S, H, D] over the shared keys / values kv [B, S, D] (query i
-    sees keys i - window + 1 .. i, and none before its document's first column doc_start [B, S] in packed rows),
-    the compressed entries [B, T, D] (HCA: those in [entry_first, visible_count) per query; CSA: the chosen
-    [B, S, k], -1 = none) and one sink logit per head."""
+    """Attention output [B, S, H, D] of queries q [B, S, H, D] over the shared keys / values kv [B, S', D] (query i
+    sits at column c = query_start + i of kv: it sees keys c - window + 1 .. c, and none before its document's
+    first column doc_start [B, S] in packed rows), the compressed entries [B, T, D] (HCA: those in
+    [entry_first, visible_count) per query; CSA: the chosen [B, S, k], -1 = none) and one sink logit per head.
+    A `query_start` > 0 is a context-parallel rank's chunk of a longer row (models/deepseek_v4/context.py)."""
     fused = kernel("v4_hybrid_attention", q.device.type)
-    if fused is not None:
+    if fused is not None and query_start == 0 and kv.shape[1] == q.shape[1]:
         return fused(q, kv, window, sinks, entries, chosen, visible_count, entry_first, doc_start)
     seq = q.shape[1]
     scale = q.shape[-1] ** -0.5
@@ -123,24 +125,25 @@ def hybrid_attention(
         with torch.no_grad():
             entry_mask, gather = entry_masks(entries, chosen, visible_count, entry_first)
     sink_logits = (sinks / scale).view(-1, 1)
-    columns = torch.arange(seq, device=q.device)
+    columns = torch.arange(query_start + seq, device=q.device)
     steady = None  # the window mask of every block that starts a whole window in: one tensor for all of them
     outputs = []
     for start in range(0, seq, block):
         end = min(start + block, seq)
-        first = max(0, start - window + 1)
+        low, high = query_start + start, query_start + end  # the block's columns in kv
+        first = max(0, low - window + 1)
         if first > 0 and end - start == block and steady is not None:
             key_mask = steady
         else:
-            distance = columns[start:end].view(-1, 1) - columns[first:end]
+            distance = columns[low:high].view(-1, 1) - columns[first:high]
             key_mask = ((distance >= 0) & (distance < window)).unsqueeze(1)  # [Q, 1, L]
             if first > 0 and end - start == block:
                 steady = key_mask
         if doc_start is not None:  # [B, Q, 1, L]: not before the query's document
-            key_mask = key_mask & (columns[first:end] >= doc_start[:, start:end, None]).unsqueeze(2)
+            key_mask = key_mask & (columns[first:high] >= doc_start[:, start:end, None]).unsqueeze(2)
         args = (
             q[:, start:end],
-            kv[:, first:end],
+            kv[:, first:high],
             key_mask,
             entries,
             None if entry_mask is None else entry_mask[:, start:end],

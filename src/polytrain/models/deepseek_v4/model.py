@@ -17,6 +17,7 @@ from polytrain.models.common.output_head import OutputHead
 from polytrain.models.common.rope import RotaryEmbedding
 from polytrain.models.deepseek_v4.attention import Compressor, HybridAttention
 from polytrain.models.deepseek_v4.config import DeepSeekV4Config
+from polytrain.models.deepseek_v4.context import WholeRows, whole_rows
 from polytrain.models.deepseek_v4.hyper_connections import HyperConnection, HyperHead, merge
 from polytrain.models.deepseek_v4.kv_cache import V4KVCache
 from polytrain.models.deepseek_v4.packing import PackedRows, packed_rows
@@ -42,9 +43,10 @@ class V4Block(nn.Module):
         token_mask: torch.Tensor | None = None,
         cache: V4KVCache | None = None,
         packed: PackedRows | None = None,
+        whole: WholeRows | None = None,
     ) -> torch.Tensor:
         post, comb, collapsed = self.attn_hc(streams)
-        attn = self.self_attn(self.input_layernorm(collapsed), ropes, tables, position_ids, cache, packed)
+        attn = self.self_attn(self.input_layernorm(collapsed), ropes, tables, position_ids, cache, packed, whole)
         streams = merge(streams, attn, post, comb)
         post, comb, collapsed = self.ffn_hc(streams)
         mlp = self.mlp(self.post_attention_layernorm(collapsed), input_ids, token_mask)
@@ -75,11 +77,12 @@ class V4MTPModule(nn.Module):
         shifted_ids: torch.Tensor,
         token_mask: torch.Tensor | None = None,
         packed: PackedRows | None = None,
+        whole: WholeRows | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(streams for the next depth, hidden states for the output head)."""
         embedded = self.e_proj(self.enorm(next_embeddings))
         streams = self.h_proj(self.hnorm(previous)) + embedded.unsqueeze(2)
-        streams = self.block(streams, ropes, tables, position_ids, shifted_ids, token_mask, None, packed)
+        streams = self.block(streams, ropes, tables, position_ids, shifted_ids, token_mask, None, packed, whole)
         return streams, self.norm(self.hc_head(streams))
 
 
@@ -93,6 +96,8 @@ class LayerInputs:
     token_mask: torch.Tensor | None
     cache: V4KVCache | None = None
     packed: PackedRows | None = None
+    whole: WholeRows | None = None
+    """Under context parallelism: the whole rows this rank's chunks come from."""
 
 
 class DeepSeekV4LM(DecoderLM):
@@ -119,11 +124,18 @@ class DeepSeekV4LM(DecoderLM):
                      token_mask: torch.Tensor | None, cache: V4KVCache | None = None,
                      valid: torch.Tensor | None = None) -> LayerInputs:
         batch, seq = input_ids.shape
+        split = self.context_split
+        if split is not None and cache is None:  # this rank's chunks of each row: attention sees the whole rows
+            if position_ids is None:
+                position_ids = split.positions(seq * split.size, input_ids.device).expand(batch, seq)
+            whole = whole_rows(split, input_ids, position_ids, doc_ids, self.ropes, self._ratios())
+            tables = {name: rope(position_ids) for name, rope in self.ropes.items()}
+            return LayerInputs(tables, position_ids, input_ids, token_mask, whole=whole)
         packed = None
         if doc_ids is not None and bool((doc_ids.amax(dim=1) > 0).any()):
             if cache is not None or position_ids is None:
                 raise ValueError("packed documents (doc_ids) need their position_ids and no KV cache")
-            packed = packed_rows(doc_ids, position_ids, {r for r in self.config.compress_ratios if r})
+            packed = packed_rows(doc_ids, position_ids, self._ratios())
         if cache is not None:  # positions are the cache's: rows are right-aligned (see hidden_states)
             lengths = None if valid is None else valid.sum(dim=1)
             cache.begin(seq, lengths if seq > 1 else None)
@@ -135,6 +147,9 @@ class DeepSeekV4LM(DecoderLM):
             position_ids = torch.arange(seq, device=input_ids.device).expand(batch, seq)
         tables = {name: rope(position_ids) for name, rope in self.ropes.items()}
         return LayerInputs(tables, position_ids, input_ids, token_mask, cache, packed)
+
+    def _ratios(self) -> set[int]:
+        return {r for r in self.config.compress_ratios if r}
 
     def hidden_states(
         self,
@@ -175,15 +190,19 @@ class DeepSeekV4LM(DecoderLM):
 
     def run_block(self, block: nn.Module, state: torch.Tensor, inputs: LayerInputs) -> torch.Tensor:
         return block(state, self.ropes, inputs.tables, inputs.position_ids, inputs.input_ids, inputs.token_mask,
-                     inputs.cache, inputs.packed)
+                     inputs.cache, inputs.packed, inputs.whole)
 
     def head_input(self, state: torch.Tensor) -> torch.Tensor:
         return self.norm(self.hc_head(state))
 
     def run_mtp(self, module: nn.Module, previous: torch.Tensor, next_embeddings: torch.Tensor,
                 inputs: LayerInputs, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return module(previous, next_embeddings, self.ropes, inputs.tables, inputs.position_ids,
-                      shift_left(inputs.input_ids, depth, 0), inputs.token_mask, inputs.packed)
+        if inputs.whole is None:
+            shifted = shift_left(inputs.input_ids, depth, 0)
+        else:  # token i + depth may sit in another rank's chunk
+            shifted = inputs.whole.split.local(shift_left(inputs.whole.input_ids, depth, 0))
+        return module(previous, next_embeddings, self.ropes, inputs.tables, inputs.position_ids, shifted,
+                      inputs.token_mask, inputs.packed, inputs.whole)
 
     def stage_modules(self, first: bool, last: bool) -> dict[str, nn.Module]:
         modules: dict[str, nn.Module] = {"ropes": self.ropes}

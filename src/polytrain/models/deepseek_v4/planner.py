@@ -93,7 +93,7 @@ class V4Planner:
         return 2 * h * h * (1 + c.hc_mult) + self.head_extra_flops(c)
 
     def attention_activation_bytes(self, c: DeepSeekV4Config, layer: int, seq_len: int, b: int, fused: bool,
-                                   tp: int, norm: Callable[[float], float]) -> float:
+                                   tp: int, norm: Callable[[float], float], cp: int = 1) -> float:
         heads = c.num_attention_heads / tp
         h, n, d = c.hidden_size, c.hc_mult, c.head_dim
         ratio = c.compress_ratio(layer)
@@ -115,22 +115,24 @@ class V4Planner:
             def compressor(width: float) -> float:  # kv / gate projections, pooled windows, softmax weights
                 return (b * 2 + 4 + (2 * b + 4 if csa else 0)) * width
 
-            attn += compressor(d * (2 if csa else 1))
+            # under context parallelism the compressors pool the whole row's gathered series (context.py)
+            attn += cp * compressor(d * (2 if csa else 1))
             if csa:
                 attn += 8 * c.index_topk  # the indexer runs without autograd: only its choice is kept
-        return hyper + attn
+        return hyper + attn + (cp - 1) * b * d  # the block attention keeps the whole row's gathered keys
 
     def attention_backward_bytes(self, c: DeepSeekV4Config, layer: int, seq_len: int, b: int, fused: bool,
-                                 tp: int) -> float:
+                                 tp: int, cp: int = 1) -> float:
         """One query block recomputed in backward (per token of the sequence): its logits and probabilities with
         their gradients, [H, block, window keys + entries + sink], and for CSA the gathered entries and their
-        gradient [block, k, head_dim]."""
+        gradient [block, k, head_dim]. Under context parallelism the entries are the whole row's."""
+        row = seq_len * cp
         block = min(QUERY_BLOCK, seq_len)
-        keys = min(seq_len, block + c.sliding_window - 1) + compressed_entries_computed(c, layer, seq_len) + 1
+        entries = compressed_entries_computed(c, layer, row)
+        keys = min(row, block + c.sliding_window - 1) + entries + 1
         scores = c.num_attention_heads / tp * block * keys * (5 * b + 8)
         gathered = 0
-        if c.compress_ratio(layer) == c.compress_ratio_csa and compressed_entries_computed(c, layer, seq_len) < (
-                seq_len // c.compress_ratio(layer)):
+        if c.compress_ratio(layer) == c.compress_ratio_csa and entries < row // c.compress_ratio(layer):
             gathered = 2 * b * block * c.index_topk * c.head_dim
         return (scores + gathered) / seq_len
 
@@ -139,3 +141,13 @@ class V4Planner:
 
     def kv_width(self, c: DeepSeekV4Config) -> int:
         return c.head_dim  # one shared key/value head (compressed entries not counted)
+
+    def context_gather_width(self, c: DeepSeekV4Config, layer: int) -> int:
+        """The shared key / value, the compressor's key / value and gate series (twice as wide for CSA's
+        overlapping windows) and CSA's indexer series (models/deepseek_v4/context.py)."""
+        ratio = c.compress_ratio(layer)
+        if not ratio:
+            return c.head_dim
+        if ratio != c.compress_ratio_csa:
+            return 3 * c.head_dim
+        return 5 * c.head_dim + 4 * c.index_head_dim

@@ -78,7 +78,7 @@ def _sequence_plan(block: nn.Module) -> list[tuple[nn.Module, Any]]:
     """The sequence-parallel parts of a block: norms on the split streams, gathers into the sub-layers, the MoE's
     whole output back to this rank's slice."""
     plan = {"input_layernorm": SequenceParallel(use_local_output=True),
-            "self_attn": _gather(6),  # (x, ropes, tables, position_ids, cache, packed)
+            "self_attn": _gather(7),  # (x, ropes, tables, position_ids, cache, packed, whole)
             "post_attention_layernorm": SequenceParallel(use_local_output=True),
             "mlp": _gather(3)}  # (x, input_ids, token_mask)
     moe = [m for m in block.modules() if isinstance(m, MoE)]
