@@ -39,8 +39,16 @@ keeps them for the recomputation, so every rank holds (160 x 4 bytes) x tokens p
 recomputation in backward expands the whole row's per-head keys and values (4 heads x (96 + 64), padded to 96,
 here) transiently, which shows in the peak, not in the activations.
 
-Usage (writes benchmarks/results/context_parallel.json, prints Markdown tables; about 10 minutes on 2 cores):
-    python benchmarks/context_parallel.py [--seq 2048 4096 8192] [--repeats 2]
+DeepSeek-V4 (`--model v4`: `MODEL_V4`, the `tiny-v4` preset at hidden 512, 4 heads of 64 (16 rotary), a CSA
+layer (ratio 4, the lightning indexer keeping 64 entries) and an HCA layer (ratio 16), a 128-token window, 4
+hyper-connection streams, 8 routed experts, the first layer hash-routed, no MTP module): its attention gathers the
+whole row's shared keys and compressor series (models/deepseek_v4/context.py: 64 + 4 x 64 values per token on the
+CSA layer, 64 + 2 x 64 on the HCA layer, kept for backward, and the indexer's series without autograd) and the
+`mask` part is the rotary tables and packed layout of the rank's and the whole rows; the rest is as for V3.
+
+Usage (writes benchmarks/results/context_parallel.json, one entry per model, prints Markdown tables; about 10
+minutes per model on 2 cores):
+    python benchmarks/context_parallel.py [--model v3|v4] [--seq 2048 4096 8192] [--repeats 2]
 """
 
 from __future__ import annotations
@@ -58,12 +66,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from provenance import write_results  # benchmarks/provenance.py
+from provenance import stamp, write_results  # benchmarks/provenance.py
 from ranks import run_ranks  # benchmarks/ranks.py
 
 MODEL = dict(preset="tiny-v3", hidden_size=512, num_attention_heads=4, num_hidden_layers=2, q_lora_rank=256,
              kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, intermediate_size=1024,
              moe_intermediate_size=256, num_nextn_predict_layers=0)
+MODEL_V4 = dict(preset="tiny-v4", hidden_size=512, num_attention_heads=4, head_dim=64, qk_rope_head_dim=16,
+                q_lora_rank=256, o_groups=2, o_lora_rank=64, num_hidden_layers=2, compress_ratios=[4, 16],
+                sliding_window=128, index_n_heads=4, index_head_dim=32, index_topk=64, moe_intermediate_size=256,
+                intermediate_size=1024, num_nextn_predict_layers=0, max_position_embeddings=8192)
+MODELS = {"v3": MODEL, "v4": MODEL_V4}
 CP_DEGREES = (1, 2, 4)
 TAGS = ("attention", "mlp", "mask", "loss", "other")
 
@@ -126,6 +139,7 @@ def tagging(model, tags: list[str]):
     from polytrain.models.common.layers import SwiGLU
     from polytrain.models.common.moe import MoE
     from polytrain.models.deepseek_v3.attention import MLA
+    from polytrain.models.deepseek_v4.attention import HybridAttention
 
     def push(tag):
         return lambda *_: tags.append(tag)
@@ -135,7 +149,8 @@ def tagging(model, tags: list[str]):
 
     handles = []
     for module in model.modules():
-        tag = "attention" if isinstance(module, MLA) else "mlp" if isinstance(module, (SwiGLU, MoE)) else None
+        tag = ("attention" if isinstance(module, (MLA, HybridAttention)) else "mlp" if isinstance(module, (SwiGLU, MoE))
+               else None)
         if tag is not None:
             handles += [module.register_forward_pre_hook(push(tag)), module.register_forward_hook(pop)]
 
@@ -178,7 +193,7 @@ def packed_row(tokens: int, doc_len: tuple[int, int], vocab: int):
     return samples, collate(samples, tokens, packing=True)
 
 
-def worker(out: str, seqs: list[int], repeats: int, doc_len: tuple[int, int]) -> None:
+def worker(out: str, model_name: str, seqs: list[int], repeats: int, doc_len: tuple[int, int]) -> None:
     import torch
     import torch.distributed as dist
 
@@ -191,7 +206,7 @@ def worker(out: str, seqs: list[int], repeats: int, doc_len: tuple[int, int]) ->
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     if world > 1:
         dist.init_process_group("gloo", timeout=datetime.timedelta(hours=1))
-    config = model_config_from_table(MODEL)
+    config = model_config_from_table(MODELS[model_name])
     model = build_model(config, "cpu", seed=0)
     for p in model.parameters():  # allocated up front: backward accumulates into them in place
         p.grad = torch.zeros_like(p)
@@ -255,8 +270,8 @@ def worker(out: str, seqs: list[int], repeats: int, doc_len: tuple[int, int]) ->
 def launch(world: int, args: argparse.Namespace) -> list[list[dict]]:
     """Run the worker in `world` processes; each rank's results."""
     def command(folder: str) -> list[str]:
-        return [sys.executable, __file__, "--worker", folder, "--seq", *map(str, args.seq), "--repeats",
-                str(args.repeats), "--doc-len", *map(str, args.doc_len)]
+        return [sys.executable, __file__, "--worker", folder, "--model", args.model, "--seq", *map(str, args.seq),
+                "--repeats", str(args.repeats), "--doc-len", *map(str, args.doc_len)]
 
     return run_ranks(world, command, args.timeout, f"cp={world}")
 
@@ -282,6 +297,8 @@ def merge(ranks: list[list[dict]], cp: int) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=sorted(MODELS), default="v3",
+                        help="the architecture (the other model's entry in --out is kept)")
     parser.add_argument("--seq", type=int, nargs="+", default=[2048, 4096, 8192], help="tokens per row")
     parser.add_argument("--repeats", type=int, default=2, help="timed steps per case (the median is kept)")
     parser.add_argument("--doc-len", type=int, nargs=2, default=[512, 1024], help="document lengths (min max)")
@@ -290,7 +307,7 @@ def main() -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker, args.seq, args.repeats, tuple(args.doc_len))
+        worker(args.worker, args.model, args.seq, args.repeats, tuple(args.doc_len))
         return
     if any(seq % (2 * max(CP_DEGREES)) for seq in args.seq):
         parser.error(f"every --seq must split into 2 x cp = {2 * max(CP_DEGREES)} equal chunks")
@@ -329,12 +346,15 @@ def main() -> None:
         print(f"| {row['tokens']:,} | {row['case']} | {row['local_tokens']:,} | {parts} | "
               f"{row['activation_mib']:,.1f} | {row['peak_mib']:,.1f} | {seconds} |")
     print(f"\n({wall:.0f} s)")
-    config = {"model": MODEL, "doc_len": args.doc_len, "repeats": args.repeats, "dtype": "float32",
+    config = {"model": MODELS[args.model], "doc_len": args.doc_len, "repeats": args.repeats, "dtype": "float32",
               "threads_per_rank": 1}
     method = __doc__.split("\n\n", 1)[1].split("\n\nUsage")[0]
     rows.sort(key=lambda r: (r["tokens"], r["cp"], r["case"]))
-    write_results(args.out, {"benchmark": "context_parallel", "config": config, "method": method,
-                             "wall_seconds": round(wall), "rows": rows})
+    models = {}
+    if Path(args.out).exists():
+        models = json.loads(Path(args.out).read_text()).get("models", {})
+    models[args.model] = stamp({"config": config, "wall_seconds": round(wall), "rows": rows})  # each its own run
+    write_results(args.out, {"benchmark": "context_parallel", "method": method, "models": models})
 
 
 if __name__ == "__main__":
