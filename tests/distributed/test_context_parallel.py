@@ -47,10 +47,13 @@ def test_context_parallel_matches_single_process(long_rows, tmp_path, world, ove
 @pytest.mark.parametrize(("world", "overrides"), [
     (4, ("parallel.cp=4",)),
     (4, ("parallel.cp=2", "parallel.ep=2")),
-], ids=["cp4", "cp2-dp2-ep2"])
+    (4, ("parallel.cp=2", "parallel.tp=2")),
+], ids=["cp4", "cp2-dp2-ep2", "cp2-tp2"])
 def test_context_parallel_runs_deepseek_v4(long_v4_rows, tmp_path, world, overrides):
     """Each rank gathers the row's shared keys and its compressors' per-token series, pools the whole row's entries,
-    and attends its own chunks (models/deepseek_v4/context.py)."""
+    and attends its own chunks (models/deepseek_v4/context.py); under tp = 2 each rank's heads read the gathered
+    keys, whose gradient sums over the heads' ranks before it is reduce-scattered, and sequence parallelism splits
+    each rank's chunks again."""
     job, single = long_v4_rows
     run(job, tmp_path / "cp", world, *overrides)
     assert_parity(single, tmp_path / "cp")

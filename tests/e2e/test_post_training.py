@@ -77,9 +77,9 @@ def test_dpo_learns_held_out_preferences(sft):
 def test_reward_model_learns_held_out_preferences(sft):
     run = sft["root"] / "rm"
     polytrain("rm", str(EXAMPLES / "rm_tiny.toml"), "--set", f'init.from_run="{sft["teacher"]}"',
-              "--set", f'run.output_dir="{run}"', "--set", "eval.every=100")
+              "--set", f'run.output_dir="{run}"', "--set", "train.steps=100", "--set", "eval.every=50")
     result = summary(run)
-    # measured: accuracy 0.70 -> 0.85, loss 0.67 -> 0.24 in the example's 200 steps
+    # measured: accuracy 0.27 -> 0.85, loss 0.71 -> 0.25 in 100 steps (0.84, 0.24 in the example's 200)
     assert result["eval_accuracy_last"] > result["eval_accuracy_first"] + 0.08, result
     assert result["eval_loss_last"] < 0.6 * result["eval_loss_first"], result
     generated = polytrain("generate", str(run), "--prompt", "hi", "--max-new-tokens", "2")

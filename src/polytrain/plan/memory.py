@@ -142,7 +142,7 @@ def _largest_layer(job: Job, layout: Layout) -> tuple[float, float]:
     return job.stage_params[key]
 
 
-def _runs_mtp(job: Job) -> bool:
+def runs_mtp(job: Job) -> bool:
     """Whether the step runs the MTP modules: SFT's does; the preference and RL objectives score the main head only
     (the modules' weights and optimizer state are still held)."""
     return job.mtp and job.algorithm == "sft"
@@ -154,10 +154,10 @@ def _stage_activations(job: Job, layout: Layout, stage: int, stages: int) -> tup
     working set); number of layers). Cached: the search evaluates thousands of layouts over the same few stage
     splits."""
     c = job.model
-    key = (job.key, stages, stage, layout.tp, layout.ep > 1, layout.cp, layout.recompute, _runs_mtp(job))
+    key = (job.key, stages, stage, layout.tp, layout.ep > 1, layout.cp, layout.recompute, runs_mtp(job))
     if key not in _CACHE:
         layers = list(job.shape.stage_layers(stages)[stage])
-        if stage == stages - 1 and _runs_mtp(job):
+        if stage == stages - 1 and runs_mtp(job):
             layers += range(c.num_hidden_layers, c.num_hidden_layers + c.num_nextn_predict_layers)
         seq = job.seq_len // layout.cp
 
@@ -251,7 +251,7 @@ def _stage_memory(job: Job, layout: Layout, stage: int) -> Memory:
     tokens = layout.micro_batch * job.seq_len / layout.cp
     seq_tokens = tokens / (layout.tp if layout.tp > 1 else 1)  # sequence parallel splits the residual stream
     stream = spec_for(c).planner.residual_width(c) * b  # a layer's input, kept under full recompute
-    mtp_layers = c.num_nextn_predict_layers if _runs_mtp(job) else 0
+    mtp_layers = c.num_nextn_predict_layers if runs_mtp(job) else 0
     fsdp_pipeline = layout.pp > 1 and layout.zero in (2, 3)
     activations = working = 0.0
     in_flight = 0.0

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from polytrain.models.registry import spec_for
 from polytrain.plan.hardware import Chip
 from polytrain.plan.layout import Job, Layout
-from polytrain.plan.memory import microbatches
+from polytrain.plan.memory import microbatches, runs_mtp
 
 HOST_LINK_GBPS = 25.0  # assumption: effective PCIe Gen4 x16 / Gen5 host <-> device bandwidth per device
 DP_EXPOSED_TAIL = 0.05
@@ -145,12 +145,15 @@ def step_time(job: Job, layout: Layout, chip: Chip) -> StepTime:
     if layout.tp > 1:  # 2 all-gathers + 2 reduce-scatters per layer forward, the same backward
         per_layer = 8 * _collective(mb_tokens * c.hidden_size * b, layout.tp, _bandwidth(chip, layout.tp, 1))
         tp_time = per_layer * layers_per_stage * m
-    if layout.cp > 1:  # context parallel: all-gather each layer's key series forward, reduce-scatter their grads
+    if layout.cp > 1:  # context parallel: all-gather each layer's key series forward (again when the layer is
+        # recomputed), reduce-scatter their gradients backward
         hooks = spec_for(c).planner
-        layers = range(c.num_hidden_layers + (c.num_nextn_predict_layers if job.mtp else 0))
-        width = sum(hooks.context_gather_width(c, i) for i in layers) / layout.pp  # per layer of a stage, summed
+        layers = range(c.num_hidden_layers + (c.num_nextn_predict_layers if runs_mtp(job) else 0))
+        widths = [hooks.context_gather_width(c, i) for i in layers]
+        forwards = {"none": 1.0, "selective": 1.5, "full": 2.0}[layout.recompute]
+        width = sum(forwards * f + back for f, back in widths) / layout.pp  # per stage, summed over its layers
         sequence = layout.micro_batch * job.seq_len
-        tp_time += 2 * _collective(sequence * width * b, layout.cp, _bandwidth(chip, layout.cp, layout.tp)) * m
+        tp_time += _collective(sequence * width * b, layout.cp, _bandwidth(chip, layout.cp, layout.tp)) * m
     p2p = 0.0
     if layout.pp > 1:
         width = spec_for(c).planner.residual_width(c)

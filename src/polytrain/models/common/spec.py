@@ -79,9 +79,9 @@ class PlannerHooks(Protocol):
         gradients of materialised scores; under context parallelism what it recomputes of the whole row); 0 for a
         fused kernel without context parallelism."""
 
-    def context_gather_width(self, config: ModelConfig, layer: int) -> int:
-        """Elements per token layer `layer` all-gathers under context parallelism (its gradient is reduce-scattered
-        back)."""
+    def context_gather_width(self, config: ModelConfig, layer: int) -> tuple[int, int]:
+        """Elements per token layer `layer` exchanges under context parallelism: (all-gathered in forward, of
+        those, the ones whose gradient is reduce-scattered back in backward)."""
 
     def residual_width(self, config: ModelConfig) -> int:
         """Elements per token of the residual state between layers (what pipeline stages send)."""

@@ -62,8 +62,8 @@ class V3Planner:
         expanded = heads * (c.qk_nope_head_dim + c.v_head_dim + 4 * c.qk_head_dim)
         return scores + cp * b * (expanded + seq_len)
 
-    def context_gather_width(self, c: DeepSeekV3Config, layer: int) -> int:
-        return self.kv_width(c)
+    def context_gather_width(self, c: DeepSeekV3Config, layer: int) -> tuple[int, int]:
+        return self.kv_width(c), self.kv_width(c)
 
     def residual_width(self, c: DeepSeekV3Config) -> int:
         return c.hidden_size

@@ -3,8 +3,9 @@
 
 What is gathered: each rank projects its own tokens, then all-gathers the per-token projections the keys are
 made of, and builds the whole row's keys from them:
-- the shared key / value of every token (head_dim values; the sliding window reads only the chunk before each of
-  a rank's chunks, but one gather of the row is one collective instead of neighbour exchanges);
+- the shared key / value of every token (head_dim values; while the sliding window is no wider than a chunk it
+  reads only the chunk before each of a rank's chunks, but one gather of the row is one collective instead of
+  neighbour exchanges);
 - the compressor's per-token key / value and gate series (2 x head_dim values per token for HCA, 4 x head_dim for
   CSA, whose overlapping windows also pool the previous window's series), pooled into the row's compressed entries
   on every rank: so a window that crosses a chunk boundary, or the window before a chunk, needs no special case,
@@ -13,8 +14,9 @@ made of, and builds the whole row's keys from them:
   runs for the rank's queries over the whole row's indexer keys.
 For DeepSeek-V4-Pro (head_dim 512, index_head_dim 128) that is 512 values per token on sliding-window-only layers,
 1,536 on HCA layers and 3,072 on CSA layers, against 7,168 for gathering the attention input itself. The backward
-of each gather is a reduce-scatter of the gradients of those projections. Gathering the pooled entries instead
-(S / ratio long) would move less on HCA / CSA layers but needs each chunk's boundary windows from its neighbour.
+of each gather is a reduce-scatter of the gradients of those projections (the indexer's have none). Gathering the
+pooled entries instead (S / ratio long) would move less on HCA / CSA layers but needs each chunk's boundary
+windows from its neighbour.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from dataclasses import dataclass, replace
 import torch
 
 from polytrain.models.common.context_split import ContextSplit
-from polytrain.models.common.rope import RotaryEmbedding
 from polytrain.models.deepseek_v4.packing import PackedEntries, PackedRows, packed_rows
 
 
@@ -33,8 +34,6 @@ class WholeRows:
     """What a rank's attention needs of the whole rows its chunks come from."""
 
     split: ContextSplit
-    tables: dict[str, tuple[torch.Tensor, torch.Tensor]]
-    """Rotary tables at every column's position."""
     packed: PackedRows | None
     """The whole rows' document layout (None: one sequence per row)."""
     input_ids: torch.Tensor
@@ -49,9 +48,10 @@ class WholeRows:
 
 
 def whole_rows(split: ContextSplit, input_ids: torch.Tensor, position_ids: torch.Tensor,
-               doc_ids: torch.Tensor | None, ropes: dict[str, RotaryEmbedding], ratios: set[int]) -> WholeRows:
+               doc_ids: torch.Tensor | None, ratios: set[int]) -> WholeRows:
     """Gather the rows' tokens, positions and documents from the context-parallel ranks (every rank then takes the
-    same packed / unpacked branch) and build what attention needs of them."""
+    same packed / unpacked branch) and lay out their documents. Keys are rotated where they are projected, at each
+    token's own position, so no whole-row rotary tables are needed."""
     with torch.no_grad():
         positions = split.gather(position_ids)
         packed = None
@@ -59,5 +59,4 @@ def whole_rows(split: ContextSplit, input_ids: torch.Tensor, position_ids: torch
             docs = split.gather(doc_ids)
             if bool((docs.amax(dim=1) > 0).any()):
                 packed = packed_rows(docs, positions, ratios)
-        tables = {name: rope(positions) for name, rope in ropes.items()}
-        return WholeRows(split, tables, packed, split.gather(input_ids))
+        return WholeRows(split, packed, split.gather(input_ids))

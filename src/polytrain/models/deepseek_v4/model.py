@@ -126,9 +126,12 @@ class DeepSeekV4LM(DecoderLM):
         batch, seq = input_ids.shape
         split = self.context_split
         if split is not None and cache is None:  # this rank's chunks of each row: attention sees the whole rows
-            if position_ids is None:
+            defaulted = position_ids is None
+            if defaulted:
                 position_ids = split.positions(seq * split.size, input_ids.device).expand(batch, seq)
-            whole = whole_rows(split, input_ids, position_ids, doc_ids, self.ropes, self._ratios())
+            whole = whole_rows(split, input_ids, position_ids, doc_ids, self._ratios())
+            if defaulted and whole.packed is not None:  # the same on every rank: the documents are gathered
+                raise ValueError("packed documents (doc_ids) need their position_ids")
             tables = {name: rope(position_ids) for name, rope in self.ropes.items()}
             return LayerInputs(tables, position_ids, input_ids, token_mask, whole=whole)
         packed = None

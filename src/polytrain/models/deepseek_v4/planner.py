@@ -125,16 +125,18 @@ class V4Planner:
                                  tp: int, cp: int = 1) -> float:
         """One query block recomputed in backward (per token of the sequence): its logits and probabilities with
         their gradients, [H, block, window keys + entries + sink], and for CSA the gathered entries and their
-        gradient [block, k, head_dim]. Under context parallelism the entries are the whole row's."""
+        gradient [block, k, head_dim]. Under context parallelism the entries are the whole row's, and the
+        gradient of the whole row's keys is held."""
         row = seq_len * cp
-        block = min(QUERY_BLOCK, seq_len)
+        block = min(QUERY_BLOCK, seq_len if cp == 1 else seq_len // 2)  # under CP each chunk is its own call
         entries = compressed_entries_computed(c, layer, row)
         keys = min(row, block + c.sliding_window - 1) + entries + 1
         scores = c.num_attention_heads / tp * block * keys * (5 * b + 8)
         gathered = 0
         if c.compress_ratio(layer) == c.compress_ratio_csa and entries < row // c.compress_ratio(layer):
             gathered = 2 * b * block * c.index_topk * c.head_dim
-        return (scores + gathered) / seq_len
+        # under CP the gradient of the whole row's gathered keys accumulates over the blocks
+        return (scores + gathered) / seq_len + (cp * b * c.head_dim if cp > 1 else 0)
 
     def residual_width(self, c: DeepSeekV4Config) -> int:
         return c.hc_mult * c.hidden_size
@@ -142,12 +144,12 @@ class V4Planner:
     def kv_width(self, c: DeepSeekV4Config) -> int:
         return c.head_dim  # one shared key/value head (compressed entries not counted)
 
-    def context_gather_width(self, c: DeepSeekV4Config, layer: int) -> int:
+    def context_gather_width(self, c: DeepSeekV4Config, layer: int) -> tuple[int, int]:
         """The shared key / value, the compressor's key / value and gate series (twice as wide for CSA's
-        overlapping windows) and CSA's indexer series (models/deepseek_v4/context.py)."""
+        overlapping windows) and CSA's indexer series, which have no gradient (models/deepseek_v4/context.py)."""
         ratio = c.compress_ratio(layer)
         if not ratio:
-            return c.head_dim
+            return c.head_dim, c.head_dim
         if ratio != c.compress_ratio_csa:
-            return 3 * c.head_dim
-        return 5 * c.head_dim + 4 * c.index_head_dim
+            return 3 * c.head_dim, 3 * c.head_dim
+        return 5 * c.head_dim + 4 * c.index_head_dim, 5 * c.head_dim
