@@ -36,6 +36,7 @@ def sft(tmp_path_factory) -> dict[str, Path]:
     return runs
 
 
+@pytest.mark.timeout(600)  # the first test of the module: its time limit covers the two SFT runs of `sft` too
 def test_grpo_raises_reward_on_a_verifiable_task(sft):
     run = sft["root"] / "grpo"
     stderr = polytrain("grpo", str(EXAMPLES / "grpo_tiny.toml"), "--set", f'init.from_run="{sft["student"]}"',
