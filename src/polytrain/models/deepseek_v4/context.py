@@ -36,8 +36,6 @@ class WholeRows:
     split: ContextSplit
     packed: PackedRows | None
     """The whole rows' document layout (None: one sequence per row)."""
-    input_ids: torch.Tensor
-    """[B, S] the whole rows' tokens."""
 
     def local_entries(self, ratio: int) -> PackedEntries:
         """The packed layout of one compression ratio with its per-query fields ([B, S]) cut to this rank's
@@ -47,9 +45,9 @@ class WholeRows:
         return replace(whole, first=self.split.local(whole.first), limit=self.split.local(whole.limit))
 
 
-def whole_rows(split: ContextSplit, input_ids: torch.Tensor, position_ids: torch.Tensor,
-               doc_ids: torch.Tensor | None, ratios: set[int]) -> WholeRows:
-    """Gather the rows' tokens, positions and documents from the context-parallel ranks (every rank then takes the
+def whole_rows(split: ContextSplit, position_ids: torch.Tensor, doc_ids: torch.Tensor | None,
+               ratios: set[int]) -> WholeRows:
+    """Gather the rows' positions and documents from the context-parallel ranks (every rank then takes the
     same packed / unpacked branch) and lay out their documents. Keys are rotated where they are projected, at each
     token's own position, so no whole-row rotary tables are needed."""
     with torch.no_grad():
@@ -59,4 +57,4 @@ def whole_rows(split: ContextSplit, input_ids: torch.Tensor, position_ids: torch
             docs = split.gather(doc_ids)
             if bool((docs.amax(dim=1) > 0).any()):
                 packed = packed_rows(docs, positions, ratios)
-        return WholeRows(split, packed, split.gather(input_ids))
+        return WholeRows(split, packed)

@@ -129,7 +129,7 @@ class DeepSeekV4LM(DecoderLM):
             defaulted = position_ids is None
             if defaulted:
                 position_ids = split.positions(seq * split.size, input_ids.device).expand(batch, seq)
-            whole = whole_rows(split, input_ids, position_ids, doc_ids, self._ratios())
+            whole = whole_rows(split, position_ids, doc_ids, self._ratios())
             if defaulted and whole.packed is not None:  # the same on every rank: the documents are gathered
                 raise ValueError("packed documents (doc_ids) need their position_ids")
             tables = {name: rope(position_ids) for name, rope in self.ropes.items()}
@@ -203,7 +203,8 @@ class DeepSeekV4LM(DecoderLM):
         if inputs.whole is None:
             shifted = shift_left(inputs.input_ids, depth, 0)
         else:  # token i + depth may sit in another rank's chunk
-            shifted = inputs.whole.split.local(shift_left(inputs.whole.input_ids, depth, 0))
+            split = inputs.whole.split
+            shifted = split.local(shift_left(split.gather(inputs.input_ids), depth, 0))
         return module(previous, next_embeddings, self.ropes, inputs.tables, inputs.position_ids, shifted,
                       inputs.token_mask, inputs.packed, inputs.whole)
 
