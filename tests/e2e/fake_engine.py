@@ -3,7 +3,7 @@
 It owns a separate copy of the model that only changes through `update_weights`, exactly like a server would: the
 weights arrive in Hugging Face names and layouts (one tensor per expert), bucket by bucket, and are loaded with the
 family's name mapping. Every update it receives is saved to $FAKE_ENGINE_OUT (in polytrain's names) so the test can
-compare it with the trained policy.
+compare it with the trained policy. It scores the sync check's probe batch as a server would.
 """
 
 from __future__ import annotations
@@ -42,6 +42,15 @@ class FakeEngine:
         logprobs: list[list[float]] = []
         tokens, finished = sample(self.model, prompts, sampling, stop_ids, row_seeds=row_seeds, logprobs=logprobs)
         return [Completion(t, f, logprobs=lp) for t, f, lp in zip(tokens, finished, logprobs)]
+
+    @torch.no_grad()
+    def probe_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
+        """The sync check's probe (objectives/rollout.py check_sync): log p of every token after the first."""
+        out = []
+        for ids in sequences:
+            logp = torch.log_softmax(self.model(torch.tensor([ids]))[0].float(), dim=-1)
+            out.append(logp[:-1].gather(-1, torch.tensor(ids[1:]).unsqueeze(-1)).squeeze(-1).tolist())
+        return out
 
     def update_weights(self, buckets: Iterable[list[tuple[str, torch.Tensor]]]) -> None:
         hf, largest = {}, 0

@@ -50,6 +50,16 @@ def _skip_units_that_never_ran() -> None:
 _skip_units_that_never_ran()
 
 
+def reshard_all(model: nn.Module) -> None:
+    """Put every FSDP module's sharded parameters back on it (a no-op where they are). A forward without a
+    backward (a log-prob pass, a rollout engine's sync check) leaves the root module's unsharded parameters
+    registered: an optimizer built then would hold those instead of the shards (and train copies FSDP overwrites),
+    and a checkpoint taken then could not name the optimizer's state."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def blocks_of(model: nn.Module) -> list[nn.Module]:
     """The units FSDP and activation checkpointing wrap: decoder blocks and MTP modules."""
     return [*model.layers, *getattr(model, "mtp", [])]

@@ -30,6 +30,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from polytrain.errors import CheckpointError
+from polytrain.parallel.fsdp import reshard_all
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
@@ -169,6 +170,7 @@ class Checkpointer:
                 tmp.mkdir(parents=True)
             _barrier()
             self.during_save(step)
+            reshard_all(model)  # a forward after the last backward leaves the root unsharded
             model_state, optim_state = get_state_dict(model, optimizer)
             state = {"model": model_state, "optim": optim_state}
             torch.save(rng_state, tmp / f"rng_rank{_rank()}.pt")

@@ -30,6 +30,7 @@ from polytrain.models.common.moe import Router, update_router_biases
 from polytrain.objectives import registry
 from polytrain.objectives.base import Objective
 from polytrain.objectives.context import ObjectiveContext
+from polytrain.parallel.fsdp import reshard_all
 from polytrain.parallel.mesh import ParallelDims
 from polytrain.parallel.pp import split_layers
 from polytrain.parallel.runtime import ParallelRuntime
@@ -208,6 +209,7 @@ class Trainer:
         self.ctx.pipeline = self.runtime.pipeline
         self.model.train()
         self.objective.after_parallelize(self.model)
+        reshard_all(self.model)  # the optimizer takes the shards, whatever forwards the set-up ran
         self.optimizer = build_optimizer(self.model, train, foreach=not self.runtime.dims.enabled)
         self.loader = StepLoader(len(self.objective.train_items), train.global_batch_size, config.run.seed,
                                  data.shuffle)
