@@ -63,7 +63,13 @@ class GRPOConfig:
     vllm_python: str = option("", "engine = vllm, colocated: the Python of vLLM's environment that runs the server "
                               "(default: $POLYTRAIN_VLLM_PYTHON, else the repository's .venv-vllm).")
     vllm_address: str = option("", "engine = vllm, server mode: host:port of a running polytrain vLLM server "
-                               "(secret in $POLYTRAIN_VLLM_AUTHKEY); empty: start one next to the trainer.")
+                               "(secret in $POLYTRAIN_VLLM_AUTHKEY), or several, comma-separated, one per rank of "
+                               "rollout_ranks; empty: start one next to each rank that hosts an engine.")
+    rollout_ranks: list[int] = option(
+        [], "External engines: the ranks that host one (start a colocated vLLM server, or connect to the server of "
+        "vllm_address) and sample every rank's prompts; only they receive the weight sync. Empty: every rank hosts "
+        "its own (colocated), or rank 0 alone when vllm_address names one server."
+    )
     vllm_sync: Literal["reload", "restart"] = option(
         "reload", "engine = vllm, how weights reach the engine after a step: reload (each bucket loaded into the "
         "running engine) or restart (written as a Hugging Face directory, the engine restarted from it)."
@@ -110,12 +116,29 @@ class GRPOConfig:
     mismatch_high: float = option(2.0, "sequence-mask: highest geometric-mean ratio kept.", gt=0)
 
     def validate(self) -> None:
+        if self.rollout_ranks and self.engine == "builtin":
+            raise ConfigError("grpo.rollout_ranks needs an external engine (grpo.engine = \"vllm\" or "
+                              "'module:Class'): the built-in sampler decodes with the policy itself on every rank")
+        addresses = self.vllm_addresses()
+        if (len(addresses) > 1 or self.rollout_ranks) and addresses and len(addresses) != len(self.rollout_ranks):
+            raise ConfigError(f"grpo.vllm_address names {len(addresses)} server(s) for grpo.rollout_ranks = "
+                              f"{self.rollout_ranks}: list one rank per server, in the same order (a server serves "
+                              "one trainer rank)")
         if self.mismatch_low >= self.mismatch_high:
             raise ConfigError(f"grpo.mismatch_low = {self.mismatch_low} must be below grpo.mismatch_high = "
                               f"{self.mismatch_high}")
         if self.reward_weights and len(self.reward_weights) != len(self.rewards):
             raise ConfigError(f"grpo.reward_weights has {len(self.reward_weights)} entries for "
                               f"{len(self.rewards)} reward functions")
+
+    def vllm_addresses(self) -> list[str]:
+        return [a.strip() for a in self.vllm_address.split(",") if a.strip()]
+
+    def engine_ranks(self) -> list[int]:
+        """The ranks that host an engine for all ([]: every rank its own)."""
+        if self.rollout_ranks or not self.vllm_addresses():
+            return list(self.rollout_ranks)
+        return [0]
 
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -113,7 +113,7 @@ def run_rank(config: JobConfig, world: int, rank: int, role: str, fake_tensors: 
             config=config, device=device, tokenizer=None, template=None,
             batches=batch_maker(config, runtime, device),
             collectives=runtime, autocast=lambda: backend.autocast(amp), warn=lambda message: None,
-            info=lambda message: None,
+            info=lambda message: None, rollouts=False,
             reference_model=lambda: reference_model(config, runtime, device),
             frozen_run_model=lambda run_dir: frozen_run_model(run_dir, config, runtime, device),
         )

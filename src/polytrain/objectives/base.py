@@ -85,6 +85,10 @@ class Objective:
         if found:
             raise ConfigError("; ".join(found))
 
+    @classmethod
+    def check_world(cls, config: JobConfig, world_size: int) -> None:
+        """Fail early on settings that name ranks of the job (e.g. the rollout engine's) outside its world."""
+
     def load_data(self) -> None:
         raise NotImplementedError
 

@@ -46,6 +46,15 @@ class Collectives(Protocol):
     def gradient_sync(self, model: nn.Module, last: bool) -> None:
         """Before a micro-batch's backward: whether it is the step's last (data-parallel gradient reduction)."""
 
+    def all_gather_objects(self, obj: object) -> list[object]:
+        """Every rank's picklable `obj`, in rank order (all ranks of the job, not only data-parallel ones)."""
+
+    def scatter_objects(self, objs: list[object] | None, src: int) -> object:
+        """Rank r receives `objs[r]` of rank `src`."""
+
+    def broadcast_object(self, obj: object, src: int) -> object:
+        """Rank `src`'s `obj` on every rank."""
+
     def decoding(self, model: nn.Module, weights: str = "auto") -> AbstractContextManager[Callable[[bool], bool]]:
         """Around a rollout: FSDP weights gathered once for all its decoding steps (gathered; auto when they fit)
         or layer by layer per step (sharded); yields the sampler's KeepGoing (rollout/generate.py)."""
@@ -73,6 +82,9 @@ class ObjectiveContext:
     laid out like the policy, in eval mode: the reference of preference and RL losses."""
     frozen_run_model: Callable[[str], tuple[JobConfig, nn.Module, int]]
     """(config, frozen model laid out like the policy, step) of another run's newest checkpoint (e.g. a teacher)."""
+    rollouts: bool = True
+    """Whether the job samples rollouts (false in the dry run, which runs the update step on made-up rollouts and
+    starts no rollout engine)."""
     run_dir: Path | None = None
     """The run directory (set once the trainer has checked and written it)."""
     pipeline: Pipeline | None = None

@@ -76,6 +76,10 @@ class GRPOObjective(RolloutObjective):
     def engine_of(cls, config: JobConfig) -> str:
         return config.section("grpo").engine
 
+    @classmethod
+    def engine_ranks(cls, config: JobConfig) -> list[int]:
+        return config.section("grpo").engine_ranks()
+
     def sync_bucket_bytes(self) -> int:
         return self.cfg.sync_bucket_mb * 2**20
 

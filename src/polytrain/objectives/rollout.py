@@ -27,6 +27,7 @@ from polytrain.data.prompts import PromptItem, load_prompts
 from polytrain.errors import ConfigError, PolytrainError
 from polytrain.objectives.base import Objective, chunks
 from polytrain.objectives.context import ObjectiveContext
+from polytrain.objectives.placement import PlacedEngine, rollout_hosts
 from polytrain.rollout.engine import (
     Bucket,
     BuiltinEngine,
@@ -130,6 +131,15 @@ class RolloutObjective(Objective):
         return config is None or cls.engine_of(config) == "builtin" or bool(config.data.eval_path)
 
     @classmethod
+    def engine_ranks(cls, config: JobConfig) -> list[int]:
+        """The ranks that host the rollout engine for all ranks ([]: every rank its own)."""
+        return []
+
+    @classmethod
+    def check_world(cls, config: JobConfig, world_size: int) -> None:
+        rollout_hosts(cls.engine_ranks(config), world_size)
+
+    @classmethod
     def engine_of(cls, config: JobConfig) -> str:
         """The rollout engine the job samples with (`load_engine`'s spec)."""
         return "builtin"
@@ -180,8 +190,19 @@ class RolloutObjective(Objective):
 
     def after_parallelize(self, model: nn.Module) -> None:
         self.model = model
-        self.engine = load_engine(self.engine_of(self.config), self.ctx, model, self.sampler_weights())
-        self.sync_weights()
+        if self.ctx.rollouts:
+            self.engine = self.make_engine(model)
+            self.sync_weights()
+
+    def make_engine(self, model: nn.Module) -> RolloutEngine:
+        """An engine on every rank, or on the rollout ranks for all of them (objectives/placement.py)."""
+        spec, collectives = self.engine_of(self.config), self.ctx.collectives
+        hosts = rollout_hosts(self.engine_ranks(self.config), collectives.world_size)
+        if not hosts or collectives.world_size == 1:
+            return load_engine(spec, self.ctx, model, self.sampler_weights())
+        local = load_engine(spec, self.ctx, model) if collectives.rank in hosts else None
+        return PlacedEngine(local, hosts, collectives)
+
 
     def sync_bucket_bytes(self) -> int:
         return 2**30
@@ -223,6 +244,8 @@ class RolloutObjective(Objective):
             self.engine.update_weights(stream)
         for _ in stream:  # the rest, whatever the engine consumed: every bucket is a collective
             pass
+        if isinstance(self.engine, PlacedEngine):
+            self.engine.after_sync()
         self.sync_stats.update(weight_sync_s=time.perf_counter() - start, weight_sync_gib=received / 2**30)
 
     def check_sync(self) -> None:
@@ -231,15 +254,15 @@ class RolloutObjective(Objective):
         weights and checked again; a gap that remains stops the run (SyncCheckError)."""
         engine = self.engine
         rows, tolerance = self.sync_check()
-        if not rows or not callable(getattr(engine, "probe_logprobs", None)):
+        if not rows or not getattr(engine, "probes", callable(getattr(engine, "probe_logprobs", None))):
             return
         gap_mean, gap_max = self.probe_gap(rows)
         self.sync_stats.update(sync_gap_mean=gap_mean, sync_gap_max=gap_max, sync_fallback=0.0,
                                **self._engine_timings())
         if gap_mean <= tolerance:
             return
-        if callable(getattr(engine, "restart_next_sync", None)) and not self._engine_timings().get(
-                "engine_sync_restarted"):
+        if getattr(engine, "restarts", callable(getattr(engine, "restart_next_sync", None))) and not (
+                self._engine_timings().get("engine_sync_restarted")):
             self.ctx.warn(f"weight sync check: mean |engine - trainer| log-prob gap {gap_mean:.4f} (max "
                           f"{gap_max:.4f}) > grpo.sync_check_tolerance = {tolerance}: restarting the engine from the "
                           "weights")
@@ -282,7 +305,9 @@ class RolloutObjective(Objective):
         model.train(was_training)
         gaps = torch.cat([(trainer_logp[row, : len(s) - 1] - torch.tensor(e, dtype=torch.float32)).abs()
                           for row, (s, e) in enumerate(zip(sequences, engine_logp))])
-        return float(gaps.mean()), float(gaps.max())
+        # the largest over the ranks: each rank's engine may differ, and every rank must take the same branch
+        every = self.ctx.collectives.all_gather_objects((float(gaps.mean()), float(gaps.max())))
+        return max(m for m, _ in every), max(m for _, m in every)
 
     def can_stop_after(self, step: int) -> bool:
         return step % self.steps_per_rollout == 0

@@ -152,6 +152,30 @@ class ParallelRuntime:
         """True if any rank passes `flag` (e.g. still has rows to decode)."""
         return not self.all_agree(not flag)
 
+    def all_gather_objects(self, obj: object) -> list[object]:
+        """Every rank's picklable `obj`, in rank order (one process: [obj])."""
+        if not self.dims.enabled:
+            return [obj]
+        out: list[object] = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+
+    def scatter_objects(self, objs: list[object] | None, src: int) -> object:
+        """Rank r receives `objs[r]` of rank `src` (where `objs` is ignored elsewhere)."""
+        if not self.dims.enabled:
+            return objs[0] if objs else None
+        out: list[object] = [None]
+        dist.scatter_object_list(out, objs if dist.get_rank() == src else None, src=src)
+        return out[0]
+
+    def broadcast_object(self, obj: object, src: int) -> object:
+        """Rank `src`'s picklable `obj` on every rank."""
+        if not self.dims.enabled:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+
     @contextmanager
     def decoding(self, model: nn.Module, weights: str = "auto") -> Iterator[Callable[[bool], bool]]:
         """Around a rollout of many decoding steps; yields the KeepGoing its sampler should use.

@@ -7,8 +7,10 @@ with an authkey, in one of two ways:
 
 - colocated (default): the trainer process starts the server with `grpo.vllm_python` on its own host and owns it;
   the server exits with the trainer (on exit, on error, on SIGTERM / SIGINT, or when the connection drops);
-- server mode (`grpo.vllm_address = "host:port"`): connect to a server already started by hand; the trainer's
-  exit only closes the connection.
+- server mode (`grpo.vllm_address = "host:port"`, or one address per rank of `grpo.rollout_ranks`): connect to a
+  server already started by hand, on this host or another (disaggregated: the engine on devices of its own); the
+  trainer's exit only closes the connection. A server serves one trainer rank; with several trainer ranks the
+  rollout ranks sample for all of them (objectives/placement.py).
 
 Weights travel as the trainer's sync produces them: buckets of (Hugging Face name, tensor) in the engine's dtype,
 each sent before the next is asked for. The first sync writes them into a Hugging Face directory on the server's
@@ -86,13 +88,16 @@ class VLLMEngine:
         self.timings: dict[str, float] = {}
         self.process: subprocess.Popen | None = None
         self.conn: Connection | None = None
-        if cfg.vllm_address:
+        addresses = cfg.vllm_addresses()
+        if addresses:  # this rank's server: the one in the position of the rank in grpo.rollout_ranks
             import torch.distributed as dist
 
-            if dist.is_initialized() and dist.get_world_size() > 1:
-                raise ConfigError("grpo.vllm_address: a polytrain vLLM server serves one trainer process at a time; "
-                                  "with several, leave it empty (each rank starts its own engine next to it)")
-            self._connect(cfg.vllm_address)
+            rank = dist.get_rank() if dist.is_initialized() else 0
+            hosts = cfg.engine_ranks()
+            if rank not in hosts:
+                raise ConfigError(f"grpo.vllm_address: rank {rank} is not in grpo.rollout_ranks = {hosts}, so it "
+                                  "has no server to connect to")
+            self._connect(addresses[hosts.index(rank)])
         else:
             self._launch(cfg.vllm_python or default_python())
 

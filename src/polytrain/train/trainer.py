@@ -74,6 +74,7 @@ def check_job(objective: type[Objective] | Objective, config: JobConfig, dims: P
     planner marks a layout runnable only if the same functions (parallel/validate.py) accept it, and a test holds
     the two to it (tests/unit/test_plan_engine_agree.py)."""
     objective.check_config(config, dims.dp)
+    objective.check_world(config, dims.world_size)
     parallel, train = config.parallel, config.train
     if dims.cp > 1 and not objective.supports_context_parallel:
         raise ConfigError(f"parallel.cp > 1 is not supported for {objective.name} yet")
