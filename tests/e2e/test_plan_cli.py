@@ -57,3 +57,8 @@ def test_bad_input_exits_2_with_one_line():
         assert result.returncode == 2, (extra, result.stderr)
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and message in lines[0], (extra, result.stderr)
+    for extra, message in [(["--rollout-devices", "8"], "--rollout-devices is for --algorithm grpo"),
+                           (["--algorithm", "grpo", "--rollout-devices", "2"], "do not fit on 2 x h100")]:
+        result = polytrain(*JOB, *extra, check=False)
+        assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, (extra, result.stderr)
+        assert message in result.stderr, (extra, result.stderr)

@@ -19,6 +19,7 @@ examples:
   polytrain plan --model deepseek-v3-671b --hardware h800 --devices 2048 --global-batch-tokens 62914560 \\
       --layout pp=16,ep=64,zero=1,schedule=dualpipe,recompute=selective --moments bf16
   polytrain plan --model deepseek-v3-671b --hardware ascend-910b --devices 64 --algorithm grpo --json
+  polytrain plan --model deepseek-v3-671b --hardware h100 --devices 256 --algorithm grpo --rollout-devices 64
   polytrain plan --calibrate bench.json --hardware h100 --out my-h100.toml   # then --hardware my-h100.toml
   polytrain plan --list-hardware
 
@@ -57,6 +58,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-mtp", action="store_true", help="train without the model's MTP modules")
     p.add_argument("--prompt-len", type=_count, default=1024, help="grpo: prompt tokens (default 1024)")
     p.add_argument("--response-len", type=_count, default=2048, help="grpo: generated tokens (default 2048)")
+    p.add_argument("--rollout-devices", type=_count, default=0,
+                   help="grpo: of --devices, how many host the rollout engine apart from the trainer (disaggregated: "
+                   "vLLM servers there, grpo.rollout_ranks connecting to them); the training layouts span the rest. "
+                   "0 (default): the training devices sample (colocated)")
     p.add_argument("--layout", metavar="K=V,...", help="evaluate this one layout instead of searching, e.g. "
                    "tp=2,pp=8,ep=64,zero=1,offload=optimizer,recompute=full,micro_batch=1,schedule=1f1b "
                    "(dp is what the devices leave)")
@@ -193,6 +198,7 @@ def _plan(args: argparse.Namespace, chip) -> int:
     from polytrain.plan.layout import Job
     from polytrain.plan.report import emit_config, job_summary, plan_dict, render
     from polytrain.plan.search import evaluate, search
+    from polytrain.plan.timing import rollout_group
 
     model = _model(args.model)
     if args.seq_len < 2:
@@ -203,26 +209,35 @@ def _plan(args: argparse.Namespace, chip) -> int:
         seq_len = args.prompt_len + args.response_len
     else:
         seq_len = args.seq_len
+    rollout_devices = args.rollout_devices
+    if rollout_devices and args.algorithm != "grpo":
+        raise ConfigError("--rollout-devices is for --algorithm grpo (the devices that sample its rollouts)")
+    if not 0 <= rollout_devices < args.devices:
+        raise ConfigError(f"--rollout-devices {rollout_devices} must leave training devices of --devices "
+                          f"{args.devices}")
     job = Job(model, seq_len, args.global_batch_tokens or default_tokens, algorithm=args.algorithm,
               precision=args.precision, moment_bytes=2 if args.moments == "bf16" else 4, mtp=not args.no_mtp,
-              prompt_len=args.prompt_len, response_len=args.response_len)
+              prompt_len=args.prompt_len, response_len=args.response_len, rollout_devices=rollout_devices)
+    devices = args.devices - rollout_devices  # what the training layouts span
     if args.precision != "bf16":
         chip.peak_flops(args.precision)  # fails loudly on a chip without it
     engine_only = not args.any_framework
     chips = [chip] + ([load_chip(args.compare_hardware)] if args.compare_hardware else [])
     outputs = []
     for current in chips:
+        if rollout_devices:
+            rollout_group(job, current)  # the rollout devices hold the engine, or a one-line error now
         if args.layout:
-            plan = evaluate(job, _parse_layout(args.layout, args.devices), current)
+            plan = evaluate(job, _parse_layout(args.layout, devices), current)
             outputs.append((current, None, [plan]))
             continue
-        result = search(job, args.devices, current, engine_only=engine_only)
+        result = search(job, devices, current, engine_only=engine_only)
         outputs.append((current, result, result.plans))
     if args.json:
         doc = []
         for current, result, plans in outputs:
-            entry = {**job_summary(job, current, args.devices), "plans": [plan_dict(job, p, current)
-                                                                          for p in plans[:args.top]]}
+            entry = {**job_summary(job, current, devices),
+                     "plans": [plan_dict(job, p, current) for p in plans[:args.top]]}
             if result is not None:
                 entry.update(layouts_searched=result.evaluated, search_seconds=round(result.seconds, 3))
                 if not plans and result.closest is not None:
@@ -234,14 +249,14 @@ def _plan(args: argparse.Namespace, chip) -> int:
             if result is None:
                 from polytrain.plan.report import breakdown
 
-                print(f"{args.devices} x {current.name}, {job.model.preset}, seq {job.seq_len}: "
+                print(f"{devices} x {current.name}, {job.model.preset}, seq {job.seq_len}: "
                       f"{'fits' if plans[0].fits else 'DOES NOT FIT'}")
                 print(breakdown(job, current, plans[0]))
             else:
-                print(render(job, current, args.devices, result, args.top))
+                print(render(job, current, devices, result, args.top))
     for current, result, plans in outputs:
         if result is not None and not plans:
-            raise ConfigError(f"{current.name}: " + _fit_advice(job, current, args.devices, result, engine_only))
+            raise ConfigError(f"{current.name}: " + _fit_advice(job, current, devices, result, engine_only))
     if args.emit_config:
         runnable = [p for p in outputs[0][2] if not p.engine_gaps and p.fits]
         if not runnable:

@@ -36,6 +36,9 @@ class Job:
     group_size: int = 8
     prompt_len: int = 1024
     response_len: int = 2048
+    rollout_devices: int = 0
+    """GRPO, disaggregated: devices set apart for the rollout engine (`grpo.rollout_ranks` with vLLM servers on
+    them); the training layout spans the others. 0: the training devices sample (colocated)."""
 
     @cached_property
     def key(self) -> str:

@@ -367,7 +367,8 @@ def _stage_memory(job: Job, layout: Layout, stage: int) -> Memory:
     if job.algorithm == "grpo":  # outside the update step: the rollout, the weight sync (gradients are freed)
         kept = params + optim + rl + w * job.shape.embedding / layout.tp  # + the gathered root unit
         one_layer = 2 * w * sum(_largest_layer(job, layout)) if layout.zero == 3 else 0.0
-        rollout = kept + one_layer + max(_kv_cache(job, layout), SYNC_BUCKET_BYTES)
+        kv_cache = 0.0 if job.rollout_devices else _kv_cache(job, layout)  # disaggregated: on the rollout devices
+        rollout = kept + one_layer + max(kv_cache, SYNC_BUCKET_BYTES)
     return Memory(params, grads, optim, activations, transient, peak, rl, host, stage, rollout)
 
 

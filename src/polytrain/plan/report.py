@@ -13,7 +13,7 @@ from polytrain.plan.hardware import Chip
 from polytrain.plan.layout import Job, Layout
 from polytrain.plan.memory import GiB
 from polytrain.plan.search import USABLE_FRACTION, Plan, SearchResult
-from polytrain.plan.timing import grpo_phases
+from polytrain.plan.timing import grpo_phases, rollout_group
 from polytrain.schema import to_dict
 
 GRPO_GROUP = 8  # completions per prompt in an emitted GRPO config (the default batch: 256 prompts x 8)
@@ -37,6 +37,7 @@ def job_summary(job: Job, chip: Chip, devices: int) -> dict[str, Any]:
         "precision": job.precision, "flops_per_token": job.flops.as_dict(),
         "attention_fused": job.attention_fused, "executed_flops_per_token": job.executed_flops.as_dict(),
         "device_memory_gib": round(chip.memory_bytes / GiB, 2), "usable_fraction": USABLE_FRACTION,
+        **({"rollout_devices": job.rollout_devices} if job.rollout_devices else {}),
     }
 
 
@@ -85,6 +86,9 @@ def render(job: Job, chip: Chip, devices: int, result: SearchResult, top: int) -
                   f"{USABLE_FRACTION:.0%} usable; compute efficiency {chip.compute_efficiency:g}, "
                   f"comm efficiency {chip.comm_efficiency:g}", soft_wrap=True)
     console.print(job.attention_note(), soft_wrap=True)
+    if job.rollout_devices:
+        console.print(f"disaggregated: rollouts on {job.rollout_devices} more devices; the layouts below train on "
+                      f"the {devices}", soft_wrap=True)
     console.print(f"searched {result.evaluated:,} layouts in {result.seconds:.1f} s: {len(result.plans):,} fit")
     if result.plans:
         table = Table(*HEADERS, title=None, show_edge=False)
@@ -113,8 +117,11 @@ def breakdown(job: Job, chip: Chip, plan: Plan, label: str = "best") -> str:
              f"DP {t.data_parallel:.2f}, offload {t.offload:.2f}, optimizer {t.optimizer:.2f} (exposed)"]
     if job.algorithm == "grpo":
         g = grpo_phases(job, plan.layout, chip, t)
-        lines.append(f"  GRPO step {g.step:.1f} s: rollout {g.rollout:.1f}, log-probs {g.log_probs:.1f}, update "
-                     f"{g.update:.1f}, weight sync {g.weight_sync:.2f}")
+        where = (f" on {job.rollout_devices} devices of its own ({g.rollout_instances} engine replica(s) of "
+                 f"{g.devices_per_instance}, {g.rollout_memory / GiB:.1f} GiB/device)" if job.rollout_devices else "")
+        sync = " over the network" if job.rollout_devices else ""
+        lines.append(f"  GRPO step {g.step:.1f} s: rollout {g.rollout:.1f}{where}, log-probs {g.log_probs:.1f}, "
+                     f"update {g.update:.1f}, weight sync{sync} {g.weight_sync:.2f}")
     if plan.engine_gaps:
         lines.append("  not yet in polytrain's engine: " + "; ".join(plan.engine_gaps))
     return "\n".join(lines)
@@ -149,6 +156,8 @@ def job_config(job: Job, lay: Layout, chip: Chip | None = None) -> dict[str, Any
         train["global_batch_size"] = prompts
         sections["grpo"] = {"group_size": max(2, sequences // prompts), "max_new_tokens": job.response_len,
                             "kl_coef": GRPO_KL_COEF}  # the planner counts a reference model
+        if job.rollout_devices and chip is not None:
+            sections["grpo"].update(rollout_placement(job, lay, chip))
     return {
         "run": {"algorithm": job.algorithm, "output_dir": f"runs/{job.model.preset}-{lay.devices}x",
                 "precision": precision},
@@ -161,6 +170,15 @@ def job_config(job: Job, lay: Layout, chip: Chip | None = None) -> dict[str, Any
     }
 
 
+def rollout_placement(job: Job, lay: Layout, chip: Chip) -> dict[str, Any]:
+    """The `[grpo]` keys of disaggregated rollouts: one vLLM server per engine replica on the rollout devices,
+    each fed by one training rank, the ranks spread evenly over the training world (placeholder addresses)."""
+    replicas = min(rollout_group(job, chip)[0], lay.devices)
+    stride = lay.devices // replicas
+    return {"engine": "vllm", "rollout_ranks": [i * stride for i in range(replicas)],
+            "vllm_address": ",".join(f"rollout-{i}:5555" for i in range(replicas))}
+
+
 def emit_config(job: Job, plan: Plan, chip: Chip | None = None) -> str:
     """`job_config` as TOML, headed by what the planner predicts for it and what to fill in."""
     lay = plan.layout
@@ -171,4 +189,7 @@ def emit_config(job: Job, plan: Plan, chip: Chip | None = None) -> str:
               "#   [init]\n#   hf_path = \"/path/to/the/checkpoint\"   (a Hugging Face directory; FP8 / FP4 load)\n"
               f"# Check it on this machine first: polytrain dryrun THIS.toml --world-size {lay.devices}\n"
               f"# Launch: torchrun --nproc-per-node ... -m polytrain {job.algorithm} THIS.toml\n")
+    if job.rollout_devices:
+        header += (f"# Rollouts: start one vLLM server per address of grpo.vllm_address on the {job.rollout_devices} "
+                   "rollout devices (docs/post-training.md, \"Where rollouts run\"), then launch.\n")
     return header + tomli_w.dumps(job_config(job, lay, chip))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from polytrain.errors import ConfigError
 from polytrain.models.registry import spec_for
 from polytrain.plan.hardware import Chip
 from polytrain.plan.layout import Job, Layout
@@ -182,13 +183,20 @@ def step_time(job: Job, layout: Layout, chip: Chip) -> StepTime:
 
 @dataclass(frozen=True)
 class GRPOPhases:
-    """One GRPO step on co-located devices (MindSpeed-RL's time_all without overlap): sampling, the old-policy and
-    reference log-probabilities, the policy update, and the weight sync from trainer to sampler layout."""
+    """One GRPO step (MindSpeed-RL's time_all without overlap): sampling, the old-policy and reference
+    log-probabilities, the policy update, and the weight sync from trainer to sampler. Colocated: every phase on the
+    training devices. Disaggregated (`Job.rollout_devices`): sampling on devices of its own, the rest on the
+    training devices, the weights crossing the network between them."""
 
     rollout: float
     log_probs: float
     update: float
     weight_sync: float
+    rollout_instances: int = 0
+    """Disaggregated: engine replicas on the rollout devices (0: colocated)."""
+    devices_per_instance: int = 0
+    rollout_memory: float = 0.0
+    """Disaggregated: bytes per rollout device (bf16 weights and KV cache)."""
 
     @property
     def step(self) -> float:
@@ -203,35 +211,86 @@ DECODE_EFFICIENCY = 0.5
 DECODE_A2A_LATENCY_S = 0.4e-3
 """Dispatch + combine latency per MoE layer of one decode step with expert parallelism: DeepEP's low-latency kernels
 (128 tokens, EP8-256) take 77-194 us to dispatch and 114-360 us to combine (DeepEP README)."""
+ENGINE_WEIGHT_SHARE = 0.5
+"""Disaggregated: the largest share of a rollout device's usable memory its weights may take; the rest holds the
+KV cache (an engine replica spans the fewest devices, a power of two, that keep to it)."""
+
+
+def _samples(job: Job) -> int:
+    return max(1, job.global_batch_tokens // (job.prompt_len + job.response_len))
+
+
+def _generation(job: Job, chip: Chip, dense: float, experts: float, batch: float, kv_split: int, pp: int,
+                shards: int, ep: int, devices: int) -> float:
+    """Sampling time: `response_len` decode steps of `batch` sequences per replica (each device streaming `dense`
+    + the touched share of `experts` parameters and its 1 / `kv_split` of the KV cache, or compute-bound over
+    `shards` devices), plus the prefill of every prompt over `devices`."""
+    c = job.model
+    length = job.prompt_len + job.response_len
+    touched = 1 - (1 - c.num_experts_per_tok / c.n_routed_experts) ** batch  # share of experts a step reads
+    weight_bytes = 2 * (dense + experts * touched)
+    kv_per_token = spec_for(c).planner.kv_width(c) * 2
+    kv_bytes = batch * length / 2 * kv_per_token * c.num_hidden_layers / kv_split
+    memory_time = (weight_bytes + kv_bytes) / (chip.hbm_tbps * 1e12 * DECODE_EFFICIENCY)
+    flops_time = batch * job.flops.total / 3 / shards / (chip.peak_flops("bf16") * chip.compute_efficiency)
+    moe_layers = sum(1 for x in job.shape.layer_experts if x)
+    latency = moe_layers * DECODE_A2A_LATENCY_S if ep > 1 else 0.0
+    # a token passes every stage in turn: a decode step costs all stages' time, whatever the pipelining
+    rollout = job.response_len * (max(memory_time, flops_time) * pp + latency)
+    return rollout + _samples(job) * job.prompt_len * job.flops.total / 3 / devices / (
+        chip.peak_flops("bf16") * chip.compute_efficiency)  # prefill
+
+
+def _served(job: Job) -> tuple[int, int]:
+    """(dense, expert) parameters a rollout engine serves: the model without its MTP modules."""
+    shape = job.shape
+    return sum(shape.layer_dense) + shape.embedding + shape.head, sum(shape.layer_experts)
+
+
+def rollout_group(job: Job, chip: Chip) -> tuple[int, int, float]:
+    """Disaggregated sampling on `job.rollout_devices`: (replicas, devices per replica, bytes per device). A
+    replica shards the bf16 model over its devices (experts and dense layers alike, as vLLM's tensor + expert
+    parallelism does) on the fewest devices whose weights keep to ENGINE_WEIGHT_SHARE of usable memory and whose
+    KV cache for the replica's share of the samples fits beside them."""
+    from polytrain.plan.search import USABLE_FRACTION
+
+    c, n = job.model, job.rollout_devices
+    weights = 2.0 * sum(_served(job))
+    usable = chip.memory_bytes * USABLE_FRACTION
+    kv_per_sample = (job.prompt_len + job.response_len) * spec_for(c).planner.kv_width(c) * 2 * c.num_hidden_layers
+    k = 1
+    while k <= n:
+        replicas = n // k
+        need = weights / k + kv_per_sample * _samples(job) / replicas / k
+        if weights / k <= ENGINE_WEIGHT_SHARE * usable and need <= usable:
+            return replicas, k, need
+        k *= 2
+    raise ConfigError(f"--rollout-devices {n}: the bf16 model ({weights / 1e9:,.0f} GB) and the KV cache of "
+                      f"{_samples(job)} samples do not fit on {n} x {chip.name}; set more rollout devices")
 
 
 def grpo_phases(job: Job, layout: Layout, chip: Chip, update: StepTime) -> GRPOPhases:
     """Rollout: decode is memory-bound: every decode step streams the device's share of the weights its tokens
     touch (all dense weights; the experts its batch routes to) and the KV cache, or is compute-bound when the batch
     is large, plus the all-to-all latency of every MoE layer; generation runs to the longest response.
-    Log-probs: two forwards (old policy, reference) over every sample. Weight sync: each device reads
-    and rewrites its bf16 weights and exchanges them once over the intra-node links."""
-    c = job.model
-    length = job.prompt_len + job.response_len
-    samples = max(1, job.global_batch_tokens // length)
-    devices = layout.devices
+    Colocated, it runs on the training layout; disaggregated, on `rollout_group`'s replicas.
+    Log-probs: two forwards (old policy, reference) over every sample, on the training devices.
+    Weight sync: colocated, each device reads and rewrites its bf16 weights and exchanges them once over the
+    intra-node links; disaggregated, the bf16 weights cross the inter-node links twice (the training ranks' reduce
+    onto the rollout ranks, then the push to their engines; replicas receive in parallel)."""
+    samples = _samples(job)
+    log_probs = 2 * (update.compute / 3)  # two forwards, no backward
+    if job.rollout_devices:
+        replicas, k, memory = rollout_group(job, chip)
+        dense, experts = _served(job)
+        rollout = _generation(job, chip, dense / k, experts / k, samples / replicas, k, 1, k, k, job.rollout_devices)
+        sync = 2 * 2 * (dense + experts) / (chip.inter_node_gbps * 1e9 * chip.comm_efficiency)
+        return GRPOPhases(rollout, log_probs, update.step, sync, replicas, k, memory)
     dense = max(job.params_of_stage(layout.pp, s)[0] for s in range(layout.pp)) / layout.tp
     experts = max(job.params_of_stage(layout.pp, s)[1] for s in range(layout.pp)) / layout.ep
     batch = samples / (layout.dp * layout.cp)  # sequences decoded together by one model replica
-    touched = 1 - (1 - c.num_experts_per_tok / c.n_routed_experts) ** batch  # share of experts a step reads
-    weight_bytes = 2 * (dense + experts * touched)
-    kv_per_token = spec_for(c).planner.kv_width(c) * 2
-    kv_bytes = batch * length / 2 * kv_per_token * c.num_hidden_layers / layout.pp
-    memory_time = (weight_bytes + kv_bytes) / (chip.hbm_tbps * 1e12 * DECODE_EFFICIENCY)
-    flops_time = batch * job.flops.total / 3 / (layout.tp * layout.ep * layout.pp) / (
-        chip.peak_flops("bf16") * chip.compute_efficiency)
-    moe_layers = sum(1 for x in job.shape.layer_experts if x)
-    latency = moe_layers * DECODE_A2A_LATENCY_S if layout.ep > 1 else 0.0
-    # a token passes every stage in turn: a decode step costs all stages' time, whatever the pipelining
-    rollout = job.response_len * (max(memory_time, flops_time) * layout.pp + latency)
-    rollout += samples * job.prompt_len * job.flops.total / 3 / devices / (chip.peak_flops("bf16")
-                                                                           * chip.compute_efficiency)  # prefill
-    log_probs = 2 * (update.compute / 3)  # two forwards, no backward
+    rollout = _generation(job, chip, dense, experts, batch, layout.pp, layout.pp, layout.tp * layout.ep * layout.pp,
+                          layout.ep, layout.devices)
     sync = 2 * (dense + experts) * 2 / (chip.hbm_tbps * 1e12) + (dense + experts) * 2 / (
         chip.intra_node_gbps * 1e9 * chip.comm_efficiency)
     return GRPOPhases(rollout, log_probs, update.step, sync)
