@@ -276,17 +276,11 @@ class HybridAttention(nn.Module):
         entries = chosen = visible_count = entry_first = index_keys = None
         layout = None if packed is None or self.compressor is None else packed.entries[self.ratio]
         if self.compressor is not None:
-            entries = self.compressor(x, rope, layout)  # [B, T, D]
-            if self.tp_sum_grad is not None:
-                entries = self.tp_sum_grad(entries)
             if self.indexer is not None:
                 with torch.no_grad():
                     index_keys = self.indexer.compressor(x, rope, layout)
-                chosen = self.indexer.choose(index_keys, x, q_latent, position_ids, rope, layout)  # -1 = none
-            elif layout is None:
-                visible_count = (position_ids + 1) // self.ratio
-            else:
-                entry_first, visible_count = layout.first, layout.limit
+            entries, chosen, visible_count, entry_first = self._visibility(
+                self.compressor(x, rope, layout), index_keys, x, q_latent, position_ids, rope, layout)
         out = hybrid_attention(q, kv, self.sliding_window, local_part(self.sinks), entries, chosen, visible_count,
                                self.query_block, entry_first, None if packed is None else packed.doc_start)
         if cache is not None:
@@ -297,6 +291,22 @@ class HybridAttention(nn.Module):
             if layer.index is not None:
                 layer.index.prefill(self.indexer.compressor, x, index_keys, lengths)
         return self.output(out, tables)
+
+    def _visibility(self, entries: torch.Tensor, index_keys: torch.Tensor | None, x: torch.Tensor,
+                    q_latent: torch.Tensor, position_ids: torch.Tensor, rope: RotaryEmbedding,
+                    layout: PackedEntries | None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None,
+                                                           torch.Tensor | None]:
+        """(entries, chosen, visible_count, entry_first) for hybrid_attention: the compressed entries (their
+        gradient summed over tensor-parallel ranks), and which of them each query sees: the indexer's top-k
+        (CSA; -1 = none), else every entry complete before it, from the row's start or (`layout`, the queries'
+        packed documents) from its document's first entry."""
+        if self.tp_sum_grad is not None:
+            entries = self.tp_sum_grad(entries)
+        if self.indexer is not None:
+            return entries, self.indexer.choose(index_keys, x, q_latent, position_ids, rope, layout), None, None
+        if layout is None:
+            return entries, None, (position_ids + 1) // self.ratio, None
+        return entries, None, layout.limit, layout.first
 
     def _attend_whole_rows(self, x: torch.Tensor, q: torch.Tensor, kv: torch.Tensor, q_latent: torch.Tensor,
                            rope: RotaryEmbedding, position_ids: torch.Tensor, whole: WholeRows) -> torch.Tensor:
@@ -310,19 +320,14 @@ class HybridAttention(nn.Module):
         if self.compressor is not None:
             layout = None if whole.packed is None else whole.packed.entries[self.ratio]
             series = [split.gather(t) for t in self.compressor.project(x)]
-            entries = self.compressor.pool_row(*series, rope, layout)
-            if self.tp_sum_grad is not None:
-                entries = self.tp_sum_grad(entries)
-            local = None if layout is None else whole.local_entries(self.ratio)
+            index_keys = None
             if self.indexer is not None:
                 with torch.no_grad():
                     index_series = [split.gather(t) for t in self.indexer.compressor.project(x)]
                     index_keys = self.indexer.compressor.pool_row(*index_series, rope, layout)
-                chosen = self.indexer.choose(index_keys, x, q_latent, position_ids, rope, local)
-            elif local is None:
-                visible_count = (position_ids + 1) // self.ratio
-            else:
-                entry_first, visible_count = local.first, local.limit
+            local = None if layout is None else whole.local_entries(self.ratio)
+            entries, chosen, visible_count, entry_first = self._visibility(
+                self.compressor.pool_row(*series, rope, layout), index_keys, x, q_latent, position_ids, rope, local)
         width = q.shape[1] // 2
         outputs = []
         for part, chunk in enumerate(split.chunks()):
