@@ -5,7 +5,9 @@
 - every rank gets the completions of its own prompts, the same tokens (and log-probs within 1e-5) as the policy
   itself samples on that rank with the same row seeds: placement changes who samples, not what;
 - after two GRPO steps each host's engine holds exactly the trained policy's weights, every sync passed the probe
-  check, and the final checkpoint holds them too."""
+  check, and the final checkpoint holds them too;
+- a failure on one rank (an engine that dies) stops every rank with its message instead of leaving the others
+  waiting in a collective."""
 
 from __future__ import annotations
 
@@ -34,6 +36,8 @@ placed = objective.engine
 prompts = list(objective.train_items[:4])
 share = len(prompts) // c.dp_size
 mine = prompts[c.dp_rank * share : (c.dp_rank + 1) * share]
+objective.sync_weights()  # what the first rollout does first
+objective.engine_stale = False
 sampled = objective.sample_completions(mine, 3, c.dp_rank * share)
 objective.engine = BuiltinEngine(trainer.model, lambda: c.decoding(trainer.model, "gathered"))
 own = objective.sample_completions(mine, 3, c.dp_rank * share)
@@ -41,6 +45,7 @@ objective.engine = placed
 hosts, dp_rank = placed.local is not None, c.dp_rank
 trainer.run()
 report = {"hosts": hosts, "updates": placed.local.updates if hosts else 0, "dp_rank": dp_rank,
+          "generated": placed.local.generated if hosts else [],
           "tokens": [x.tokens for _, x in sampled], "own_tokens": [x.tokens for _, x in own],
           "logprobs": [x.logprobs for _, x in sampled], "own_logprobs": [x.logprobs for _, x in own]}
 with open(os.path.join(sys.argv[2], "rank" + os.environ["RANK"] + ".json"), "w") as handle:
@@ -69,6 +74,9 @@ def test_rollout_ranks_sample_for_every_rank_and_alone_receive_the_weights(tmp_p
 
     assert [r["hosts"] for r in reports] == [False, True, True, False]
     assert [r["updates"] for r in reports] == [0, 3, 3, 0]  # the starting weights, then after each step
+    # each host samples one data-parallel group's 2 prompts x 2 once per rollout (its two tensor-parallel ranks
+    # share the request): the call above, then the two steps' rollouts
+    assert reports[1]["generated"] == reports[2]["generated"] == [4, 4, 4]
     # every sync was checked on the probe batch (the hosts' engines against the trainer), and a forward without a
     # backward before the optimizer was built or after the last step left no rank's parameters unsharded: the run
     # trained every parameter and saved its final checkpoint
@@ -85,3 +93,36 @@ def test_rollout_ranks_sample_for_every_rank_and_alone_receive_the_weights(tmp_p
         for ours, theirs in zip(r["logprobs"], r["own_logprobs"]):
             assert torch.allclose(torch.tensor(ours), torch.tensor(theirs), atol=1e-5)
     assert reports[0]["tokens"] != next(r for r in reports if r["dp_rank"] != reports[0]["dp_rank"])["tokens"]
+
+
+TOGETHER = """
+import json, os, sys
+import torch.distributed as dist
+from polytrain.objectives.placement import together
+
+class Ranks:
+    rank = int(os.environ["RANK"])
+    def all_gather_objects(self, obj):
+        out = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+
+dist.init_process_group("gloo")
+def work():
+    raise RuntimeError("server gone")
+try:
+    together(Ranks(), work if Ranks.rank == 1 else None, "sampling")
+    outcome = "returned"
+except Exception as err:
+    outcome = f"{type(err).__name__}: {err}"
+dist.barrier()  # both ranks are here: neither waits for the other
+with open(os.path.join(sys.argv[1], "rank" + os.environ["RANK"] + ".txt"), "w") as handle:
+    handle.write(outcome)
+dist.destroy_process_group()
+"""
+
+
+def test_a_failure_on_one_rank_stops_every_rank_with_its_message(tmp_path):
+    startup_memory.launch(2, ["-c", TOGETHER, str(tmp_path)], timeout=120)
+    assert (tmp_path / "rank1.txt").read_text() == "RuntimeError: server gone"
+    assert (tmp_path / "rank0.txt").read_text() == "PolytrainError: sampling on rank 1: RuntimeError: server gone"

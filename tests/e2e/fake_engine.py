@@ -36,9 +36,11 @@ class FakeEngine:
     def __init__(self, config: JobConfig) -> None:
         self.model = build_model(config.model, "cpu", seed=1234).eval()  # not the policy's weights until synced
         self.updates = 0
+        self.generated: list[int] = []  # rows asked for, per call
 
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig, stop_ids: set[int],
                  record_routing: bool = False, row_seeds: list[int] | None = None) -> list[Completion]:
+        self.generated.append(len(prompts))
         logprobs: list[list[float]] = []
         tokens, finished = sample(self.model, prompts, sampling, stop_ids, row_seeds=row_seeds, logprobs=logprobs)
         return [Completion(t, f, logprobs=lp) for t, f, lp in zip(tokens, finished, logprobs)]

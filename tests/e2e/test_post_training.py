@@ -157,15 +157,18 @@ def test_bad_grpo_settings_are_one_clear_line(sft, tmp_path, overrides, message)
 
 def test_grpo_stops_only_between_rollouts_and_resumes_exactly(sft, tmp_path):
     """With 2 minibatches a rollout feeds 2 steps: --stop-at-step 1 stops after step 2; resuming reproduces the
-    uninterrupted run's losses."""
+    uninterrupted run's losses. The rollouts come from an external engine (tests/e2e/fake_engine.py), which holds
+    weights of its own: a resumed run must sync it with the restored policy before it samples."""
     common = ["--set", f'init.from_run="{sft["student"]}"', "--set", "grpo.minibatches=2", "--set", "train.steps=4",
-              "--set", "checkpoint.every=0", "--set", "eval.every=0"]
+              "--set", "checkpoint.every=0", "--set", "eval.every=0",
+              "--set", 'grpo.engine="tests.e2e.fake_engine:FakeEngine"']
+    env = {"FAKE_ENGINE_OUT": str(tmp_path / "engine.pt")}
     config = str(EXAMPLES / "grpo_tiny.toml")
     whole, split = tmp_path / "whole", tmp_path / "split"
-    polytrain("grpo", config, *common, "--set", f'run.output_dir="{whole}"')
-    stopped = polytrain("grpo", config, *common, "--set", f'run.output_dir="{split}"', "--stop-at-step", "1")
+    polytrain("grpo", config, *common, "--set", f'run.output_dir="{whole}"', env=env)
+    stopped = polytrain("grpo", config, *common, "--set", f'run.output_dir="{split}"', "--stop-at-step", "1", env=env)
     assert "stopped after step 2" in stopped.stderr
-    polytrain("grpo", config, *common, "--set", f'run.output_dir="{split}"', "--resume")
+    polytrain("grpo", config, *common, "--set", f'run.output_dir="{split}"', "--resume", env=env)
     losses = [[m["loss"] for m in metrics(run) if "loss" in m] for run in (whole, split)]
     assert len(losses[0]) == 4 and losses[0] == losses[1]
 

@@ -1,6 +1,6 @@
-"""PlacedEngine (objectives/placement.py) in one process: an engine failure on a rollout rank stops every rank with
-its message (no rank waits for answers that never come), and the host's weight dtype and probe ability are what
-every rank uses."""
+"""PlacedEngine (objectives/placement.py) in one process: an engine that fails, or answers fewer completions than
+asked, is an error (that every rank raises: tests/distributed/test_rollout_placement.py), and the host's weight dtype
+and probe ability are what every rank uses."""
 
 from __future__ import annotations
 
@@ -35,9 +35,16 @@ class Broken:
         pass
 
 
-def test_an_engine_failure_on_a_rollout_rank_is_raised_on_every_rank():
+class Short(Broken):
+    def generate(self, prompts, sampling, stop_ids, record_routing=False, row_seeds=None):
+        return []
+
+
+def test_the_rollout_ranks_engine_failing_or_answering_short_is_an_error():
     engine = PlacedEngine(Broken(), [0], OneRank())
     assert engine.weight_dtype == torch.float16 and engine.receives_weights
     assert not engine.probes and not engine.restarts
-    with pytest.raises(PolytrainError, match="rollout rank 0: RuntimeError: engine died"):
+    with pytest.raises(RuntimeError, match="engine died"):  # the failed rank: its own error (the others: below)
         engine.generate([[1, 2]], SamplingConfig(4, 1.0), set(), row_seeds=[7])
+    with pytest.raises(PolytrainError, match="the engine returned 0 completions for 1 prompts"):
+        PlacedEngine(Short(), [0], OneRank()).generate([[1, 2]], SamplingConfig(4, 1.0), set(), row_seeds=[7])

@@ -120,6 +120,12 @@ class GRPOConfig:
             raise ConfigError("grpo.rollout_ranks needs an external engine (grpo.engine = \"vllm\" or "
                               "'module:Class'): the built-in sampler decodes with the policy itself on every rank")
         addresses = self.vllm_addresses()
+        if len(set(addresses)) != len(addresses):
+            raise ConfigError(f"grpo.vllm_address = \"{self.vllm_address}\" names a server twice (a server serves one "
+                              "trainer rank)")
+        if self.routing_replay and self.engine_ranks():
+            raise ConfigError("grpo.routing_replay is not available with rollout ranks (grpo.rollout_ranks, or "
+                              "grpo.vllm_address): the routing is recorded by the policy that samples")
         if (len(addresses) > 1 or self.rollout_ranks) and addresses and len(addresses) != len(self.rollout_ranks):
             raise ConfigError(f"grpo.vllm_address names {len(addresses)} server(s) for grpo.rollout_ranks = "
                               f"{self.rollout_ranks}: list one rank per server, in the same order (a server serves "
@@ -136,6 +142,8 @@ class GRPOConfig:
 
     def engine_ranks(self) -> list[int]:
         """The ranks that host an engine for all ([]: every rank its own)."""
+        if self.engine == "builtin":
+            return []
         if self.rollout_ranks or not self.vllm_addresses():
             return list(self.rollout_ranks)
         return [0]

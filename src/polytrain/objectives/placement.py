@@ -16,8 +16,8 @@ the first host, so that every rank takes the same branch of a collective sync.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 import torch
 
@@ -25,6 +25,8 @@ from polytrain.errors import ConfigError, PolytrainError
 from polytrain.objectives.context import Collectives
 from polytrain.rollout.engine import Bucket, Completion, RolloutEngine, weight_dtype
 from polytrain.rollout.generate import SamplingConfig
+
+T = TypeVar("T")
 
 
 def rollout_hosts(ranks: list[int], world_size: int) -> list[int]:
@@ -37,6 +39,24 @@ def rollout_hosts(ranks: list[int], world_size: int) -> list[int]:
     if len(set(ranks)) != len(ranks):
         raise ConfigError(f"grpo.rollout_ranks = {ranks} names a rank twice")
     return list(ranks)
+
+
+def together(collectives: Collectives, work: Callable[[], T] | None, what: str) -> T | None:
+    """Run `work` on this rank (None: nothing to do here), then agree on the outcome: when it raised on any rank,
+    every rank raises (a failed rank its own error, the others the first failure's message), rather than the others
+    waiting in their next collective for a rank that is gone. Collective: every rank calls it."""
+    result, failure, caught = None, None, None
+    if work is not None:
+        try:
+            result = work()
+        except Exception as err:
+            caught, failure = err, f"{what} on rank {collectives.rank}: {type(err).__name__}: {err}"
+    failures = [f for f in collectives.all_gather_objects(failure) if f]
+    if caught is not None:
+        raise caught  # the rank that failed: its own error, traceback and all
+    if failures:
+        raise PolytrainError(failures[0])
+    return result
 
 
 class PlacedEngine:
@@ -66,24 +86,21 @@ class PlacedEngine:
         for dp_rank, rows, seeds in requests:
             first_of.setdefault(dp_rank, (rows, seeds))
         served = {h: sorted(d for d in first_of if self.hosts[d % len(self.hosts)] == h) for h in self.hosts}
-        answers: dict[int, list[Completion]] = {}
-        mine, failure = served.get(c.rank, []), None
-        if mine:
+        mine = served.get(c.rank, [])
+
+        def serve() -> dict[int, list[Completion]]:
             rows = [p for d in mine for p in first_of[d][0]]
             seeds = [s for d in mine for s in first_of[d][1]]
-            try:
-                out = self.local.generate(rows, sampling, stop_ids, row_seeds=seeds)
-            except Exception as err:  # every rank stops with it, rather than waiting for answers that never come
-                failure = f"rollout rank {c.rank}: {type(err).__name__}: {err}"
-            else:
-                start = 0
-                for d in mine:
-                    count = len(first_of[d][0])
-                    answers[d] = out[start : start + count]
-                    start += count
-        failures = [f for f in c.all_gather_objects(failure) if f]
-        if failures:
-            raise PolytrainError(failures[0])
+            out = self.local.generate(rows, sampling, stop_ids, row_seeds=seeds)
+            if len(out) != len(rows):
+                raise PolytrainError(f"the engine returned {len(out)} completions for {len(rows)} prompts")
+            answers, start = {}, 0
+            for d in mine:
+                answers[d] = out[start : start + len(first_of[d][0])]
+                start += len(first_of[d][0])
+            return answers
+
+        answers = together(c, serve if mine else None, "sampling") or {}
         mine_back: list[Completion] | None = None
         for host in self.hosts:
             objs = [answers.get(dp_rank) for dp_rank, _, _ in requests] if c.rank == host else None
@@ -95,7 +112,7 @@ class PlacedEngine:
         return mine_back
 
     def update_weights(self, buckets: Iterable[Bucket]) -> None:
-        """Hosts load the buckets; the caller iterates them to the end on every rank (the sync is collective)."""
+        """Hosts load the buckets; every rank iterates them to the end (the sync is collective: the caller)."""
         if self.local is not None:
             self.local.update_weights(buckets)
 
@@ -109,7 +126,10 @@ class PlacedEngine:
             self.local.restart_next_sync()
 
     def probe_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
-        """The first host's engine scores the probe batch; every rank gets its log-probs."""
+        """Each host's engine scores the probe batch (the caller takes the largest gap over the ranks, so every
+        engine is checked); the other ranks take the first host's log-probs."""
         c = self.collectives
-        out = self.local.probe_logprobs(sequences) if c.rank == self.hosts[0] else None
-        return c.broadcast_object(out, self.hosts[0])
+        local = self.local
+        out = together(c, (lambda: local.probe_logprobs(sequences)) if local is not None else None, "sync check")
+        first = c.broadcast_object(out, self.hosts[0])
+        return out if local is not None else first

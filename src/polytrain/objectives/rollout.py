@@ -27,7 +27,7 @@ from polytrain.data.prompts import PromptItem, load_prompts
 from polytrain.errors import ConfigError, PolytrainError
 from polytrain.objectives.base import Objective, chunks
 from polytrain.objectives.context import ObjectiveContext
-from polytrain.objectives.placement import PlacedEngine, rollout_hosts
+from polytrain.objectives.placement import PlacedEngine, rollout_hosts, together
 from polytrain.rollout.engine import (
     Bucket,
     BuiltinEngine,
@@ -113,6 +113,9 @@ class RolloutObjective(Objective):
         self.rollout_stats: dict[str, float] = {}
         self.sync_stats: dict[str, float] = {}
         self.engine: RolloutEngine | None = None
+        self.engine_stale = False
+        """Whether an external engine's weights may differ from the policy's (set up, restored from a checkpoint,
+        rolled back): then the next rollout syncs first."""
         self.model: nn.Module | None = None
 
     @property
@@ -192,16 +195,19 @@ class RolloutObjective(Objective):
         self.model = model
         if self.ctx.rollouts:
             self.engine = self.make_engine(model)
-            self.sync_weights()
+            self.engine_stale = True  # synced before the first rollout, once a resumed run has its weights
 
     def make_engine(self, model: nn.Module) -> RolloutEngine:
         """An engine on every rank, or on the rollout ranks for all of them (objectives/placement.py)."""
         spec, collectives = self.engine_of(self.config), self.ctx.collectives
         hosts = rollout_hosts(self.engine_ranks(self.config), collectives.world_size)
-        if not hosts or collectives.world_size == 1:
+        if collectives.world_size == 1:
             return load_engine(spec, self.ctx, model, self.sampler_weights())
-        local = load_engine(spec, self.ctx, model) if collectives.rank in hosts else None
-        return PlacedEngine(local, hosts, collectives)
+        if not hosts:  # an engine per rank: a rank whose engine fails to start stops them all
+            return together(collectives, lambda: load_engine(spec, self.ctx, model, self.sampler_weights()),
+                            "starting the rollout engine")
+        start = (lambda: load_engine(spec, self.ctx, model)) if collectives.rank in hosts else None
+        return PlacedEngine(together(collectives, start, "starting the rollout engine"), hosts, collectives)
 
 
     def sync_bucket_bytes(self) -> int:
@@ -240,10 +246,19 @@ class RolloutObjective(Objective):
                 yield bucket
 
         stream = counted()
+        failure: Exception | None = None
         if receives:
-            self.engine.update_weights(stream)
+            try:
+                self.engine.update_weights(stream)
+            except Exception as err:  # raised on every rank once every rank has been through every bucket
+                failure = err
         for _ in stream:  # the rest, whatever the engine consumed: every bucket is a collective
             pass
+
+        def fail() -> None:
+            raise failure
+
+        together(self.ctx.collectives, fail if failure is not None else None, "weight sync")
         if isinstance(self.engine, PlacedEngine):
             self.engine.after_sync()
         self.sync_stats.update(weight_sync_s=time.perf_counter() - start, weight_sync_gib=received / 2**30)
@@ -319,6 +334,9 @@ class RolloutObjective(Objective):
     def begin_step(self, step: int, items: list[PromptItem] | None) -> dict[str, float]:
         fresh = items is not None
         if fresh:
+            if self.engine_stale:
+                self.sync_weights()
+                self.engine_stale = False
             self.buffer = self.rollout(items, step)
         index = (step % self.steps_per_rollout) % self.minibatches
         size = len(self.buffer) // self.minibatches
@@ -453,3 +471,8 @@ class RolloutObjective(Objective):
     def end_step(self, step: int) -> None:
         if step % self.steps_per_rollout == 0:
             self.sync_weights()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """The policy's weights were just restored (resume, or the guard's rollback): the engine's are stale."""
+        super().load_state_dict(state)
+        self.engine_stale = self.engine is not None
