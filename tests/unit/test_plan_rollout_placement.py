@@ -78,3 +78,24 @@ def test_rollout_ranks_outside_the_world_are_refused_before_anything_is_built():
         build_config({**spec, "grpo": {"rollout_ranks": [1]}})
     with pytest.raises(ConfigError, match="list one rank per server"):
         build_config({**spec, "grpo": {"engine": "vllm", "vllm_address": "a:1,b:2", "rollout_ranks": [0]}})
+
+
+def test_colocated_phases_keep_their_values():
+    """The colocated GRPO phases (rollout, log-probs, weight sync, seconds) as the planner gave them before it
+    modelled disaggregated rollouts, for three layouts of the released presets (512 samples a step)."""
+    import pytest
+
+    cases = [
+        ("deepseek-v3-671b", Layout(dp=16, pp=16, ep=16, zero=1, recompute="full"), "h100", 128, 1408,
+         (160.79887616542143, 0.8322394825590292, 0.04321292490810709)),
+        ("deepseek-v4-flash", Layout(dp=64, tp=2, ep=64, recompute="full"), "ascend-910c", 1024, 2048,
+         (47.73597055120052, 1.9058563406292552, 0.06972989738821793)),
+        ("deepseek-v4-pro", Layout(dp=128, pp=8, ep=128, recompute="full", schedule="dualpipev"), "ascend-910c", 512,
+         4096, (274.9506330131585, 1.276625645679495, 0.048872892971042275)),
+    ]
+    for model, layout, chip_name, prompt, response, expected in cases:
+        job = Job(preset(model), prompt + response, 512 * (prompt + response), algorithm="grpo", prompt_len=prompt,
+                  response_len=response)
+        chip = load_chip(chip_name)
+        phases = grpo_phases(job, layout, chip, evaluate(job, layout, chip).time)
+        assert (phases.rollout, phases.log_probs, phases.weight_sync) == pytest.approx(expected, rel=1e-9), model

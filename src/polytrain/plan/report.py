@@ -173,7 +173,7 @@ def job_config(job: Job, lay: Layout, chip: Chip | None = None) -> dict[str, Any
 def rollout_placement(job: Job, lay: Layout, chip: Chip) -> dict[str, Any]:
     """The `[grpo]` keys of disaggregated rollouts: one vLLM server per engine replica on the rollout devices,
     each fed by one training rank, the ranks spread evenly over the training world (placeholder addresses)."""
-    replicas = min(rollout_group(job, chip)[0], lay.devices)
+    replicas = rollout_group(job, chip, lay.dp)[0]  # at most one per data-parallel group
     stride = lay.devices // replicas
     return {"engine": "vllm", "rollout_ranks": [i * stride for i in range(replicas)],
             "vllm_address": ",".join(f"rollout-{i}:5555" for i in range(replicas))}

@@ -247,11 +247,14 @@ def _served(job: Job) -> tuple[int, int]:
     return sum(shape.layer_dense) + shape.embedding + shape.head, sum(shape.layer_experts)
 
 
-def rollout_group(job: Job, chip: Chip) -> tuple[int, int, float]:
-    """Disaggregated sampling on `job.rollout_devices`: (replicas, devices per replica, bytes per device). A
-    replica shards the bf16 model over its devices (experts and dense layers alike, as vLLM's tensor + expert
-    parallelism does) on the fewest devices whose weights keep to ENGINE_WEIGHT_SHARE of usable memory and whose
-    KV cache for the replica's share of the samples fits beside them."""
+def rollout_group(job: Job, chip: Chip, dp: int | None = None) -> tuple[int, int, float]:
+    """Disaggregated sampling on `job.rollout_devices`: (replicas that sample, devices per replica, bytes per
+    device). A replica shards the bf16 model over its devices (experts and dense layers alike, as vLLM's tensor +
+    expert parallelism does) and its KV cache with them (data-parallel attention, as DeepSeek's own MLA deployments
+    run; under plain tensor parallelism MLA's latent cache would be copied on every device), on the fewest devices
+    whose weights keep to ENGINE_WEIGHT_SHARE of usable memory and whose KV cache fits beside them. With the
+    training layout's `dp`: polytrain hands each replica whole data-parallel groups (grpo.rollout_ranks), so at most
+    `dp` replicas sample and the busiest holds ceil(dp / replicas) groups' samples."""
     from polytrain.plan.search import USABLE_FRACTION
 
     c, n = job.model, job.rollout_devices
@@ -260,13 +263,20 @@ def rollout_group(job: Job, chip: Chip) -> tuple[int, int, float]:
     kv_per_sample = (job.prompt_len + job.response_len) * spec_for(c).planner.kv_width(c) * 2 * c.num_hidden_layers
     k = 1
     while k <= n:
-        replicas = n // k
-        need = weights / k + kv_per_sample * _samples(job) / replicas / k
+        replicas = n // k if dp is None else min(n // k, dp)
+        need = weights / k + kv_per_sample * busiest_batch(job, replicas, dp) / k
         if weights / k <= ENGINE_WEIGHT_SHARE * usable and need <= usable:
             return replicas, k, need
         k *= 2
     raise ConfigError(f"--rollout-devices {n}: the bf16 model ({weights / 1e9:,.0f} GB) and the KV cache of "
                       f"{_samples(job)} samples do not fit on {n} x {chip.name}; set more rollout devices")
+
+
+def busiest_batch(job: Job, replicas: int, dp: int | None) -> float:
+    """Samples the busiest of `replicas` engine replicas decodes together (whole data-parallel groups each)."""
+    if dp is None:
+        return _samples(job) / replicas
+    return -(-dp // replicas) * _samples(job) / dp
 
 
 def grpo_phases(job: Job, layout: Layout, chip: Chip, update: StepTime) -> GRPOPhases:
@@ -276,15 +286,20 @@ def grpo_phases(job: Job, layout: Layout, chip: Chip, update: StepTime) -> GRPOP
     Colocated, it runs on the training layout; disaggregated, on `rollout_group`'s replicas.
     Log-probs: two forwards (old policy, reference) over every sample, on the training devices.
     Weight sync: colocated, each device reads and rewrites its bf16 weights and exchanges them once over the
-    intra-node links; disaggregated, the bf16 weights cross the inter-node links twice (the training ranks' reduce
-    onto the rollout ranks, then the push to their engines; replicas receive in parallel)."""
+    intra-node links; disaggregated, the bf16 weights cross the inter-node links from the training ranks onto the
+    rollout ranks (a reduce, or for several an all-reduce: twice the bytes), then from each rollout rank to its
+    engine (replicas in parallel), at link speed (the push goes through host memory, which can be slower)."""
     samples = _samples(job)
     log_probs = 2 * (update.compute / 3)  # two forwards, no backward
     if job.rollout_devices:
-        replicas, k, memory = rollout_group(job, chip)
+        replicas, k, memory = rollout_group(job, chip, layout.dp)
         dense, experts = _served(job)
-        rollout = _generation(job, chip, dense / k, experts / k, samples / replicas, k, 1, k, k, job.rollout_devices)
-        sync = 2 * 2 * (dense + experts) / (chip.inter_node_gbps * 1e9 * chip.comm_efficiency)
+        rollout = _generation(job, chip, dense / k, experts / k, busiest_batch(job, replicas, layout.dp), k, 1, k,
+                              k, replicas * k)
+        # the trainer's reduce of each bucket onto one rollout rank (an all-reduce, twice the bytes, for several),
+        # then the rollout ranks' push to their engines
+        passes = (2 if replicas > 1 else 1) + 1
+        sync = passes * 2 * (dense + experts) / (chip.inter_node_gbps * 1e9 * chip.comm_efficiency)
         return GRPOPhases(rollout, log_probs, update.step, sync, replicas, k, memory)
     dense = max(job.params_of_stage(layout.pp, s)[0] for s in range(layout.pp)) / layout.tp
     experts = max(job.params_of_stage(layout.pp, s)[1] for s in range(layout.pp)) / layout.ep
